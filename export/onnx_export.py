@@ -1,0 +1,112 @@
+"""torch module -> ONNX file, and the check that the ONNX graph computes what the module computes."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.specs import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+# |onnx - torch| <= ATOL + RTOL * max|torch| on every output element, in float32.
+ATOL = 1e-4
+RTOL = 1e-3
+
+
+class OnnxMismatchError(RuntimeError):
+    """The exported graph disagrees with its torch module past the tolerance."""
+
+
+def example_inputs(spec: ModelSpec, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for ``spec`` at ``sizes``: token ids, timesteps in [0, 1000), normal floats."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        shape = t.concrete(sizes)
+        if t.name == "input_ids":
+            ids = rng.integers(0, 49406, size=shape)
+            ids[:, 0], ids[:, -1] = 49406, 49407
+            feeds[t.name] = ids.astype(t.np_dtype)
+        elif t.name == "timestep":
+            feeds[t.name] = rng.uniform(0, 1000, size=shape).astype(t.np_dtype)
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(t.np_dtype)
+    return feeds
+
+
+def export_onnx(module: nn.Module, spec: ModelSpec, trace_sizes: dict[str, int], path: Path) -> None:
+    """Trace ``module`` at ``trace_sizes`` and write ``path`` with the spec's names and dynamic axes."""
+    feeds = example_inputs(spec, trace_sizes)
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    dynamic_axes = {t.name: t.dynamic_axes() for t in (*spec.inputs, *spec.outputs)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python control flow on shapes
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    logger.info("%s: ONNX written to %s in %.1f s", spec.name, path, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    sizes: dict[str, int]
+    output: str
+    max_abs_error: float
+    allowed: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_error <= self.allowed
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "MISMATCH"
+        return f"{self.output} at {self.sizes}: max |onnx - torch| = {self.max_abs_error:.3g} (allowed {self.allowed:.3g}) {verdict}"
+
+
+def check_onnx(module: nn.Module, spec: ModelSpec, path: Path) -> list[CheckResult]:
+    """Run the ONNX graph and the module on the same random inputs at each of the spec's check sizes.
+
+    Raises :class:`OnnxMismatchError` listing every result when any output is past the tolerance.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    results: list[CheckResult] = []
+    for i, sizes in enumerate(spec.check_sizes):
+        feeds = example_inputs(spec, sizes, seed=i + 1)
+        got = session.run([t.name for t in spec.outputs], feeds)
+        with torch.no_grad():
+            expected = module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+        if isinstance(expected, torch.Tensor):
+            expected = (expected,)
+        for t, ref, out in zip(spec.outputs, expected, got, strict=True):
+            ref_np = ref.numpy()
+            if ref_np.shape != out.shape:
+                raise OnnxMismatchError(f"{spec.name}.{t.name} at {sizes}: shape {out.shape} != torch {ref_np.shape}")
+            allowed = ATOL + RTOL * float(np.abs(ref_np).max())
+            results.append(CheckResult(sizes, t.name, float(np.abs(ref_np - out).max()), allowed))
+    for r in results:
+        logger.info("%s: %s", spec.name, r)
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise OnnxMismatchError(f"{spec.name}: ONNX graph does not match torch:\n" + "\n".join(map(str, bad)))
+    return results

@@ -1,0 +1,116 @@
+"""Model sources: a Hugging Face model id or a local diffusers folder, and what its configs say.
+
+Only JSON configs are read here; the torch weights are loaded by :mod:`export.modules` when exporting.
+The service reads the same description (family, encoders, VAE scale) without loading weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from export.specs import TEXT_ENCODER, TEXT_ENCODER_2
+
+logger = logging.getLogger(__name__)
+
+SD_PIPELINES = frozenset({"StableDiffusionPipeline"})
+SDXL_PIPELINES = frozenset({"StableDiffusionXLPipeline"})
+
+# What the service needs from a Hub repository without its weights.
+CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*")
+
+
+class ModelSourceError(ValueError):
+    """The model id or folder cannot be used: missing, unsupported or incomplete."""
+
+
+def resolve_model(model_id: str, *, weights: bool = True) -> Path:
+    """Return the local folder of ``model_id``: the folder itself, or a Hub snapshot.
+
+    A Hub id is downloaded with ``huggingface_hub`` (on a host with network); ``weights=False`` fetches
+    only the configs, tokenizers and scheduler the service reads.
+    """
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.is_absolute() or model_id.startswith(".") or model_id.count("/") != 1:
+        raise ModelSourceError(f"model '{model_id}' is neither a local diffusers folder nor a Hub id")
+    from huggingface_hub import snapshot_download
+
+    logger.info("fetching %s from the Hugging Face Hub (%s)", model_id, "all files" if weights else "configs")
+    patterns = None if weights else list(CONFIG_PATTERNS)
+    return Path(snapshot_download(model_id, allow_patterns=patterns))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A diffusers folder of a supported text-to-image pipeline."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        if not (self.path / "model_index.json").is_file():
+            raise ModelSourceError(f"{self.path} is not a diffusers folder: model_index.json is missing")
+        if self.pipeline_class not in SD_PIPELINES | SDXL_PIPELINES:
+            raise ModelSourceError(
+                f"{self.path}: pipeline '{self.pipeline_class}' is not supported "
+                f"(supported: {', '.join(sorted(SD_PIPELINES | SDXL_PIPELINES))})"
+            )
+
+    @cached_property
+    def model_index(self) -> dict[str, Any]:
+        return _read_json(self.path / "model_index.json")
+
+    @property
+    def pipeline_class(self) -> str:
+        return str(self.model_index.get("_class_name", ""))
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.pipeline_class in SDXL_PIPELINES
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        return (TEXT_ENCODER, TEXT_ENCODER_2) if self.is_sdxl else (TEXT_ENCODER,)
+
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        return ("tokenizer", "tokenizer_2") if self.is_sdxl else ("tokenizer",)
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        return self.is_sdxl and bool(self.model_index.get("force_zeros_for_empty_prompt", True))
+
+    def config(self, component: str) -> dict[str, Any]:
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        return _read_json(self.path / component / name)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(2 ** (len(self.config("vae")["block_out_channels"]) - 1))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config("unet")["in_channels"])
+
+    @property
+    def default_size(self) -> int:
+        """The image side the UNet was trained at (``sample_size`` latents times the VAE scale)."""
+        return int(self.config("unet")["sample_size"]) * self.vae_scale_factor
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with path.open() as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise ModelSourceError(f"missing {path}") from e
+    except json.JSONDecodeError as e:
+        raise ModelSourceError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelSourceError(f"{path} does not hold a JSON object")
+    return data

@@ -1,0 +1,379 @@
+"""Tiny random-weight SD 1.5 / SDXL diffusers folders, built in code for tests (DESIGN.md section 4).
+
+Nothing is downloaded: the architectures are diffusers' test-size configs, weights are the default
+random initialisation under fixed seeds (``torch.manual_seed`` before each component), and the
+CLIP tokenizer files come from :mod:`export.tokenizer`. The result is a normal diffusers folder
+(``pipeline.save_pretrained``), so ``StableDiffusionPipeline.from_pretrained(dir)`` /
+``StableDiffusionXLPipeline.from_pretrained(dir)`` and the export code load it like a real model.
+
+Shapes follow the real models where the service depends on them: 77-token CLIP inputs with the real
+vocabulary (49408), 4 latent channels, VAE scale factor 8 (4 VAE blocks), SDXL's two encoders with
+pooled ``text_embeds`` and 6 ``time_ids``. Hidden sizes are tiny (32/64 channels), so a 64x64 image
+takes well under a second on CPU. The default init gives non-constant images (no weight scaling
+is needed; see :func:`generate_image`).
+
+CLI: ``t2i-tiny --family sd --out models/tiny-sd``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, cast, get_args
+
+from export.tokenizer import EOS_TOKEN, write_clip_tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+__all__ = [
+    "MARKER_FILE",
+    "TINY_MODEL_VERSION",
+    "Family",
+    "build_tiny_model",
+    "generate_image",
+    "is_complete",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["sd", "sdxl"]
+FAMILIES: Final[tuple[str, ...]] = get_args(Family)
+
+# Bump whenever anything below changes the saved files (configs, seeds, init, tokenizer layout):
+# build_tiny_model() rebuilds folders whose marker carries another version.
+TINY_MODEL_VERSION: Final = "1"
+MARKER_FILE: Final = "tiny_model.json"
+SEED: Final = 0
+
+_SUBFOLDERS: Final[dict[str, tuple[str, ...]]] = {
+    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+}
+_PIPELINE_CLASS: Final[dict[str, str]] = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+}
+
+# Shared by both families: 4 blocks, so the VAE scale factor is 8 as in the real models.
+_VAE_CONFIG: Final[dict[str, Any]] = {
+    "block_out_channels": (8, 16, 32, 32),
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "mid_block_add_attention": False,
+    "sample_size": 64,
+}
+_TEXT_CONFIG: Final[dict[str, Any]] = {
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "layer_norm_eps": 1e-05,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 5,
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "projection_dim": 32,
+}
+_UNET_COMMON: Final[dict[str, Any]] = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 32,
+}
+# SD 1.5 / SDXL scheduler configs as published with the real models.
+_SD_SCHEDULER: Final[dict[str, Any]] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "skip_prk_steps": True,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+_SDXL_SCHEDULER: Final[dict[str, Any]] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "use_karras_sigmas": False,
+}
+
+
+class _SavablePipeline(Protocol):
+    """The part of ``diffusers.DiffusionPipeline`` used here.
+
+    mypy resolves ``from diffusers import StableDiffusionPipeline`` to diffusers' dummy placeholder
+    classes (its ``TYPE_CHECKING`` import branch), which lack the real methods; hence the casts.
+    """
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], *, safe_serialization: bool
+    ) -> None: ...
+
+
+def _check_family(family: str) -> Family:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return family  # type: ignore[return-value]
+
+
+def _vae(scaling_factor: float, *, force_upcast: bool) -> AutoencoderKL:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEED)
+    return AutoencoderKL(**_VAE_CONFIG, scaling_factor=scaling_factor, force_upcast=force_upcast)
+
+
+def _build_sd_pipeline(tmp: Path) -> _SavablePipeline:
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(**_UNET_COMMON, cross_attention_dim=32)
+    vae = _vae(0.18215, force_upcast=True)
+    torch.manual_seed(SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_CONFIG, hidden_act="quick_gelu"))
+    write_clip_tokenizer(tmp / "tokenizer", pad_token=EOS_TOKEN)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+    scheduler = PNDMScheduler(**_SD_SCHEDULER)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
+        requires_safety_checker=False,
+    )
+    return cast("_SavablePipeline", pipe)
+
+
+def _build_sdxl_pipeline(tmp: Path) -> _SavablePipeline:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    time_embed_dim = 8
+    pooled_dim = _TEXT_CONFIG["projection_dim"]  # text_encoder_2's text_embeds
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        **_UNET_COMMON,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,  # 6 time_ids + pooled
+        cross_attention_dim=2 * _TEXT_CONFIG["hidden_size"],  # both encoders' hidden states, concatenated
+    )
+    vae = _vae(0.13025, force_upcast=False)
+    torch.manual_seed(SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_CONFIG, hidden_act="gelu"))
+    torch.manual_seed(SEED)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_TEXT_CONFIG, hidden_act="gelu"))
+    write_clip_tokenizer(tmp / "tokenizer", pad_token=EOS_TOKEN)
+    write_clip_tokenizer(tmp / "tokenizer_2", pad_token="!")
+    tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tmp / "tokenizer_2")
+    scheduler = EulerDiscreteScheduler(**_SDXL_SCHEDULER)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    return cast("_SavablePipeline", pipe)
+
+
+def _read_marker(model_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((model_dir / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_complete(model_dir: Path, family: Family) -> bool:
+    """True if ``model_dir`` holds a tiny ``family`` model built by this code version."""
+    marker = _read_marker(Path(model_dir))
+    if marker is None or marker.get("version") != TINY_MODEL_VERSION or marker.get("family") != family:
+        return False
+    if not (model_dir / "model_index.json").is_file():
+        return False
+    return all((model_dir / sub).is_dir() for sub in _SUBFOLDERS[family])
+
+
+def _versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for dist in ("torch", "diffusers", "transformers", "tokenizers", "open_clip_torch"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "missing"
+    return out
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def build_tiny_model(family: Family, out_dir: Path) -> Path:
+    """Build the tiny ``family`` model into ``out_dir`` (a diffusers folder) and return ``out_dir``.
+
+    Idempotent: when ``out_dir`` already holds a complete model from this code version (marker file
+    ``tiny_model.json`` with :data:`TINY_MODEL_VERSION`), nothing is done. Otherwise the model is
+    built in a temporary folder beside ``out_dir`` and renamed into place, replacing whatever was
+    there, so readers never see a half-written folder.
+    """
+    family = _check_family(family)
+    out_dir = Path(out_dir)
+    if is_complete(out_dir, family):
+        logger.info("tiny %s model already built at %s (version %s)", family, out_dir, TINY_MODEL_VERSION)
+        return out_dir
+
+    import torch
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    try:
+        # Keep the caller's global RNG state: the build reseeds torch for every component.
+        with torch.random.fork_rng(devices=[]):
+            pipe = _build_sd_pipeline(tmp) if family == "sd" else _build_sdxl_pipeline(tmp)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        marker = {
+            "family": family,
+            "version": TINY_MODEL_VERSION,
+            "pipeline": _PIPELINE_CLASS[family],
+            "seed": SEED,
+            "built_with": _versions(),
+        }
+        # Written last: its presence means every other file is complete.
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        _install(tmp, out_dir, family)
+    finally:
+        _remove_tree(tmp)
+    logger.info("built tiny %s model at %s in %.1f s", family, out_dir, time.perf_counter() - started)
+    return out_dir
+
+
+def _install(tmp: Path, out_dir: Path, family: Family) -> None:
+    """Rename the finished ``tmp`` folder to ``out_dir``, moving an outdated ``out_dir`` aside first."""
+    old: Path | None = None
+    if out_dir.exists() or out_dir.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "model")
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        # Another process installed a model between our check and the rename.
+        if not is_complete(out_dir, family):
+            raise
+        logger.info("another process built %s concurrently; keeping its copy", out_dir)
+    finally:
+        if old is not None:
+            _remove_tree(old)
+
+
+def generate_image(
+    family: Family,
+    model_dir: Path,
+    *,
+    prompt: str = "a photo of a cat",
+    steps: int = 2,
+    size: int = 64,
+    seed: int = 0,
+) -> np.ndarray:
+    """Run the diffusers pipeline on ``model_dir`` (CPU, fp32); returns float32 [size, size, 3] in [0, 1]."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    family = _check_family(family)
+    pipe: Any
+    if family == "sd":
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompt,
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+    )
+    image: np.ndarray = np.asarray(out.images[0], dtype=np.float32)
+    return image
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="t2i-tiny",
+        description="Build a tiny random-weight SD 1.5 or SDXL diffusers folder (no downloads).",
+    )
+    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. models/tiny-sd")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="afterwards run 2 pipeline steps at 64x64 and fail if the image is constant",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        out = build_tiny_model(args.family, args.out)
+        if args.check:
+            image = generate_image(args.family, out)
+            std = float(image.std())
+            logger.info("check image: shape %s, mean %.3f, std %.3f", image.shape, image.mean(), std)
+            if std < 1e-3:
+                logger.error("generated image is constant (std %.2g)", std)
+                return 1
+    except (RuntimeError, OSError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 1
+    logger.info("%s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""CLIP tokenizer files built offline from the BPE vocabulary that ``open_clip_torch`` ships.
+
+OpenAI CLIP (and open_clip's ``SimpleTokenizer``) build their 49408-entry vocabulary from
+``bpe_simple_vocab_16e6.txt.gz``: the 256 byte-level characters, the same with ``</w>``, one entry
+per merge (48894 merges), then ``<|startoftext|>`` / ``<|endoftext|>``. Doing the same here and
+writing ``vocab.json`` + ``merges.txt`` gives files that ``transformers.CLIPTokenizer`` loads with
+the real CLIP ids (e.g. "a photo of a cat" -> 49406 320 1125 539 320 2368 49407), without
+downloading anything from the Hugging Face Hub.
+
+``open_clip`` itself is never imported (it imports torchvision); the data file is located through
+the installed distribution's metadata. Install it with ``pip install --no-deps open_clip_torch==3.3.0``
+(without ``--no-deps`` it pulls in a CUDA torch).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "BOS_TOKEN",
+    "EOS_TOKEN",
+    "MODEL_MAX_LENGTH",
+    "VOCAB_SIZE",
+    "bpe_vocab_path",
+    "build_vocab_and_merges",
+    "write_clip_tokenizer",
+]
+
+logger = logging.getLogger(__name__)
+
+OPEN_CLIP_DIST: Final = "open_clip_torch"
+OPEN_CLIP_VERSION: Final = "3.3.0"
+BPE_FILE: Final = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+
+BOS_TOKEN: Final = "<|startoftext|>"
+EOS_TOKEN: Final = "<|endoftext|>"
+MODEL_MAX_LENGTH: Final = 77
+VOCAB_SIZE: Final = 49408
+# merges = lines[1 : 49152 - 256 - 2 + 1], exactly as OpenAI CLIP's SimpleTokenizer slices them
+_N_MERGES: Final = 49152 - 256 - 2
+_INSTALL_HINT: Final = f"pip install --no-deps {OPEN_CLIP_DIST}=={OPEN_CLIP_VERSION}"
+
+
+def bpe_vocab_path() -> Path:
+    """Path of ``bpe_simple_vocab_16e6.txt.gz`` inside the installed ``open_clip_torch`` wheel."""
+    try:
+        dist = importlib.metadata.distribution(OPEN_CLIP_DIST)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise RuntimeError(
+            f"the CLIP BPE vocabulary comes from the {OPEN_CLIP_DIST} wheel, which is not installed; "
+            f"run `{_INSTALL_HINT}` (--no-deps matters: its dependencies pull in a CUDA torch and "
+            "torchvision)"
+        ) from exc
+    path = Path(str(dist.locate_file(BPE_FILE)))
+    if not path.is_file():
+        raise RuntimeError(
+            f"{OPEN_CLIP_DIST} {dist.version} is installed but {BPE_FILE} is missing ({path}); "
+            f"reinstall with `{_INSTALL_HINT}`"
+        )
+    return path
+
+
+@lru_cache(maxsize=1)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP reversible byte -> printable unicode mapping (same order as OpenAI's code)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def build_vocab_and_merges(bpe_path: Path | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Return CLIP's ``token -> id`` vocabulary and its ranked merge list, built like SimpleTokenizer."""
+    path = bpe_path if bpe_path is not None else bpe_vocab_path()
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    merges: list[tuple[str, str]] = []
+    for lineno, line in enumerate(lines[1 : _N_MERGES + 1], start=2):
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{lineno}: expected a merge 'a b', got {line!r}")
+        merges.append((parts[0], parts[1]))
+    if len(merges) != _N_MERGES:
+        raise ValueError(f"{path}: expected {_N_MERGES} merges, found {len(merges)}")
+
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    tokens.extend(a + b for a, b in merges)
+    tokens.extend([BOS_TOKEN, EOS_TOKEN])
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != VOCAB_SIZE or len(tokens) != VOCAB_SIZE:
+        raise ValueError(f"expected {VOCAB_SIZE} distinct tokens, got {len(vocab)} of {len(tokens)}")
+    return vocab, merges
+
+
+def _added_token(content: str, *, normalized: bool = True) -> dict[str, Any]:
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": normalized,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_clip_tokenizer(out_dir: Path, *, pad_token: str = EOS_TOKEN) -> None:
+    """Write ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
+
+    ``CLIPTokenizer.from_pretrained(out_dir)`` then has ``model_max_length`` 77, bos
+    ``<|startoftext|>`` (49406), eos/unk ``<|endoftext|>`` (49407) and ``pad_token`` as the padding
+    token: SD 1.5 and SDXL's first tokenizer use ``<|endoftext|>``, SDXL's ``tokenizer_2`` uses ``!``
+    (id 0). ``pad_token`` must be a vocabulary entry.
+    """
+    vocab, merges = build_vocab_and_merges()
+    if pad_token not in vocab:
+        raise ValueError(f"pad_token {pad_token!r} is not in the CLIP vocabulary")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    _write_json(out_dir / "vocab.json", vocab)
+    merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    (out_dir / "merges.txt").write_text(merges_text, encoding="utf-8")
+
+    # Same layout as the published SD 1.5 / SDXL tokenizer configs. SDXL's tokenizer_2 registers its
+    # pad token "!" (id 0) as a special added token, so a "!" in a prompt encodes as 0 rather than
+    # BPE's "!</w>" (256); transformers 5 does that for any pad token anyway, listed here or not.
+    added = {str(vocab[t]): _added_token(t) for t in (BOS_TOKEN, EOS_TOKEN)}
+    if pad_token not in (BOS_TOKEN, EOS_TOKEN):
+        added[str(vocab[pad_token])] = _added_token(pad_token, normalized=False)
+    added = dict(sorted(added.items(), key=lambda kv: int(kv[0])))
+    config: dict[str, Any] = {
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "bos_token": BOS_TOKEN,
+        # The published configs say True; transformers 5 ignores that for BPE tokenizers and logs a
+        # warning on every load, so write False (same decoded text).
+        "clean_up_tokenization_spaces": False,
+        "do_lower_case": True,
+        "eos_token": EOS_TOKEN,
+        "errors": "replace",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "pad_token": pad_token,
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": EOS_TOKEN,
+    }
+    _write_json(out_dir / "tokenizer_config.json", config)
+    _write_json(
+        out_dir / "special_tokens_map.json",
+        {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": pad_token, "unk_token": EOS_TOKEN},
+    )
+    logger.debug("wrote CLIP tokenizer (%d tokens, pad %r) to %s", len(vocab), pad_token, out_dir)

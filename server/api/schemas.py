@@ -1,0 +1,47 @@
+"""Wire types: msgspec Structs.  Field names, types and defaults are Livepeer's text-to-image API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class TextToImageParams(msgspec.Struct, kw_only=True):
+    """Body of ``POST /text-to-image``.  Types are checked on decode (422); rules on use (400)."""
+
+    prompt: str = msgspec.field()
+    model_id: str = ""
+    loras: str = ""
+    height: int = 576
+    width: int = 1024
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    safety_check: bool = True
+    seed: int | None = None
+    num_inference_steps: int = 50
+    num_images_per_prompt: int = 1
+
+
+class Media(msgspec.Struct):
+    url: str
+    seed: int
+    nsfw: bool
+
+
+class ImageResponse(msgspec.Struct):
+    images: list[Media]
+
+
+class HealthResponse(msgspec.Struct):
+    status: Literal["LOADING", "OK", "ERROR", "IDLE"]
+
+
+class ErrorDetail(msgspec.Struct):
+    msg: str
+
+
+class HTTPError(msgspec.Struct):
+    """Every error body: ``{"detail": {"msg": "..."}}``."""
+
+    detail: ErrorDetail

@@ -1,0 +1,39 @@
+"""The service's one exception hierarchy; :mod:`server.api.errors` maps it to HTTP in one place."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base: ``status_code`` and a concise message that is safe to show a client."""
+
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+
+    def __init__(self, message: str = "Invalid bearer token.") -> None:
+        super().__init__(message)
+
+
+class ServiceUnavailable(ServiceError):
+    """The service cannot take the request now (still loading, Triton unreachable)."""
+
+    status_code = 503
+
+
+class InferenceFailed(ServiceError):
+    status_code = 500
+
+
+class OutOfMemory(InferenceFailed):
+    def __init__(self, message: str = "Out of memory error. Try reducing output image resolution.") -> None:
+        super().__init__(message)

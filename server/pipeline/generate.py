@@ -1,0 +1,215 @@
+"""The denoising loop against Triton, step for step what diffusers' SD / SDXL pipelines do.
+
+1. encode the prompt(s) with the text encoder model(s), once per request
+2. draw the initial latents from one CPU generator per image (seed + i)
+3. for each scheduler timestep: UNet on the (CFG-doubled) latents, guidance, ``scheduler.step``
+4. decode with the VAE decoder model and turn the images into uint8 arrays
+
+Every request is its own coroutine; concurrent requests meet in Triton's dynamic batcher.  The CPU
+math between steps runs in a worker thread so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from export import specs
+from server.pipeline.model import DiffusionModel, Prompts
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceClient(Protocol):
+    """What the pipeline needs from the inference server (the Triton adapter implements it)."""
+
+    async def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]: ...
+
+    async def max_batch_size(self, name: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str
+    height: int
+    width: int
+    guidance_scale: float
+    num_inference_steps: int
+    num_images: int
+    seed: int
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage of one generation."""
+
+    text_encoder: float = 0.0
+    unet_steps: list[float] = field(default_factory=list)
+    vae: float = 0.0
+
+
+@dataclass(frozen=True)
+class Generation:
+    images: list[np.ndarray]  # uint8 HWC, one per image
+    seeds: list[int]
+    times: StageTimes
+
+
+# Called between steps; raising stops the loop (client gone, deadline passed).
+StepCheck = Callable[[int], Awaitable[None]]
+
+
+class TextToImagePipeline:
+    def __init__(self, model: DiffusionModel, client: InferenceClient) -> None:
+        self.model = model
+        self.client = client
+        self.source = model.source
+
+    async def __call__(self, request: GenerationRequest, between_steps: StepCheck | None = None) -> Generation:
+        times = StageTimes()
+        do_cfg = request.guidance_scale > 1 and self.model.guidance_allowed
+        positive, negative = self.model.prompts(request.prompt, request.negative_prompt)
+
+        # 1. text encoders
+        start = time.perf_counter()
+        cond = await self._encode(positive, negative, do_cfg, request)
+        times.text_encoder = time.perf_counter() - start
+
+        # 2. timesteps and initial latents
+        scheduler = self.model.new_scheduler()
+        scheduler.set_timesteps(request.num_inference_steps, device="cpu")
+        seeds = [request.seed + i for i in range(request.num_images)]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        vsf = self.model.vae_scale_factor
+        shape = (request.num_images, self.source.latent_channels, request.height // vsf, request.width // vsf)
+        latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(scheduler, generators)
+
+        # 3. denoising loop
+        for i, t in enumerate(scheduler.timesteps):
+            if between_steps is not None:
+                await between_steps(i)
+            start = time.perf_counter()
+            model_input = await asyncio.to_thread(_model_input, scheduler, latents, t, do_cfg)
+            timestep = np.full(model_input.shape[0], float(t), dtype=np.float32)
+            out = await self._infer_rows(
+                specs.UNET, {"sample": model_input.numpy(), "timestep": timestep, **cond}, "noise_pred"
+            )
+            latents = await asyncio.to_thread(
+                _scheduler_step, scheduler, torch.from_numpy(out), t, latents, request.guidance_scale, do_cfg,
+                step_kwargs,
+            )
+            times.unet_steps.append(time.perf_counter() - start)
+
+        # 4. VAE decoder
+        start = time.perf_counter()
+        decoded = await self._infer_rows(specs.VAE_DECODER, {"latent": latents.numpy()}, "images")
+        images = await asyncio.to_thread(_to_uint8, decoded)
+        times.vae = time.perf_counter() - start
+        return Generation(images=images, seeds=seeds, times=times)
+
+    async def _encode(
+        self, positive: Prompts, negative: Prompts, do_cfg: bool, request: GenerationRequest
+    ) -> dict[str, np.ndarray]:
+        """UNet conditioning inputs, rows ordered [negative x n, positive x n] with guidance.
+
+        SDXL's negative embeddings are zeros when no negative prompt is given and the model says
+        ``force_zeros_for_empty_prompt``; its time ids are (original size, crop (0, 0), target size).
+        """
+        num_images = request.num_images
+        zero_negative = do_cfg and negative.parts[0] is None and self.source.force_zeros_for_empty_prompt
+        encode_negative = do_cfg and not zero_negative
+        calls = []
+        for i, name in enumerate(self.source.text_encoders):
+            texts = [positive.parts[i] or ""]
+            if encode_negative:
+                texts.append(negative.parts[i] or "")
+            outputs = ["last_hidden_state", "penultimate_hidden_state", "pooled"]
+            calls.append(self.client.infer(name, {"input_ids": self.model.tokenize(i, texts)}, outputs))
+        results = await asyncio.gather(*calls)
+
+        if self.source.is_sdxl:
+            hidden = np.concatenate([r["penultimate_hidden_state"] for r in results], axis=-1)
+            pooled = results[-1]["pooled"]
+        else:
+            hidden = results[0]["last_hidden_state"]
+            pooled = None
+        pos_hidden, pos_pooled = hidden[:1], None if pooled is None else pooled[:1]
+        if encode_negative:
+            neg_hidden, neg_pooled = hidden[1:2], None if pooled is None else pooled[1:2]
+        else:
+            neg_hidden, neg_pooled = np.zeros_like(pos_hidden), None if pooled is None else np.zeros_like(pos_pooled)
+
+        def rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+            pos = np.repeat(pos, num_images, axis=0)
+            return np.concatenate([np.repeat(neg, num_images, axis=0), pos]) if do_cfg else pos
+
+        cond = {"encoder_hidden_states": rows(pos_hidden, neg_hidden)}
+        if self.source.is_sdxl:
+            assert pos_pooled is not None and neg_pooled is not None
+            cond["text_embeds"] = rows(pos_pooled, neg_pooled)
+            h, w = request.height, request.width
+            time_ids = np.array([[h, w, 0, 0, h, w]], dtype=np.float32)
+            cond["time_ids"] = np.repeat(time_ids, len(cond["text_embeds"]), axis=0)
+        return cond
+
+    async def _infer_rows(self, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+        """Infer ``inputs`` in chunks of at most the model's max batch size; chunks go out concurrently."""
+        rows = len(next(iter(inputs.values())))
+        limit = await self.client.max_batch_size(model) or rows
+        chunks = [
+            self.client.infer(model, {k: v[s : s + limit] for k, v in inputs.items()}, [output])
+            for s in range(0, rows, limit)
+        ]
+        results = await asyncio.gather(*chunks)
+        return np.concatenate([r[output] for r in results]) if len(results) > 1 else results[0][output]
+
+
+def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
+    """``eta`` and ``generator`` for schedulers whose ``step`` takes them, as diffusers passes them."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    if "generator" in params:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+def _model_input(scheduler: Any, latents: torch.Tensor, t: torch.Tensor, do_cfg: bool) -> torch.Tensor:
+    model_input = torch.cat([latents] * 2) if do_cfg else latents
+    return scheduler.scale_model_input(model_input, t)  # type: ignore[no-any-return]
+
+
+def _scheduler_step(
+    scheduler: Any,
+    noise_pred: torch.Tensor,
+    t: torch.Tensor,
+    latents: torch.Tensor,
+    guidance_scale: float,
+    do_cfg: bool,
+    step_kwargs: dict[str, Any],
+) -> torch.Tensor:
+    if do_cfg:
+        noise_uncond, noise_text = noise_pred.chunk(2)
+        noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+    return scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]  # type: ignore[no-any-return]
+
+
+def _to_uint8(images: np.ndarray) -> list[np.ndarray]:
+    """[n, 3, H, W] floats in [0, 1] -> n uint8 HWC arrays, rounded as diffusers' ``numpy_to_pil``."""
+    hwc = (images.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+    return list(hwc)

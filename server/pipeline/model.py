@@ -1,0 +1,87 @@
+"""The served diffusion model as the service sees it: configs, tokenizers, scheduler; no weights."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import numpy as np
+from transformers import CLIPTokenizer
+
+from export.source import ModelSource
+from server.errors import BadRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """One prompt per text encoder (SDXL: prompt, prompt_2), or None for a part that was not given."""
+
+    parts: tuple[str | None, ...]
+
+
+def split_prompt(text: str, encoders: int) -> tuple[str, ...]:
+    """``a|b`` -> ("a", "b") for a model with two or more text encoders.
+
+    Parts are stripped and empty ones dropped.  A model with one encoder keeps the text whole, and the
+    last encoder of a model gets the rest of the text, so ``|`` never makes a request fail.
+    """
+    if encoders == 1:
+        return (text,) if text.strip() else ()
+    return tuple(p.strip() for p in text.split("|", encoders - 1) if p.strip())
+
+
+class DiffusionModel:
+    """Tokenizers and scheduler of the loaded model, built once at start."""
+
+    def __init__(self, source: ModelSource, scheduler: str = "") -> None:
+        self.source = source
+        self.tokenizers = [CLIPTokenizer.from_pretrained(source.path / name) for name in source.tokenizers]
+        config = source.config("scheduler")
+        name = scheduler or str(config["_class_name"])
+        cls = getattr(diffusers, name, None)
+        if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+            raise ValueError(f"unknown diffusers scheduler '{name}'")
+        self._scheduler_template = cls.from_config(config)
+        unet = source.config("unet")
+        self.guidance_allowed = unet.get("time_cond_proj_dim") is None
+        logger.info("model %s: %s with %s", source.path, source.pipeline_class, name)
+
+    @property
+    def encoders(self) -> int:
+        return len(self.tokenizers)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.source.vae_scale_factor
+
+    def new_scheduler(self) -> Any:
+        """A fresh scheduler: they keep per-generation state (step index, multistep history)."""
+        return copy.deepcopy(self._scheduler_template)
+
+    def tokenize(self, encoder: int, texts: list[str]) -> np.ndarray:
+        tokenizer = self.tokenizers[encoder]
+        ids = tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="np",
+        ).input_ids
+        return np.asarray(ids, dtype=np.int32)
+
+    def prompts(self, prompt: str, negative_prompt: str) -> tuple[Prompts, Prompts]:
+        """Split the request's prompt and negative prompt per encoder, as diffusers fills them in:
+        a missing later part repeats the first; an empty negative prompt is None (the model's default).
+        """
+        parts = split_prompt(prompt, self.encoders)
+        if not parts:
+            raise BadRequest("Prompt must be provided.")
+        positive = tuple(parts[i] if i < len(parts) else parts[0] for i in range(self.encoders))
+        negative_parts = split_prompt(negative_prompt, self.encoders)
+        negative: tuple[str | None, ...] = tuple(
+            (negative_parts[i] if i < len(negative_parts) else negative_parts[0]) if negative_parts else None
+            for i in range(self.encoders)
+        )
+        return Prompts(positive), Prompts(negative)

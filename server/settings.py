@@ -1,0 +1,117 @@
+"""The service's settings: one object built once at start, defaults < environment < CLI."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+# Environment variable -> settings field.  Names follow Livepeer's ai-runner where it has one.
+ENV_NAMES: dict[str, str] = {
+    "PIPELINE": "pipeline",
+    "MODEL_ID": "model_id",
+    "MODEL_DIR": "model_dir",
+    "AUTH_TOKEN": "auth_token",
+    "TRITON_URL": "triton_url",
+    "MODEL_REPOSITORY": "model_repository",
+    "STATE_DIR": "state_dir",
+    "HOST": "host",
+    "PORT": "port",
+    "VERSION": "version",
+    "SCHEDULER": "scheduler",
+    "MAX_LORAS": "max_loras",
+    "MAX_IMAGES": "max_images",
+    "MAX_PIXELS": "max_pixels",
+    "TRITON_TIMEOUT_S": "triton_timeout_s",
+    "STARTUP_TIMEOUT_S": "startup_timeout_s",
+    "WARMUP": "warmup",
+    "TORCH_THREADS": "torch_threads",
+}
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    pipeline: str = "text-to-image"
+    model_id: str = ""
+    model_dir: Path = Path("/models")
+    auth_token: str | None = None
+    # Empty: start the bundled tritonserver on ``model_repository``.
+    triton_url: str = ""
+    model_repository: Path = Path("model_repository/default")
+    state_dir: Path = Path("state")
+    host: str = "0.0.0.0"
+    port: int = 8000
+    version: str = "0.1.0"
+    # A diffusers scheduler class name replacing the model's own (its config is kept).
+    scheduler: str = ""
+    max_loras: int = 4
+    max_images: int = 4
+    max_pixels: int = 1024 * 1024
+    triton_timeout_s: float = 300.0
+    startup_timeout_s: float = 300.0
+    warmup: bool = True
+    torch_threads: int = 1
+    extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.pipeline != "text-to-image":
+            raise SettingsError(f"PIPELINE '{self.pipeline}' is not served here (only text-to-image)")
+        if not self.model_id:
+            raise SettingsError("MODEL_ID is required: a Hugging Face model id or a local diffusers folder")
+        for name in ("max_loras", "max_images", "max_pixels", "torch_threads"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1")
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"port {self.port} is out of range")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then the environment, then ``overrides`` (the CLI); values are converted by type."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for env_name, attr in ENV_NAMES.items():
+            if env.get(env_name, "") != "":
+                values[attr] = env[env_name]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**{k: _convert(k, v) for k, v in values.items()})
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: _convert(k, v) for k, v in overrides.items()})
+
+
+_TYPES = {f.name: f.type for f in fields(Settings)}
+
+
+def _convert(name: str, value: Any) -> Any:
+    if name not in _TYPES:
+        raise SettingsError(f"unknown setting '{name}'")
+    if not isinstance(value, str):
+        return value
+    kind = str(_TYPES[name])
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            if value.lower() not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+                raise ValueError(value)
+            return value.lower() in {"1", "true", "yes", "on"}
+        if kind == "Path":
+            return Path(value)
+    except ValueError as e:
+        raise SettingsError(f"setting {name}={value!r} is not a valid {kind}") from e
+    return value
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per setting; each overrides its environment variable."""
+    for env_name, attr in ENV_NAMES.items():
+        parser.add_argument(f"--{attr.replace('_', '-')}", dest=attr, default=None, help=f"(env {env_name})")

@@ -1,0 +1,561 @@
+"""Run the ``tritonserver`` binary bundled in the ``nvidia-pytriton`` wheel.
+
+The wheel ships a real Triton Inference Server (2.51) with its python backend and one backend
+stub per Python version.  This module runs that binary directly on one of our model repositories:
+
+- ``LD_LIBRARY_PATH`` gets the wheel's ``nvidia_pytriton.libs`` and the directory of the running
+  interpreter's ``libpython3.X.so``, or the binary picks up the system's libpython and breaks;
+- ``PATH`` gets the running interpreter's ``bin`` first, since the stub runs ``python3`` from
+  ``PATH`` to find its packages (numpy, onnxruntime);
+- a backend directory under ``state_dir`` holds ``python/`` with ``libtriton_python.so``,
+  ``triton_python_backend_utils.py`` and the stub for the running Python;
+- the server listens on 127.0.0.1 only, on free ports, in its own process group; ``start()`` waits
+  on ``/v2/health/ready`` and ``stop()`` sends SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import filecmp
+import importlib.util
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import NoReturn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BundledTriton",
+    "TritonLaunchConfig",
+    "TritonStartError",
+    "build_command",
+    "find_free_ports",
+    "prepare_backend_directory",
+    "tritonserver_binary",
+    "tritonserver_env",
+]
+
+INSTALL_HINT = "install it with `pip install 'nvidia-pytriton==0.7.0'` (or `pip install -e '.[triton]'`)"
+LOG_TAIL_LINES = 40
+HOST = "127.0.0.1"
+_POLL_INTERVAL_S = 0.1
+_PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+_STUB_NAME = "triton_python_backend_stub"
+_ERROR_LINE = re.compile(r"^(E\d{4} |error:|Error:)")
+_MAX_ERROR_LINES = 10
+_MAX_ERROR_LINE = 1000
+_FAILED_START_GRACE_S = 1.0
+_GROUP_KILL_WAIT_S = 5.0
+# Local health checks must not go through an http_proxy from the environment.
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class TritonStartError(RuntimeError):
+    """The bundled Triton could not be found, prepared or brought to readiness."""
+
+
+@dataclass(frozen=True)
+class TritonLaunchConfig:
+    """How to launch the bundled ``tritonserver``.
+
+    ``explicit_model_control`` passes ``--model-control-mode=explicit`` and one ``--load-model=NAME``
+    per name in ``load_models`` (``--load-model=*`` when it is empty).  ``metrics`` opens the
+    metrics endpoint on a free port.  ``extra_args`` are appended to the command line as given.
+    """
+
+    model_repository: Path
+    state_dir: Path
+    log_path: Path | None = None
+    explicit_model_control: bool = False
+    load_models: tuple[str, ...] = ()
+    metrics: bool = False
+    startup_timeout_s: float = 120.0
+    stop_timeout_s: float = 15.0
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def resolved_log_path(self) -> Path:
+        return self.log_path if self.log_path is not None else self.state_dir / "triton.log"
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating the wheel's files
+# --------------------------------------------------------------------------------------------------
+
+
+def _pytriton_dir() -> Path:
+    """The directory of the installed ``pytriton`` package (from ``nvidia-pytriton``)."""
+    try:
+        spec = importlib.util.find_spec("pytriton")
+    except (ImportError, ValueError) as exc:  # a broken install
+        raise TritonStartError(f"cannot locate the pytriton package ({exc}); {INSTALL_HINT}") from exc
+    if spec is None:
+        raise TritonStartError(f"the nvidia-pytriton package is not installed; {INSTALL_HINT}")
+    if spec.origin is not None and spec.origin not in ("namespace", "built-in"):
+        return Path(spec.origin).parent
+    locations = list(spec.submodule_search_locations or [])
+    if not locations:
+        raise TritonStartError(f"cannot locate the pytriton package directory; {INSTALL_HINT}")
+    return Path(locations[0])
+
+
+def _tritonserver_dist_dir() -> Path:
+    return _pytriton_dir() / "tritonserver"
+
+
+def tritonserver_binary() -> Path:
+    """Path of the ``tritonserver`` executable shipped in the ``nvidia-pytriton`` wheel."""
+    binary = _tritonserver_dist_dir() / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise TritonStartError(f"no tritonserver binary at {binary}; {INSTALL_HINT}")
+    if not os.access(binary, os.X_OK):
+        raise TritonStartError(f"{binary} is not executable; reinstall nvidia-pytriton")
+    return binary
+
+
+def _wheel_libs_dir() -> Path:
+    """The wheel's bundled shared libraries (``site-packages/nvidia_pytriton.libs``)."""
+    pytriton_dir = _pytriton_dir()
+    candidates = (
+        pytriton_dir.parent / "nvidia_pytriton.libs",  # a normal wheel install
+        pytriton_dir / "tritonserver" / "external_libs",  # an editable install of pytriton
+    )
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise TritonStartError(f"no nvidia_pytriton.libs directory next to {pytriton_dir}; {INSTALL_HINT}")
+
+
+def _stub_path() -> Path:
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stubs = _tritonserver_dist_dir() / "python_backend_stubs"
+    stub = stubs / version / _STUB_NAME
+    if not stub.is_file():
+        available = sorted(p.name for p in stubs.iterdir()) if stubs.is_dir() else []
+        raise TritonStartError(
+            f"the bundled python backend has no stub for Python {version} (has: {available}); "
+            f"run with one of those Python versions"
+        )
+    return stub
+
+
+# --------------------------------------------------------------------------------------------------
+# Preparing the backend directory, environment, ports and command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _copy_if_changed(src: Path, dst: Path) -> bool:
+    """Copy ``src`` to ``dst`` atomically unless ``dst`` already has the same bytes.
+
+    Returns whether a copy was made.
+    """
+    if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
+        if os.access(src, os.X_OK) and not os.access(dst, os.X_OK):
+            dst.chmod(dst.stat().st_mode | 0o111)
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copy2(src, tmp_name)
+        os.replace(tmp_name, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    return True
+
+
+def prepare_backend_directory(state_dir: Path) -> Path:
+    """Build (or reuse) ``state_dir/backends`` for ``--backend-directory``.
+
+    It holds ``python/`` with the wheel's ``libtriton_python.so`` and
+    ``triton_python_backend_utils.py`` and the stub for the running Python copied as
+    ``python/triton_python_backend_stub``.  Files already identical are left alone.
+    """
+    source_dir = _tritonserver_dist_dir() / "backends" / "python"
+    backends = Path(state_dir) / "backends"
+    target_dir = backends / "python"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    copies: list[tuple[Path, Path]] = []
+    for name in _PYTHON_BACKEND_FILES:
+        src = source_dir / name
+        if not src.is_file():
+            raise TritonStartError(f"the bundled python backend lacks {src}; {INSTALL_HINT}")
+        copies.append((src, target_dir / name))
+    copies.append((_stub_path(), target_dir / _STUB_NAME))
+    copied = [dst.name for src, dst in copies if _copy_if_changed(src, dst)]
+    if copied:
+        logger.debug("python backend files copied into %s: %s", target_dir, ", ".join(copied))
+    return backends
+
+
+def _prepend_path_list(value: str | None, *entries: str) -> str:
+    parts = [e for e in entries if e]
+    if value:
+        parts.append(value)
+    return os.pathsep.join(parts)
+
+
+def tritonserver_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for ``tritonserver``: ``base`` (default ``os.environ``) plus library and
+    executable search paths for the bundled libraries and the running interpreter."""
+    env = dict(os.environ if base is None else base)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env["LD_LIBRARY_PATH"] = _prepend_path_list(
+        env.get("LD_LIBRARY_PATH"), str(_wheel_libs_dir()), str(libdir) if libdir else ""
+    )
+    env["PATH"] = _prepend_path_list(env.get("PATH"), str(Path(sys.executable).parent))
+    return env
+
+
+def find_free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (each socket bound to port 0)."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((HOST, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
+def build_command(
+    config: TritonLaunchConfig,
+    *,
+    binary: Path,
+    backend_directory: Path,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int | None,
+) -> list[str]:
+    """The ``tritonserver`` command line for ``config`` on the given ports."""
+    cmd = [
+        str(binary),
+        "--model-repository",
+        str(config.model_repository),
+        "--backend-directory",
+        str(backend_directory),
+        "--http-address",
+        HOST,
+        "--http-port",
+        str(http_port),
+        "--grpc-address",
+        HOST,
+        "--grpc-port",
+        str(grpc_port),
+    ]
+    if config.metrics:
+        if metrics_port is None:
+            raise ValueError("metrics are enabled but no metrics port was given")
+        cmd += ["--allow-metrics", "true", "--metrics-address", HOST, "--metrics-port", str(metrics_port)]
+    else:
+        cmd += ["--allow-metrics", "false"]
+    if config.explicit_model_control:
+        cmd.append("--model-control-mode=explicit")
+        names = config.load_models or ("*",)
+        cmd += [f"--load-model={name}" for name in names]
+    elif config.load_models:
+        raise ValueError("load_models is only used with explicit_model_control=True")
+    cmd += ["--exit-timeout-secs", "5", "--log-verbose", "0"]
+    cmd += list(config.extra_args)
+    return cmd
+
+
+def _read_log_since(path: Path, offset: int) -> list[str]:
+    """The lines of ``path`` written after byte ``offset``."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except OSError as exc:
+        return [f"<cannot read {path}: {exc}>"]
+    return data.decode("utf-8", errors="replace").splitlines()
+
+
+def _failure_report(path: Path, offset: int, lines: int = LOG_TAIL_LINES) -> str:
+    """The error lines (glog ``E....`` and ``error:``) and the last ``lines`` lines of one start."""
+    log_lines = _read_log_since(path, offset)
+    errors = [
+        line if len(line) <= _MAX_ERROR_LINE else line[:_MAX_ERROR_LINE] + " ..."
+        for line in log_lines
+        if _ERROR_LINE.match(line)
+    ][-_MAX_ERROR_LINES:]
+    report = ""
+    if errors:
+        report += "error lines:\n" + "\n".join(errors) + "\n"
+    report += f"last {lines} lines:\n" + "\n".join(log_lines[-lines:])
+    return report
+
+
+def _http_status(url: str, timeout_s: float) -> int | None:
+    """HTTP status of a GET on ``url``, or None when nothing answers."""
+    try:
+        with _NO_PROXY_OPENER.open(url, timeout=timeout_s) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_process_group(pgid: int, timeout_s: float) -> None:
+    """SIGKILL whatever is left in process group ``pgid`` and wait (bounded) until it is gone."""
+    if not _process_group_alive(pgid):
+        return
+    logger.debug("killing leftover processes in tritonserver's process group %d", pgid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while _process_group_alive(pgid):
+        if time.monotonic() >= deadline:
+            logger.warning("processes of tritonserver's process group %d are still present", pgid)
+            return
+        time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------------------------------
+# The running server
+# --------------------------------------------------------------------------------------------------
+
+
+class BundledTriton:
+    """One ``tritonserver`` process from the nvidia-pytriton wheel.
+
+    ``start()`` launches it and waits until ``/v2/health/ready`` answers 200; ``stop()`` ends it.
+    As a context manager it starts on enter and stops on exit.
+    """
+
+    def __init__(self, config: TritonLaunchConfig) -> None:
+        self._config = config
+        self._process: subprocess.Popen[bytes] | None = None
+        self._http_port: int | None = None
+        self._grpc_port: int | None = None
+        self._metrics_port: int | None = None
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def config(self) -> TritonLaunchConfig:
+        return self._config
+
+    @property
+    def log_path(self) -> Path:
+        return self._config.resolved_log_path
+
+    @property
+    def http_port(self) -> int:
+        if self._http_port is None:
+            raise RuntimeError("the Triton server has not been started")
+        return self._http_port
+
+    @property
+    def grpc_port(self) -> int:
+        if self._grpc_port is None:
+            raise RuntimeError("the Triton server has not been started")
+        return self._grpc_port
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        if self._metrics_port is None:
+            return None
+        return f"http://{HOST}:{self._metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Launch ``tritonserver`` and wait until it reports ready.
+
+        Raises TritonStartError (with the end of the log) if it exits or is not ready in time.
+        """
+        if self.is_running():
+            raise RuntimeError(f"the Triton server is already running (pid {self.pid})")
+        self._reap()
+        config = self._config
+        repository = Path(config.model_repository)
+        if not repository.is_dir():
+            raise TritonStartError(f"the model repository {repository} is not a directory")
+
+        binary = tritonserver_binary()
+        state_dir = Path(config.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        backend_directory = prepare_backend_directory(state_dir)
+        env = tritonserver_env()
+
+        ports = find_free_ports(3 if config.metrics else 2)
+        http_port, grpc_port = ports[0], ports[1]
+        metrics_port = ports[2] if config.metrics else None
+        cmd = build_command(
+            config,
+            binary=binary,
+            backend_directory=backend_directory,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+        )
+
+        log_path = self.log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        command_line = shlex.join(cmd)
+        with log_path.open("ab") as log_file:
+            stamp = datetime.now(UTC).isoformat(timespec="seconds")
+            log_file.write(f"\n===== tritonserver start {stamp}: {command_line}\n".encode())
+            log_file.flush()
+            log_offset = log_file.tell()
+            logger.info("starting tritonserver: %s", command_line)
+            logger.info(
+                "tritonserver ports: http %d, grpc %d, metrics %s; log %s",
+                http_port,
+                grpc_port,
+                metrics_port if metrics_port is not None else "off",
+                log_path,
+            )
+            started_at = time.monotonic()
+            try:
+                process = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=state_dir,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise TritonStartError(f"cannot run {binary}: {exc} (log: {log_path})") from exc
+        logger.info("tritonserver started, pid %d", process.pid)
+        self._process = process
+        self._http_port, self._grpc_port, self._metrics_port = http_port, grpc_port, metrics_port
+
+        try:
+            self._wait_ready(started_at, log_offset)
+        except BaseException:
+            self._terminate(grace_s=_FAILED_START_GRACE_S)
+            raise
+        logger.info(
+            "tritonserver ready at %s (grpc %s) after %.1f s (pid %d)",
+            self.http_url,
+            self.grpc_url,
+            time.monotonic() - started_at,
+            process.pid,
+        )
+
+    def _wait_ready(self, started_at: float, log_offset: int) -> None:
+        process = self._process
+        assert process is not None
+        ready_url = f"{self.http_url}/v2/health/ready"
+        deadline = started_at + self._config.startup_timeout_s
+        while True:
+            returncode = process.poll()
+            if returncode is not None:
+                self._raise_start_error(
+                    f"tritonserver exited with code {returncode} before it was ready", log_offset
+                )
+            if _http_status(ready_url, timeout_s=1.0) == 200:
+                return
+            if time.monotonic() >= deadline:
+                self._raise_start_error(
+                    f"tritonserver was not ready after {self._config.startup_timeout_s:g} s", log_offset
+                )
+            time.sleep(_POLL_INTERVAL_S)
+
+    def _raise_start_error(self, reason: str, log_offset: int) -> NoReturn:
+        # Let the process finish writing (it may be exiting) before reading the log.
+        if self._process is not None and self._process.poll() is None:
+            self._terminate(grace_s=_FAILED_START_GRACE_S)
+        message = f"{reason}; log {self.log_path}\n{_failure_report(self.log_path, log_offset)}"
+        logger.error("%s", message)
+        raise TritonStartError(message)
+
+    def stop(self) -> None:
+        """Stop the server: SIGTERM, wait ``stop_timeout_s``, then SIGKILL.  Idempotent."""
+        if self._process is None:
+            return
+        pid = self._process.pid
+        self._terminate(grace_s=self._config.stop_timeout_s)
+        logger.info("tritonserver (pid %d) stopped", pid)
+
+    def _terminate(self, grace_s: float) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                logger.warning(
+                    "tritonserver (pid %d) did not exit %.0f s after SIGTERM; killing it",
+                    process.pid,
+                    grace_s,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        # Leftover members of its process group (python backend stubs) go too.
+        _kill_process_group(process.pid, timeout_s=_GROUP_KILL_WAIT_S)
+        self._process = None
+
+    def _reap(self) -> None:
+        if self._process is not None:
+            self._terminate(grace_s=0.0)
+
+    def __enter__(self) -> BundledTriton:
+        if not self.is_running():
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"running pid {self.pid} at {self.http_url}" if self.is_running() else "stopped"
+        return f"BundledTriton({self._config.model_repository}, {state})"
