@@ -24,8 +24,8 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, cast, get_args
 
@@ -54,7 +54,9 @@ FAMILIES: Final[tuple[str, ...]] = get_args(Family)
 # build_tiny_model() rebuilds folders whose marker carries another version.
 TINY_MODEL_VERSION: Final = "1"
 MARKER_FILE: Final = "tiny_model.json"
-SEED: Final = 0
+# One seed per component (torch.manual_seed before each). Distinct seeds keep SDXL's two text
+# encoders from sharing their weights, so code that swaps them gives visibly different outputs.
+SEEDS: Final[dict[str, int]] = {"unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3}
 
 _SUBFOLDERS: Final[dict[str, tuple[str, ...]]] = {
     "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
@@ -147,7 +149,7 @@ def _vae(scaling_factor: float, *, force_upcast: bool) -> AutoencoderKL:
     import torch
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEEDS["vae"])
     return AutoencoderKL(**_VAE_CONFIG, scaling_factor=scaling_factor, force_upcast=force_upcast)
 
 
@@ -156,10 +158,10 @@ def _build_sd_pipeline(tmp: Path) -> _SavablePipeline:
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEEDS["unet"])
     unet = UNet2DConditionModel(**_UNET_COMMON, cross_attention_dim=32)
     vae = _vae(0.18215, force_upcast=True)
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEEDS["text_encoder"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_CONFIG, hidden_act="quick_gelu"))
     write_clip_tokenizer(tmp / "tokenizer", pad_token=EOS_TOKEN)
     tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
@@ -184,7 +186,7 @@ def _build_sdxl_pipeline(tmp: Path) -> _SavablePipeline:
 
     time_embed_dim = 8
     pooled_dim = _TEXT_CONFIG["projection_dim"]  # text_encoder_2's text_embeds
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEEDS["unet"])
     unet = UNet2DConditionModel(
         **_UNET_COMMON,
         attention_head_dim=(2, 4),
@@ -196,9 +198,9 @@ def _build_sdxl_pipeline(tmp: Path) -> _SavablePipeline:
         cross_attention_dim=2 * _TEXT_CONFIG["hidden_size"],  # both encoders' hidden states, concatenated
     )
     vae = _vae(0.13025, force_upcast=False)
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEEDS["text_encoder"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_CONFIG, hidden_act="gelu"))
-    torch.manual_seed(SEED)
+    torch.manual_seed(SEEDS["text_encoder_2"])
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_TEXT_CONFIG, hidden_act="gelu"))
     write_clip_tokenizer(tmp / "tokenizer", pad_token=EOS_TOKEN)
     write_clip_tokenizer(tmp / "tokenizer_2", pad_token="!")
@@ -228,7 +230,8 @@ def _read_marker(model_dir: Path) -> dict[str, Any] | None:
 
 def is_complete(model_dir: Path, family: Family) -> bool:
     """True if ``model_dir`` holds a tiny ``family`` model built by this code version."""
-    marker = _read_marker(Path(model_dir))
+    model_dir = Path(model_dir)
+    marker = _read_marker(model_dir)
     if marker is None or marker.get("version") != TINY_MODEL_VERSION or marker.get("family") != family:
         return False
     if not (model_dir / "model_index.json").is_file():
@@ -246,6 +249,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _fresh_dir(out_dir: Path, what: str) -> Path:
+    """A new empty hidden folder beside ``out_dir`` (same filesystem, so renames are atomic).
+
+    Not ``tempfile.mkdtemp``: its 0700 mode would end up on the installed model folder.
+    """
+    path = out_dir.parent / f".{out_dir.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -255,20 +268,22 @@ def build_tiny_model(family: Family, out_dir: Path) -> Path:
 
     Idempotent: when ``out_dir`` already holds a complete model from this code version (marker file
     ``tiny_model.json`` with :data:`TINY_MODEL_VERSION`), nothing is done. Otherwise the model is
-    built in a temporary folder beside ``out_dir`` and renamed into place, replacing whatever was
-    there, so readers never see a half-written folder.
+    built in a temporary folder beside ``out_dir`` and renamed into place, so readers never see a
+    half-written folder. An existing ``out_dir`` is replaced only if it is empty or holds a tiny
+    model (another version or family); anything else raises ``FileExistsError``.
     """
     family = _check_family(family)
     out_dir = Path(out_dir)
     if is_complete(out_dir, family):
         logger.info("tiny %s model already built at %s (version %s)", family, out_dir, TINY_MODEL_VERSION)
         return out_dir
+    _check_replaceable(out_dir)
 
     import torch
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    tmp = _fresh_dir(out_dir, "building")
     try:
         # Keep the caller's global RNG state: the build reseeds torch for every component.
         with torch.random.fork_rng(devices=[]):
@@ -278,7 +293,7 @@ def build_tiny_model(family: Family, out_dir: Path) -> Path:
             "family": family,
             "version": TINY_MODEL_VERSION,
             "pipeline": _PIPELINE_CLASS[family],
-            "seed": SEED,
+            "seeds": SEEDS,
             "built_with": _versions(),
         }
         # Written last: its presence means every other file is complete.
@@ -290,11 +305,24 @@ def build_tiny_model(family: Family, out_dir: Path) -> Path:
     return out_dir
 
 
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to overwrite a file or a folder that is not ours (e.g. a real model passed by mistake)."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    is_real_dir = out_dir.is_dir() and not out_dir.is_symlink()
+    if is_real_dir and (not any(out_dir.iterdir()) or _read_marker(out_dir) is not None):
+        return
+    raise FileExistsError(
+        f"{out_dir} exists and is not a tiny model built by export.tiny (no {MARKER_FILE}); "
+        "remove it or choose another --out"
+    )
+
+
 def _install(tmp: Path, out_dir: Path, family: Family) -> None:
     """Rename the finished ``tmp`` folder to ``out_dir``, moving an outdated ``out_dir`` aside first."""
     old: Path | None = None
     if out_dir.exists() or out_dir.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old = _fresh_dir(out_dir, "old")
         os.replace(out_dir, old / "model")
     try:
         os.replace(tmp, out_dir)

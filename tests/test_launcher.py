@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -19,8 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton", reason="nvidia-pytriton (the bundled tritonserver) is not installed")
-
 from server.triton.launcher import (
     BundledTriton,
     TritonLaunchConfig,
@@ -29,6 +28,11 @@ from server.triton.launcher import (
     prepare_backend_directory,
     tritonserver_binary,
     tritonserver_env,
+)
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("pytriton") is None,
+    reason="nvidia-pytriton (the bundled tritonserver) is not installed",
 )
 
 CONFIG_PBTXT = """\
@@ -156,7 +160,7 @@ def state_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def launch(state_dir: Path) -> Iterator[list[BundledTriton]]:
+def launch() -> Iterator[list[BundledTriton]]:
     """Collects the servers a test creates and stops every one of them, pass or fail."""
     servers: list[BundledTriton] = []
     yield servers
@@ -165,10 +169,11 @@ def launch(state_dir: Path) -> Iterator[list[BundledTriton]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# No server needed
+# No server process
 # --------------------------------------------------------------------------------------------------
 
 
+@needs_triton
 def test_tritonserver_binary_is_in_the_wheel() -> None:
     binary = tritonserver_binary()
     assert binary.name == "tritonserver"
@@ -177,6 +182,18 @@ def test_tritonserver_binary_is_in_the_wheel() -> None:
     assert "pytriton" in binary.parts
 
 
+def test_missing_wheel_gives_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> object:
+        return None if name == "pytriton" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(TritonStartError, match="pip install"):
+        tritonserver_binary()
+
+
+@needs_triton
 def test_backend_directory_is_built_once_and_reused(state_dir: Path) -> None:
     backends = prepare_backend_directory(state_dir)
     assert backends == state_dir / "backends"
@@ -204,6 +221,7 @@ def test_backend_directory_is_built_once_and_reused(state_dir: Path) -> None:
     assert stub.read_bytes() == expected_stub.read_bytes()
 
 
+@needs_triton
 def test_environment_puts_wheel_libs_and_interpreter_first() -> None:
     env = tritonserver_env({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
     ld_entries = env["LD_LIBRARY_PATH"].split(os.pathsep)
@@ -279,6 +297,7 @@ def test_missing_repository_is_a_start_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+@needs_triton
 def test_serves_a_python_model_and_stops(
     repository: Path, state_dir: Path, tmp_path: Path, launch: list[BundledTriton]
 ) -> None:
@@ -321,6 +340,7 @@ def test_serves_a_python_model_and_stops(
     server.stop()  # idempotent
 
 
+@needs_triton
 def test_grpc_url_serves_tritonclient(repository: Path, state_dir: Path, launch: list[BundledTriton]) -> None:
     grpcclient = pytest.importorskip("tritonclient.grpc")
     write_model(repository, "add_one", ADD_ONE_MODEL_PY)
@@ -342,15 +362,17 @@ def test_grpc_url_serves_tritonclient(repository: Path, state_dir: Path, launch:
     assert not server.is_running()
 
 
+@needs_triton
 def test_broken_model_makes_start_fail_with_log_text(
-    repository: Path, state_dir: Path, launch: list[BundledTriton]
+    repository: Path, state_dir: Path, launch: list[BundledTriton], caplog: pytest.LogCaptureFixture
 ) -> None:
     # Default model control mode loads everything at start; with --exit-on-error (Triton's
-    # default) a model that fails to load makes tritonserver exit with code 1 at once.
-    write_model(repository, "add_one", ADD_ONE_MODEL_PY)
+    # default) a model that fails to load makes tritonserver exit with code 1 at once, also when
+    # healthy models sit beside it (left out here: unloading them only makes the exit slower).
     write_model(repository, "broken", BROKEN_MODEL_PY)
     server = BundledTriton(TritonLaunchConfig(repository, state_dir, startup_timeout_s=60))
     launch.append(server)
+    caplog.set_level(logging.INFO, logger="server.triton.launcher")
     with pytest.raises(TritonStartError) as excinfo:
         server.start()
     message = str(excinfo.value)
@@ -359,11 +381,13 @@ def test_broken_model_makes_start_fail_with_log_text(
     assert "deliberately broken model" in message  # the model's own exception, from the log
     assert "failed to load" in message
     assert not server.is_running()
-    pid = server.pid
-    assert pid is None
+    assert server.pid is None
     assert server.log_path.stat().st_size > 0
+    (pid,) = (int(m) for m in re.findall(r"tritonserver started, pid (\d+)", caplog.text))
+    assert process_group_gone(pid)
 
 
+@needs_triton
 def test_startup_timeout_raises_and_kills(
     repository: Path, state_dir: Path, launch: list[BundledTriton], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -379,8 +403,13 @@ def test_startup_timeout_raises_and_kills(
     pids = [int(m) for m in re.findall(r"tritonserver started, pid (\d+)", caplog.text)]
     assert len(pids) == 1
     assert process_group_gone(pids[0])  # tritonserver and the stub stuck in initialize() are gone
+    # The killed stub's shared-memory region (/dev/shm) is removed, not leaked.
+    removed = re.findall(r"removed leftover shared memory (\S+)", caplog.text)
+    assert removed, "the python backend region of the killed model should have been cleaned up"
+    assert all(not Path(region).exists() for region in removed)
 
 
+@needs_triton
 def test_explicit_model_control_without_names_loads_everything(
     repository: Path, state_dir: Path, launch: list[BundledTriton]
 ) -> None:
@@ -398,6 +427,7 @@ def test_explicit_model_control_without_names_loads_everything(
     server.stop()
 
 
+@needs_triton
 def test_explicit_model_control_loads_only_named_models(
     repository: Path, state_dir: Path, launch: list[BundledTriton]
 ) -> None:

@@ -62,6 +62,8 @@ _MAX_ERROR_LINES = 10
 _MAX_ERROR_LINE = 1000
 _FAILED_START_GRACE_S = 1.0
 _GROUP_KILL_WAIT_S = 5.0
+# The python backend's shared memory (/dev/shm); a killed server leaves its regions behind.
+_SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
 # Local health checks must not go through an http_proxy from the environment.
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -316,6 +318,19 @@ def _http_status(url: str, timeout_s: float) -> int | None:
         return None
 
 
+def _mapped_shm_regions(pid: int) -> set[Path]:
+    """The python backend's shared-memory regions that process ``pid`` has mapped (Linux only)."""
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            return {
+                Path(line.split()[-1])
+                for line in maps
+                if _SHM_REGION_PREFIX in line and line.split()[-1].startswith("/dev/shm/")
+            }
+    except OSError:
+        return set()
+
+
 def _process_group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -359,6 +374,7 @@ class BundledTriton:
         self._http_port: int | None = None
         self._grpc_port: int | None = None
         self._metrics_port: int | None = None
+        self._shm_regions: set[Path] = set()
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -493,6 +509,7 @@ class BundledTriton:
                 self._raise_start_error(
                     f"tritonserver exited with code {returncode} before it was ready", log_offset
                 )
+            self._shm_regions |= _mapped_shm_regions(process.pid)
             if _http_status(ready_url, timeout_s=1.0) == 200:
                 return
             if time.monotonic() >= deadline:
@@ -522,6 +539,7 @@ class BundledTriton:
         if process is None:
             return
         if process.poll() is None:
+            self._shm_regions |= _mapped_shm_regions(process.pid)
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             try:
@@ -538,6 +556,20 @@ class BundledTriton:
         # Leftover members of its process group (python backend stubs) go too.
         _kill_process_group(process.pid, timeout_s=_GROUP_KILL_WAIT_S)
         self._process = None
+        self._remove_leftover_shm_regions()
+
+    def _remove_leftover_shm_regions(self) -> None:
+        """Unlink the shared-memory regions of this (now dead) server that a kill left behind."""
+        regions, self._shm_regions = self._shm_regions, set()
+        for region in sorted(regions):
+            try:
+                region.unlink()
+            except FileNotFoundError:
+                continue  # removed by Triton on a clean shutdown
+            except OSError as exc:
+                logger.warning("cannot remove leftover shared memory %s: %s", region, exc)
+                continue
+            logger.info("removed leftover shared memory %s", region)
 
     def _reap(self) -> None:
         if self._process is not None:
