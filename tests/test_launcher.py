@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from server.triton.launcher import (
@@ -98,7 +99,7 @@ def http_get(url: str) -> tuple[int, bytes]:
             return int(exc.code), exc.read()
 
 
-def infer_add_one(http_url: str, model: str, data: np.ndarray) -> np.ndarray:
+def infer_add_one(http_url: str, model: str, data: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     body = {
         "inputs": [
             {

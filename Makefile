@@ -1,0 +1,49 @@
+# The README's commands.  `make serve` and `make test` work on a fresh machine: they create the
+# virtual environment, install (torch first: the pinned CPU build), and do the rest.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+OPEN_CLIP_VERSION ?= 3.3.0
+FAMILY ?= sd
+MODEL_ID ?= models/tiny-$(FAMILY)
+MODEL_REPOSITORY ?= model_repository/tiny-$(FAMILY)
+PORT ?= 8000
+
+.PHONY: install serve tiny export test lint clean
+
+# Installs once per change of pyproject.toml.
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	# Only its BPE vocabulary is used; its dependencies would pull torchvision and a CUDA torch.
+	$(BIN)/pip install --quiet --no-deps open_clip_torch==$(OPEN_CLIP_VERSION)
+	$(BIN)/pip install --quiet -e '.[export,triton,dev]'
+	touch $@
+
+# The bundled tiny model (built in code, no download) and its Triton repository.
+tiny: install
+	$(BIN)/t2i-tiny --family $(FAMILY) --out models/tiny-$(FAMILY)
+
+export: install
+	$(if $(filter models/tiny-%,$(MODEL_ID)),$(MAKE) --no-print-directory tiny,)
+	$(BIN)/t2i-export $(MODEL_ID) --target python-onnx --out $(MODEL_REPOSITORY)
+
+# The embedded default: the bundled Triton on CPU serving the tiny model, the service on $(PORT).
+serve: export
+	MODEL_ID=$(MODEL_ID) MODEL_REPOSITORY=$(MODEL_REPOSITORY) PORT=$(PORT) $(BIN)/t2i-serve
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check server export tests bench
+	$(BIN)/ruff format --check server export tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) models state model_repository/tiny-*
