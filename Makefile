@@ -20,9 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	# Only its BPE vocabulary is used; its dependencies would pull torchvision and a CUDA torch.
-	$(BIN)/pip install --quiet --no-deps open_clip_torch==$(OPEN_CLIP_VERSION)
 	$(BIN)/pip install --quiet -e '.[export,triton,dev]'
+	# Only its BPE vocabulary is used; its dependencies would pull torchvision and a CUDA torch.
+	# Last, so no later install reports its missing dependencies.
+	$(BIN)/pip install --quiet --no-deps open_clip_torch==$(OPEN_CLIP_VERSION)
 	touch $@
 
 # The bundled tiny model (built in code, no download) and its Triton repository.

@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher queue delay")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = RepositoryOptions(target=args.target, check=not args.no_check,
-                                max_queue_delay_us=args.max_queue_delay_us)
+    options = RepositoryOptions(
+        target=args.target, check=not args.no_check, max_queue_delay_us=args.max_queue_delay_us
+    )
     try:
         export_repository(args.model, args.out, options)
     except (ModelSourceError, OnnxMismatchError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,10 @@ class UNetModule(nn.Module):
     ) -> torch.Tensor:
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
         out = self.unet(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=added,
             return_dict=False,
         )
         return out[0]  # type: ignore[no-any-return]
@@ -56,10 +60,13 @@ class UNetModule(nn.Module):
 class VaeDecoderModule(nn.Module):
     """Latents straight from the denoising loop -> images in [0, 1], as diffusers' pipelines do it."""
 
-    def __init__(self, vae: nn.Module) -> None:
+    latents_mean: torch.Tensor
+    latents_std: torch.Tensor
+
+    def __init__(self, vae: Any) -> None:
         super().__init__()
         self.vae = vae
-        config = vae.config  # type: ignore[union-attr]
+        config = vae.config
         self.scaling_factor = float(config.scaling_factor)
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         channels = int(config.latent_channels)
@@ -112,7 +119,7 @@ def components(source: ModelSource) -> list[Component]:
         pooled = int(config["projection_dim"] if with_projection else config["hidden_size"])
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
 
-        def load_encoder(cls: type = cls, name: str = name) -> nn.Module:
+        def load_encoder(cls: Any = cls, name: str = name) -> nn.Module:
             encoder = cls.from_pretrained(path, subfolder=name, attn_implementation="eager")
             return TextEncoderModule(encoder)
 
@@ -142,7 +149,9 @@ def components(source: ModelSource) -> list[Component]:
                 text_embeds_dim=text_embeds_dim,
             ),
             subfolders=("unet",),
-            load=lambda: UNetModule(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), source.is_sdxl),
+            load=lambda: UNetModule(
+                UNet2DConditionModel.from_pretrained(path, subfolder="unet"), source.is_sdxl
+            ),
             trace_sizes={"batch": 2, "height": lrange.min + 1, "width": lrange.min + 3},
         )
     )

@@ -79,7 +79,8 @@ class CheckResult:
 
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "MISMATCH"
-        return f"{self.output} at {self.sizes}: max |onnx - torch| = {self.max_abs_error:.3g} (allowed {self.allowed:.3g}) {verdict}"
+        error = f"max |onnx - torch| = {self.max_abs_error:.3g} (allowed {self.allowed:.3g})"
+        return f"{self.output} at {self.sizes}: {error} {verdict}"
 
 
 def check_onnx(module: nn.Module, spec: ModelSpec, path: Path) -> list[CheckResult]:
@@ -101,7 +102,9 @@ def check_onnx(module: nn.Module, spec: ModelSpec, path: Path) -> list[CheckResu
         for t, ref, out in zip(spec.outputs, expected, got, strict=True):
             ref_np = ref.numpy()
             if ref_np.shape != out.shape:
-                raise OnnxMismatchError(f"{spec.name}.{t.name} at {sizes}: shape {out.shape} != torch {ref_np.shape}")
+                raise OnnxMismatchError(
+                    f"{spec.name}.{t.name} at {sizes}: shape {out.shape} != torch {ref_np.shape}"
+                )
             allowed = ATOL + RTOL * float(np.abs(ref_np).max())
             results.append(CheckResult(sizes, t.name, float(np.abs(ref_np - out).max()), allowed))
     for r in results:

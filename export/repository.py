@@ -95,8 +95,12 @@ def export_repository(model_id: str, out: Path, options: RepositoryOptions | Non
             continue
         logger.info("%s: exporting from %s ...", step, source.path)
         _build_model(component, options, model_dir, fingerprint)
-    manifest = {"model": str(source.path), "pipeline": source.pipeline_class, "target": options.target,
-                "models": [c.spec.name for c in parts]}
+    manifest = {
+        "model": str(source.path),
+        "pipeline": source.pipeline_class,
+        "target": options.target,
+        "models": [c.spec.name for c in parts],
+    }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("repository %s ready in %.1f s", out, time.perf_counter() - start)
     return out
@@ -139,6 +143,6 @@ def _fingerprint(source: ModelSource, component: Component, options: RepositoryO
             if f.is_file():
                 h.update(str(f.relative_to(source.path)).encode())
                 with f.open("rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):  # noqa: B023
+                    for block in iter(lambda: fh.read(1 << 20), b""):
                         h.update(block)
     return h.hexdigest()

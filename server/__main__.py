@@ -13,7 +13,9 @@ from server.settings import Settings, SettingsError, add_cli_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t2i-serve", description="Serve Livepeer's text-to-image API on Triton.")
+    parser = argparse.ArgumentParser(
+        prog="t2i-serve", description="Serve Livepeer's text-to-image API on Triton."
+    )
     add_cli_arguments(parser)
     parser.add_argument("--log-level", default="info")
     args = vars(parser.parse_args(argv))
@@ -24,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         logging.getLogger("t2i-serve").error("%s", e)
         return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level, log_config=None)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=log_level, log_config=None
+    )
     return 0
 
 

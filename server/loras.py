@@ -1,4 +1,7 @@
-"""The ``loras`` request field: a JSON object of LoRA source -> strength, checked as the reference runner does."""
+"""The ``loras`` request field: a JSON object of LoRA source -> strength.
+
+Checked as the reference runner checks it, with its messages.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,12 @@ def parse_loras(text: str, max_loras: int) -> dict[str, float]:
         raise BadRequest(f"Unable to parse '{text}' as JSON.")
     loras: dict[str, float] = {}
     for name, weight in value.items():
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not math.isfinite(weight)
+            or weight < 0
+        ):
             raise BadRequest("All strengths must be numbers greater than or equal to 0.0.")
         if not name.strip():
             raise BadRequest("LoRa repository '' not found")

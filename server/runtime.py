@@ -116,6 +116,12 @@ def _warmup_request(model: DiffusionModel) -> GenerationRequest:
     """Smallest image the UNet takes, with guidance, so every model and code path runs once."""
     side = 8 * model.vae_scale_factor
     return GenerationRequest(
-        prompt="warm-up", negative_prompt="", height=side, width=side, guidance_scale=7.5,
-        num_inference_steps=2, num_images=1, seed=0,
+        prompt="warm-up",
+        negative_prompt="",
+        height=side,
+        width=side,
+        guidance_scale=7.5,
+        num_inference_steps=2,
+        num_images=1,
+        seed=0,
     )

@@ -27,23 +27,34 @@ class TextToImageService:
         self.settings = settings
         self.runtime = runtime
 
-    async def generate(self, params: TextToImageParams, between_steps: StepCheck | None = None) -> ImageResponse:
+    async def generate(
+        self, params: TextToImageParams, between_steps: StepCheck | None = None
+    ) -> ImageResponse:
         pipeline = self.runtime.pipeline
         request = self._request(params, pipeline.model.vae_scale_factor)
         result = await pipeline(request, between_steps)
         urls = await asyncio.to_thread(lambda: [png_data_url(image) for image in result.images])
         logger.info(
             "generated %d image(s) %dx%d in %d steps: text %.3f s, unet %.3f s, vae %.3f s",
-            len(urls), request.width, request.height, len(result.times.unet_steps),
-            result.times.text_encoder, sum(result.times.unet_steps), result.times.vae,
+            len(urls),
+            request.width,
+            request.height,
+            len(result.times.unet_steps),
+            result.times.text_encoder,
+            sum(result.times.unet_steps),
+            result.times.vae,
         )
-        return ImageResponse(images=[Media(url=u, seed=s, nsfw=False) for u, s in zip(urls, result.seeds, strict=True)])
+        return ImageResponse(
+            images=[Media(url=u, seed=s, nsfw=False) for u, s in zip(urls, result.seeds, strict=True)]
+        )
 
     def _request(self, params: TextToImageParams, vae_scale: int) -> GenerationRequest:
         """Apply the API's rules; every violation is a 400 with a message naming the field."""
         s = self.settings
         if params.model_id and params.model_id != s.model_id:
-            raise BadRequest(f"Model '{params.model_id}' is not served here; this service serves '{s.model_id}'.")
+            raise BadRequest(
+                f"Model '{params.model_id}' is not served here; this service serves '{s.model_id}'."
+            )
         if not params.prompt.strip():
             raise BadRequest("Prompt must be provided.")
         if parse_loras(params.loras, s.max_loras):
@@ -51,10 +62,13 @@ class TextToImageService:
         min_side = MIN_LATENT_SIDE * vae_scale
         for name, value in (("height", params.height), ("width", params.width)):
             if value < min_side or value % vae_scale:
-                raise BadRequest(f"{name} must be a multiple of {vae_scale} of at least {min_side}, got {value}.")
+                raise BadRequest(
+                    f"{name} must be a multiple of {vae_scale} of at least {min_side}, got {value}."
+                )
         if params.height * params.width > s.max_pixels:
             raise BadRequest(
-                f"Image size {params.width}x{params.height} is above this service's limit of {s.max_pixels} pixels."
+                f"Image size {params.width}x{params.height} is above this service's limit "
+                f"of {s.max_pixels} pixels."
             )
         if not math.isfinite(params.guidance_scale):
             raise BadRequest("guidance_scale must be a finite number.")

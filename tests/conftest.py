@@ -55,7 +55,9 @@ def triton(work_dir: Path, repository: Callable[[str], Path]) -> Iterator[Callab
 
     def get(family: str) -> BundledTriton:
         if family not in servers or not servers[family].is_running():
-            config = TritonLaunchConfig(model_repository=repository(family), state_dir=work_dir / f"state-{family}")
+            config = TritonLaunchConfig(
+                model_repository=repository(family), state_dir=work_dir / f"state-{family}"
+            )
             server = BundledTriton(config)
             server.start()
             servers[family] = server
@@ -117,7 +119,9 @@ def service(
         key = (family, tuple(sorted(overrides.items())))
         if key not in urls:
             settings = Settings(
-                model_id=str(tiny_model(family)), triton_url=triton(family).grpc_url, **overrides  # type: ignore[arg-type]
+                model_id=str(tiny_model(family)),
+                triton_url=triton(family).grpc_url,
+                **overrides,  # type: ignore[arg-type]
             )
             urls[key] = stack.enter_context(running_service(settings))
         return urls[key]

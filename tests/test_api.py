@@ -17,7 +17,9 @@ from tests.conftest import free_port, running_service
 SMALL = {"height": 64, "width": 64, "num_inference_steps": 2}
 
 
-def post(url: str, body: Any, headers: dict[str, str] | None = None, path: str = "/text-to-image") -> httpx.Response:
+def post(
+    url: str, body: Any, headers: dict[str, str] | None = None, path: str = "/text-to-image"
+) -> httpx.Response:
     kwargs: dict[str, Any] = {"content": body} if isinstance(body, str | bytes) else {"json": body}
     return httpx.post(f"{url}{path}", headers=headers, timeout=120, **kwargs)
 
@@ -52,10 +54,18 @@ def test_trailing_slash_and_response_shape(url: str) -> None:
         ({"prompt": "x", "model_id": "someone/else", **SMALL}, None),
         ({"prompt": "x", "loras": "{not json", **SMALL}, "Unable to parse '{not json' as JSON."),
         ({"prompt": "x", "loras": "[1, 2]", **SMALL}, "Unable to parse '[1, 2]' as JSON."),
-        ({"prompt": "x", "loras": '{"a/b": -1}', **SMALL}, "All strengths must be numbers greater than or equal to 0.0."),
-        ({"prompt": "x", "loras": '{"a/b": "high"}', **SMALL}, "All strengths must be numbers greater than or equal to 0.0."),
-        ({"prompt": "x", "loras": '{"a": 1, "b": 1, "c": 1, "d": 1, "e": 1}', **SMALL},
-         "Too many LoRas provided. Maximum is 4."),
+        (
+            {"prompt": "x", "loras": '{"a/b": -1}', **SMALL},
+            "All strengths must be numbers greater than or equal to 0.0.",
+        ),
+        (
+            {"prompt": "x", "loras": '{"a/b": "high"}', **SMALL},
+            "All strengths must be numbers greater than or equal to 0.0.",
+        ),
+        (
+            {"prompt": "x", "loras": '{"a": 1, "b": 1, "c": 1, "d": 1, "e": 1}', **SMALL},
+            "Too many LoRas provided. Maximum is 4.",
+        ),
         ({"prompt": "x", "height": 60, "width": 64}, None),
         ({"prompt": "x", "height": 0, "width": 64}, None),
         ({"prompt": "x", "height": -64, "width": 64}, None),
@@ -81,7 +91,9 @@ def test_bad_input_is_400(url: str, body: dict[str, Any], msg: str | None) -> No
         ({"prompt": "x", "seed": 1.5}, "seed"),
     ],
 )
-def test_body_that_fails_validation_is_422_naming_the_field(url: str, body: dict[str, Any], field: str) -> None:
+def test_body_that_fails_validation_is_422_naming_the_field(
+    url: str, body: dict[str, Any], field: str
+) -> None:
     response = post(url, body)
     assert_error(response, 422)
     assert field in response.json()["detail"]["msg"]
@@ -100,8 +112,14 @@ def test_unknown_route_and_method_have_detail(url: str) -> None:
 
 
 def test_out_of_range_number_is_400(url: str) -> None:
-    assert_error(post(url, '{"prompt": "x", "guidance_scale": 1e999, "height": 64, "width": 64}',
-                      headers={"content-type": "application/json"}), 400)
+    assert_error(
+        post(
+            url,
+            '{"prompt": "x", "guidance_scale": 1e999, "height": 64, "width": 64}',
+            headers={"content-type": "application/json"},
+        ),
+        400,
+    )
 
 
 def test_service_keeps_serving_after_errors(url: str) -> None:
@@ -124,8 +142,13 @@ def test_steps_below_one_fall_back_to_the_default(url: str) -> None:
 def test_bearer_token(service: Callable[..., str]) -> None:
     url = service("sd", auth_token="s3cret")
     body = {"prompt": "x", **SMALL}
-    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
-                    {"Authorization": "Basic s3cret"}, {"Authorization": "Bearer"}):
+    for headers in (
+        None,
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "s3cret"},
+        {"Authorization": "Basic s3cret"},
+        {"Authorization": "Bearer"},
+    ):
         response = post(url, body, headers)
         assert_error(response, 401, "Invalid bearer token.")
         assert response.headers["www-authenticate"] == "Bearer"
@@ -163,7 +186,9 @@ def test_health_answers_fast_while_generating_and_requests_overlap(service: Call
 
 
 def test_health_is_loading_then_requests_get_503_without_triton(tiny_model: Callable[[str], Path]) -> None:
-    settings = Settings(model_id=str(tiny_model("sd")), triton_url=f"127.0.0.1:{free_port()}", startup_timeout_s=60)
+    settings = Settings(
+        model_id=str(tiny_model("sd")), triton_url=f"127.0.0.1:{free_port()}", startup_timeout_s=60
+    )
     with running_service(settings, wait_for="LOADING") as url:
         assert httpx.get(f"{url}/health").json() == {"status": "LOADING"}
         started = time.perf_counter()

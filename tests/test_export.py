@@ -24,15 +24,21 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
     return text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
 
 
-@pytest.mark.parametrize(("family", "models"), [
-    ("sd", {"text_encoder", "unet", "vae_decoder"}),
-    ("sdxl", {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}),
-])
-def test_repository_layout_and_configs(family: str, models: set[str], repository: Callable[[str], Path]) -> None:
+@pytest.mark.parametrize(
+    ("family", "models"),
+    [
+        ("sd", {"text_encoder", "unet", "vae_decoder"}),
+        ("sdxl", {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}),
+    ],
+)
+def test_repository_layout_and_configs(
+    family: str, models: set[str], repository: Callable[[str], Path]
+) -> None:
     repo = repository(family)
     assert {p.name for p in repo.iterdir() if p.is_dir()} == models
-    assert json.loads((repo / MANIFEST_FILE).read_text())["models"] == sorted(models, key=[
-        "text_encoder", "text_encoder_2", "unet", "vae_decoder"].index)
+    assert json.loads((repo / MANIFEST_FILE).read_text())["models"] == sorted(
+        models, key=["text_encoder", "text_encoder_2", "unet", "vae_decoder"].index
+    )
     for name in models:
         config = read_config(repo / name)
         assert config.name == name
@@ -43,7 +49,9 @@ def test_repository_layout_and_configs(family: str, models: set[str], repository
         assert (repo / name / "1" / "model.py").is_file()
     unet = read_config(repo / "unet")
     inputs = {i.name: i for i in unet.input}
-    expected = {"sample", "timestep", "encoder_hidden_states"} | ({"text_embeds", "time_ids"} if family == "sdxl" else set())
+    expected = {"sample", "timestep", "encoder_hidden_states"} | (
+        {"text_embeds", "time_ids"} if family == "sdxl" else set()
+    )
     assert set(inputs) == expected
     assert list(inputs["sample"].dims) == [4, -1, -1]
     # one timestep per batch row: sent as [batch, 1], seen by the model as [batch]

@@ -35,7 +35,11 @@ SCHEDULERS = (
 def _pipeline(model_dir: str, scheduler: str) -> Any:
     import diffusers
 
-    cls = diffusers.StableDiffusionXLPipeline if "sdxl" in Path(model_dir).name else diffusers.StableDiffusionPipeline
+    cls = (
+        diffusers.StableDiffusionXLPipeline
+        if "sdxl" in Path(model_dir).name
+        else diffusers.StableDiffusionPipeline
+    )
     kwargs = {} if cls is diffusers.StableDiffusionXLPipeline else {"safety_checker": None}
     pipe = cls.from_pretrained(model_dir, **kwargs)
     if scheduler:
@@ -54,7 +58,7 @@ def reference_image(model_dir: Path, scheduler: str, *, seed: int, **kwargs: Any
 def decode(url: str) -> np.ndarray:
     prefix = "data:image/png;base64,"
     assert url.startswith(prefix)
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url[len(prefix):]))).convert("RGB"))
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url[len(prefix) :]))).convert("RGB"))
 
 
 def generate(base_url: str, **body: Any) -> list[dict[str, Any]]:
@@ -73,19 +77,34 @@ def assert_close(got: np.ndarray, expected: np.ndarray) -> None:
 @pytest.mark.parametrize(("family", "scheduler"), SCHEDULERS)
 @pytest.mark.parametrize("guidance_scale", [7.5, 0.0])
 def test_matches_diffusers(
-    family: str, scheduler: str, guidance_scale: float, service: Callable[..., str],
+    family: str,
+    scheduler: str,
+    guidance_scale: float,
+    service: Callable[..., str],
     tiny_model: Callable[[str], Path],
 ) -> None:
     url = service(family, scheduler=scheduler)
     for seed in SEEDS:
-        body = {"prompt": "a photo of a cat", "height": 64, "width": 96, "guidance_scale": guidance_scale,
-                "num_inference_steps": STEPS, "seed": seed}
+        body = {
+            "prompt": "a photo of a cat",
+            "height": 64,
+            "width": 96,
+            "guidance_scale": guidance_scale,
+            "num_inference_steps": STEPS,
+            "seed": seed,
+        }
         (image,) = generate(url, **body)
         assert image["seed"] == seed
         assert image["nsfw"] is False
         expected = reference_image(
-            tiny_model(family), scheduler, seed=seed, prompt="a photo of a cat", height=64, width=96,
-            guidance_scale=guidance_scale, num_inference_steps=STEPS,
+            tiny_model(family),
+            scheduler,
+            seed=seed,
+            prompt="a photo of a cat",
+            height=64,
+            width=96,
+            guidance_scale=guidance_scale,
+            num_inference_steps=STEPS,
         )
         assert_close(decode(image["url"]), expected)
 
@@ -95,20 +114,54 @@ def test_negative_prompt_and_square_size(
     family: str, service: Callable[..., str], tiny_model: Callable[[str], Path]
 ) -> None:
     url = service(family)
-    (image,) = generate(url, prompt="a red house", negative_prompt="blurry", height=96, width=96,
-                        num_inference_steps=STEPS, seed=7)
-    expected = reference_image(tiny_model(family), "", seed=7, prompt="a red house", negative_prompt="blurry",
-                               height=96, width=96, num_inference_steps=STEPS, guidance_scale=7.5)
+    (image,) = generate(
+        url,
+        prompt="a red house",
+        negative_prompt="blurry",
+        height=96,
+        width=96,
+        num_inference_steps=STEPS,
+        seed=7,
+    )
+    expected = reference_image(
+        tiny_model(family),
+        "",
+        seed=7,
+        prompt="a red house",
+        negative_prompt="blurry",
+        height=96,
+        width=96,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+    )
     assert_close(decode(image["url"]), expected)
 
 
-def test_sdxl_splits_prompt_per_text_encoder(service: Callable[..., str], tiny_model: Callable[[str], Path]) -> None:
+def test_sdxl_splits_prompt_per_text_encoder(
+    service: Callable[..., str], tiny_model: Callable[[str], Path]
+) -> None:
     url = service("sdxl")
-    (image,) = generate(url, prompt="a castle | oil painting", negative_prompt="dark|noisy", height=64, width=64,
-                        num_inference_steps=STEPS, seed=3)
+    (image,) = generate(
+        url,
+        prompt="a castle | oil painting",
+        negative_prompt="dark|noisy",
+        height=64,
+        width=64,
+        num_inference_steps=STEPS,
+        seed=3,
+    )
     expected = reference_image(
-        tiny_model("sdxl"), "", seed=3, prompt="a castle", prompt_2="oil painting", negative_prompt="dark",
-        negative_prompt_2="noisy", height=64, width=64, num_inference_steps=STEPS, guidance_scale=7.5,
+        tiny_model("sdxl"),
+        "",
+        seed=3,
+        prompt="a castle",
+        prompt_2="oil painting",
+        negative_prompt="dark",
+        negative_prompt_2="noisy",
+        height=64,
+        width=64,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
     )
     assert_close(decode(image["url"]), expected)
 
@@ -122,7 +175,9 @@ def test_images_per_prompt_use_consecutive_seeds(family: str, service: Callable[
     for image in images:
         (single,) = generate(url, **body, seed=image["seed"])
         assert_close(decode(image["url"]), decode(single["url"]))
-    assert np.abs(decode(images[0]["url"]).astype(int) - decode(images[1]["url"]).astype(int)).max() > TOLERANCE
+    assert (
+        np.abs(decode(images[0]["url"]).astype(int) - decode(images[1]["url"]).astype(int)).max() > TOLERANCE
+    )
 
 
 def test_random_seed_is_reported_and_reproducible(service: Callable[..., str]) -> None:

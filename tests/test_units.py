@@ -64,8 +64,13 @@ def test_settings_precedence_and_conversion() -> None:
 
 @pytest.mark.parametrize(
     "env",
-    [{}, {"MODEL_ID": "m", "PORT": "eighty"}, {"MODEL_ID": "m", "WARMUP": "perhaps"},
-     {"MODEL_ID": "m", "PIPELINE": "image-to-image"}, {"MODEL_ID": "m", "MAX_IMAGES": "0"}],
+    [
+        {},
+        {"MODEL_ID": "m", "PORT": "eighty"},
+        {"MODEL_ID": "m", "WARMUP": "perhaps"},
+        {"MODEL_ID": "m", "PIPELINE": "image-to-image"},
+        {"MODEL_ID": "m", "MAX_IMAGES": "0"},
+    ],
 )
 def test_bad_settings_are_refused(env: dict[str, str]) -> None:
     with pytest.raises(SettingsError):

@@ -18,7 +18,9 @@ RETRY_AFTER_S = "5"
 
 def error_response(status_code: int, msg: str, headers: dict[str, str] | None = None) -> Response[HTTPError]:
     return Response(
-        HTTPError(detail=ErrorDetail(msg=msg)), status_code=status_code, headers=headers,
+        HTTPError(detail=ErrorDetail(msg=msg)),
+        status_code=status_code,
+        headers=headers,
         media_type=MediaType.JSON,
     )
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hmac
 
-from litestar import Request, get, post
+from litestar import get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
-from litestar.openapi.spec import Example
 from litestar.openapi.datastructures import ResponseSpec
 
 from server.api.schemas import HealthResponse, HTTPError, ImageResponse, TextToImageParams
@@ -33,8 +32,10 @@ def require_bearer_token(connection: ASGIConnection, _: BaseRouteHandler) -> Non
     settings: Settings = connection.app.state.settings
     if not settings.auth_token:
         return
-    scheme, _, token = connection.headers.get("authorization", "").partition(" ")
-    valid = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), settings.auth_token.encode())
+    scheme, _sep, token = connection.headers.get("authorization", "").partition(" ")
+    valid = scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), settings.auth_token.encode()
+    )
     if not valid:
         raise Unauthorized()
 

@@ -77,7 +77,9 @@ class TextToImagePipeline:
         self.client = client
         self.source = model.source
 
-    async def __call__(self, request: GenerationRequest, between_steps: StepCheck | None = None) -> Generation:
+    async def __call__(
+        self, request: GenerationRequest, between_steps: StepCheck | None = None
+    ) -> Generation:
         times = StageTimes()
         do_cfg = request.guidance_scale > 1 and self.model.guidance_allowed
         positive, negative = self.model.prompts(request.prompt, request.negative_prompt)
@@ -109,7 +111,13 @@ class TextToImagePipeline:
                 specs.UNET, {"sample": model_input.numpy(), "timestep": timestep, **cond}, "noise_pred"
             )
             latents = await asyncio.to_thread(
-                _scheduler_step, scheduler, torch.from_numpy(out), t, latents, request.guidance_scale, do_cfg,
+                _scheduler_step,
+                scheduler,
+                torch.from_numpy(out),
+                t,
+                latents,
+                request.guidance_scale,
+                do_cfg,
                 step_kwargs,
             )
             times.unet_steps.append(time.perf_counter() - start)
@@ -151,7 +159,10 @@ class TextToImagePipeline:
         if encode_negative:
             neg_hidden, neg_pooled = hidden[1:2], None if pooled is None else pooled[1:2]
         else:
-            neg_hidden, neg_pooled = np.zeros_like(pos_hidden), None if pooled is None else np.zeros_like(pos_pooled)
+            neg_hidden, neg_pooled = (
+                np.zeros_like(pos_hidden),
+                None if pooled is None else np.zeros_like(pos_pooled),
+            )
 
         def rows(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
             pos = np.repeat(pos, num_images, axis=0)

@@ -66,7 +66,10 @@ class DiffusionModel:
     def tokenize(self, encoder: int, texts: list[str]) -> np.ndarray:
         tokenizer = self.tokenizers[encoder]
         ids = tokenizer(
-            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
             return_tensors="np",
         ).input_ids
         return np.asarray(ids, dtype=np.int32)
