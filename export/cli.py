@@ -19,13 +19,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="Triton model repository to write")
     parser.add_argument("--no-check", action="store_true", help="skip the ONNX-vs-torch numerical check")
     parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher queue delay")
+    parser.add_argument(
+        "--safety-checker",
+        metavar="PATH",
+        default=None,
+        help="safety checker to export as the safety_checker model: a diffusers folder with safety_checker/ "
+        "(and feature_extractor/), or the checker folder itself (default: the model's own, if it has one)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = RepositoryOptions(
         target=args.target, check=not args.no_check, max_queue_delay_us=args.max_queue_delay_us
     )
     try:
-        export_repository(args.model, args.out, options)
+        export_repository(args.model, args.out, options, safety_checker=args.safety_checker)
     except (ModelSourceError, OnnxMismatchError) as e:
         logging.getLogger("t2i-export").error("%s", e)
         return 1

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.modules import Component, components
 from export.onnx_export import check_onnx, export_onnx
+from export.safety import SafetyCheckerSource, model_safety_checker
 from export.source import ModelSource, resolve_model
 from export.specs import ModelSpec, TensorSpec
 
@@ -79,22 +81,43 @@ def config_text(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
 
-def export_repository(model_id: str, out: Path, options: RepositoryOptions | None = None) -> Path:
-    """Export ``model_id`` (Hub id or diffusers folder) into the Triton repository ``out``."""
+def export_repository(
+    model_id: str, out: Path, options: RepositoryOptions | None = None, safety_checker: str | None = None
+) -> Path:
+    """Export ``model_id`` (Hub id or diffusers folder) into the Triton repository ``out``.
+
+    ``safety_checker`` is a folder (or Hub id) holding a safety checker, either a diffusers model with a
+    ``safety_checker/`` subfolder or the checker itself; None means the model's own checker when its
+    ``model_index.json`` lists one.  It becomes the ``safety_checker`` model, with its feature
+    extractor's ``preprocessor_config.json`` under ``safety_checker/feature_extractor/``.
+    """
     options = options or RepositoryOptions()
     source = ModelSource(resolve_model(model_id, weights=True))
     out.mkdir(parents=True, exist_ok=True)
     parts = components(source)
+    # The folder each component's subfolders are relative to, and extra files written beside its config.
+    roots = {c.spec.name: source.path for c in parts}
+    extras: dict[str, Callable[[Path], object]] = {}
+    checker = (
+        model_safety_checker(source.path)
+        if safety_checker is None
+        else SafetyCheckerSource.find(resolve_model(safety_checker, weights=True))
+    )
+    if checker is not None:
+        parts.append(checker.component())
+        roots[parts[-1].spec.name] = checker.root
+        extras[parts[-1].spec.name] = checker.write_feature_extractor
     start = time.perf_counter()
     for i, component in enumerate(parts, 1):
-        step = f"[{i}/{len(parts)}] {component.spec.name}"
-        fingerprint = _fingerprint(source, component, options)
-        model_dir = out / component.spec.name
+        name = component.spec.name
+        step = f"[{i}/{len(parts)}] {name}"
+        fingerprint = _fingerprint(roots[name], component, options)
+        model_dir = out / name
         if _cached(model_dir, fingerprint):
             logger.info("%s: unchanged, reusing %s", step, model_dir)
             continue
-        logger.info("%s: exporting from %s ...", step, source.path)
-        _build_model(component, options, model_dir, fingerprint)
+        logger.info("%s: exporting from %s ...", step, roots[name])
+        _build_model(component, options, model_dir, fingerprint, extras.get(name))
     manifest = {
         "model": str(source.path),
         "pipeline": source.pipeline_class,
@@ -106,7 +129,13 @@ def export_repository(model_id: str, out: Path, options: RepositoryOptions | Non
     return out
 
 
-def _build_model(component: Component, options: RepositoryOptions, model_dir: Path, fingerprint: str) -> None:
+def _build_model(
+    component: Component,
+    options: RepositoryOptions,
+    model_dir: Path,
+    fingerprint: str,
+    write_extras: Callable[[Path], object] | None = None,
+) -> None:
     spec = component.spec
     staging = model_dir.with_name(f".{model_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -119,6 +148,8 @@ def _build_model(component: Component, options: RepositoryOptions, model_dir: Pa
         check_onnx(module, spec, onnx_path)
     shutil.copyfile(PYTHON_ONNX_MODEL, version_dir / "model.py")
     (staging / "config.pbtxt").write_text(config_text(model_config(spec, options)))
+    if write_extras is not None:
+        write_extras(staging)
     (staging / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -133,15 +164,18 @@ def _cached(model_dir: Path, fingerprint: str) -> bool:
     return bool(recorded == fingerprint and (model_dir / "config.pbtxt").is_file())
 
 
-def _fingerprint(source: ModelSource, component: Component, options: RepositoryOptions) -> str:
-    """Hash of everything the model directory is built from: weights, configs, spec, options, code."""
+def _fingerprint(root: Path, component: Component, options: RepositoryOptions) -> str:
+    """Hash of everything the model directory is built from: weights, configs, spec, options, code.
+
+    The component's subfolders are relative to ``root`` (the model folder, or a safety checker's).
+    """
     h = hashlib.sha256()
     h.update(f"{EXPORT_VERSION}|{component.spec!r}|{options!r}|{component.trace_sizes!r}".encode())
     h.update(PYTHON_ONNX_MODEL.read_bytes())
     for sub in component.subfolders:
-        for f in sorted((source.path / sub).rglob("*")):
+        for f in sorted((root / sub).rglob("*")):
             if f.is_file():
-                h.update(str(f.relative_to(source.path)).encode())
+                h.update(str(f.relative_to(root)).encode())
                 with f.open("rb") as fh:
                     for block in iter(lambda: fh.read(1 << 20), b""):
                         h.update(block)

@@ -159,3 +159,22 @@ def _scaled(r: AxisRange, factor: int) -> AxisRange:
 def _check_sides(r: AxisRange) -> tuple[int, int, int]:
     """The smallest side, and a non-square size whose sides are no multiple of the UNet's up factor."""
     return r.min, min(r.max, r.min + 5), min(r.max, 2 * r.min + 3)
+
+
+SAFETY_CHECKER = "safety_checker"
+
+
+def safety_checker_spec(image_size: int = 224, max_batch: int = 8) -> ModelSpec:
+    """Safety checker: CLIP-preprocessed images -> ``has_nsfw``, 1.0 for a flagged image, else 0.0.
+
+    ``pixel_values`` is what ``CLIPImageProcessor`` gives for the generated images (resized, centre
+    cropped to ``image_size``, normalised with CLIP's mean and std).  ``has_nsfw`` is one float per row
+    (sent back by Triton as [batch, 1]); see :mod:`export.safety`.
+    """
+    return ModelSpec(
+        name=SAFETY_CHECKER,
+        inputs=(TensorSpec("pixel_values", "float32", ("batch", 3, image_size, image_size)),),
+        outputs=(TensorSpec("has_nsfw", "float32", ("batch",)),),
+        axes={"batch": AxisRange(1, 1, max_batch)},
+        check_sizes=({"batch": 1}, {"batch": 3}),
+    )

@@ -13,6 +13,7 @@ from litestar.openapi import OpenAPIConfig
 
 from server.api.errors import EXCEPTION_HANDLERS
 from server.api.routes import ROUTES
+from server.metrics import Metrics, request_metrics_middleware
 from server.runtime import Runtime
 from server.service import TextToImageService
 from server.settings import Settings
@@ -21,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> Litestar:
+    metrics = Metrics()
     runtime = Runtime(settings)
-    service = TextToImageService(settings, runtime)
+    service = TextToImageService(settings, runtime, metrics)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -32,14 +34,20 @@ def create_app(settings: Settings) -> Litestar:
         finally:
             await runtime.close()
 
+    def provide(value: object) -> Provide:
+        return Provide(lambda: value, sync_to_thread=False)
+
     return Litestar(
         route_handlers=ROUTES,
         lifespan=[lifespan],
         dependencies={
-            "runtime": Provide(lambda: runtime, sync_to_thread=False),
-            "service": Provide(lambda: service, sync_to_thread=False),
+            "settings": provide(settings),
+            "runtime": provide(runtime),
+            "service": provide(service),
+            "metrics": provide(metrics),
         },
+        middleware=[request_metrics_middleware(metrics)],  # type: ignore[list-item]
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=OpenAPIConfig(title="triton-t2i", version=settings.version),
-        state=State({"settings": settings, "runtime": runtime}),
+        state=State({"settings": settings, "runtime": runtime, "service": service, "metrics": metrics}),
     )

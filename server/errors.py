@@ -30,6 +30,12 @@ class ServiceUnavailable(ServiceError):
     status_code = 503
 
 
+class ClientGone(ServiceError):
+    """The client disconnected; the generation stopped and nobody reads the answer."""
+
+    status_code = 499
+
+
 class InferenceFailed(ServiceError):
     status_code = 500
 

@@ -14,10 +14,13 @@ import time
 
 import torch
 
+from export import specs
 from export.source import ModelSource, resolve_model
 from server.errors import ServiceUnavailable
 from server.pipeline.generate import GenerationRequest, TextToImagePipeline
 from server.pipeline.model import DiffusionModel
+from server.pipeline.rules import rule_for
+from server.pipeline.safety import SAFETY_CHECKER, SafetyChecker
 from server.settings import Settings
 from server.triton.client import TritonClient
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
@@ -33,29 +36,44 @@ class Health(enum.StrEnum):
 
 
 class Runtime:
+    """Owns the Triton connection and keeps it healthy.
+
+    A supervisor task checks Triton every ``health_interval_s``: while it (or one of the models) is
+    unreachable the status is ``ERROR`` and generations get 503 at once; a bundled Triton that died is
+    started again.  Once every model answers and a warm-up generation has run, the status is ``OK``.
+    """
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.status = Health.LOADING
         self.error: str | None = None
         self.triton: BundledTriton | None = None
         self.client: TritonClient | None = None
+        self.model: DiffusionModel | None = None
         self._pipeline: TextToImagePipeline | None = None
+        self.safety_checker: SafetyChecker | None = None
         self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
 
     @property
     def pipeline(self) -> TextToImagePipeline:
         if self._pipeline is None or self.status is not Health.OK:
             if self.status is Health.ERROR:
-                raise ServiceUnavailable("The service failed to start; see its log.")
+                raise ServiceUnavailable("The inference server is unavailable; try again shortly.")
             raise ServiceUnavailable("The service is still loading the model; try again shortly.")
         return self._pipeline
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._start(), name="t2i-startup")
+    def require_model(self) -> DiffusionModel:
+        """The model's description (tokenizers, VAE scale); available before Triton is."""
+        if self.model is None:
+            return self.pipeline.model  # raises the 503 that says why
+        return self.model
 
-    async def wait_started(self) -> None:
-        if self._task is not None:
-            await asyncio.shield(self._task)
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name="t2i-supervisor")
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():
@@ -66,30 +84,83 @@ class Runtime:
         if self.triton is not None:
             await asyncio.to_thread(self.triton.stop)
 
-    async def _start(self) -> None:
+    async def _supervise(self) -> None:
         started = time.perf_counter()
         try:
             torch.set_num_threads(self.settings.torch_threads)
             path = await asyncio.to_thread(resolve_model, self.settings.model_id, weights=False)
-            model = await asyncio.to_thread(DiffusionModel, ModelSource(path), self.settings.scheduler)
-            self.client = TritonClient(await self._triton_url(), self.settings.triton_timeout_s)
-            await self._wait_models(["unet", "vae_decoder", *model.source.text_encoders])
-            pipeline = TextToImagePipeline(model, self.client)
-            if self.settings.warmup:
-                await pipeline(_warmup_request(model))
-            self._pipeline = pipeline
-            self.status = Health.OK
-            logger.info("ready in %.1f s", time.perf_counter() - started)
-        except asyncio.CancelledError:
-            raise
+            source = ModelSource(path)
+            scheduler = self.settings.scheduler
+            self.model = await asyncio.to_thread(
+                DiffusionModel, source, scheduler, rule_for(self.settings.model_id)
+            )
         except Exception as e:
-            self.status = Health.ERROR
-            self.error = str(e)
-            logger.exception("start-up failed")
+            self._fail(f"cannot load model '{self.settings.model_id}': {e}", permanent=True)
+            return
+        while True:
+            try:
+                await self._check()
+                if self.status is not Health.OK:
+                    logger.info("serving (%.1f s after start)", time.perf_counter() - started)
+                self.status, self.error = Health.OK, None
+                self._ready.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._fail(str(e) or type(e).__name__)
+            await asyncio.sleep(self.settings.health_interval_s)
 
-    async def _triton_url(self) -> str:
+    def _fail(self, reason: str, permanent: bool = False) -> None:
+        if self.status is not Health.ERROR or self.error != reason:
+            logger.error("unhealthy: %s%s", reason, " (not retrying)" if permanent else "")
+        self.status, self.error = Health.ERROR, reason
+        self._pipeline = None
+
+    async def _check(self) -> None:
+        """Raise unless Triton and every model answer; (re)start the bundled Triton and warm up as needed."""
+        assert self.model is not None
+        await self._connect()
+        assert self.client is not None
+        if not await self.client.is_ready():
+            raise ServiceUnavailable(f"Triton at {self.client.url} is not reachable")
+        names = [specs.UNET, specs.VAE_DECODER, *self.model.source.text_encoders]
+        missing = [n for n in names if not await self.client.model_ready(n)]
+        if missing:
+            raise ServiceUnavailable(f"Triton at {self.client.url} has not loaded: {', '.join(missing)}")
+        self.safety_checker = await self._safety_checker()
+        if self._pipeline is None:
+            pipeline = TextToImagePipeline(self.model, self.client)
+            if self.settings.warmup:
+                await pipeline(_warmup_request(self.model))
+            self._pipeline = pipeline
+
+    async def _safety_checker(self) -> SafetyChecker | None:
+        """The checker when enabled and Triton serves one; kept while the same client is in use."""
+        assert self.client is not None and self.model is not None
+        if self.settings.safety_checker == "off" or not await self.client.model_ready(SAFETY_CHECKER):
+            return None
+        if self.safety_checker is not None and self.safety_checker.client is self.client:
+            return self.safety_checker
+        folders = (
+            self.model.source.path / "feature_extractor",
+            self.settings.model_repository / SAFETY_CHECKER / "feature_extractor",
+        )
+        return await asyncio.to_thread(SafetyChecker.from_folders, self.client, *folders)
+
+    async def _connect(self) -> None:
         if self.settings.triton_url:
-            return self.settings.triton_url
+            if self.client is None:
+                self.client = TritonClient(self.settings.triton_url, self.settings.triton_timeout_s)
+            return
+        if self.triton is not None and self.triton.is_running():
+            return
+        if self.triton is not None:
+            logger.warning("the bundled Triton exited; starting it again (log: %s)", self.triton.log_path)
+            await asyncio.to_thread(self.triton.stop)
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+        self._pipeline = None
         config = TritonLaunchConfig(
             model_repository=self.settings.model_repository.resolve(),
             state_dir=self.settings.state_dir.resolve(),
@@ -97,19 +168,7 @@ class Runtime:
         )
         self.triton = BundledTriton(config)
         await asyncio.to_thread(self.triton.start)
-        return self.triton.grpc_url
-
-    async def _wait_models(self, names: list[str]) -> None:
-        assert self.client is not None
-        deadline = time.monotonic() + self.settings.startup_timeout_s
-        pending = list(names)
-        while pending:
-            pending = [n for n in pending if not await self.client.model_ready(n)]
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Triton at {self.client.url} has not loaded: {', '.join(pending)}")
-            await asyncio.sleep(0.5)
+        self.client = TritonClient(self.triton.grpc_url, self.settings.triton_timeout_s)
 
 
 def _warmup_request(model: DiffusionModel) -> GenerationRequest:

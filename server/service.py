@@ -1,4 +1,4 @@
-"""The serving object behind the routes: request rules, seeds, the pipeline call, the response."""
+"""The serving object behind the routes: request rules, admission, the pipeline call, the response."""
 
 from __future__ import annotations
 
@@ -6,47 +6,89 @@ import asyncio
 import logging
 import math
 import secrets
+import time
+from collections.abc import Callable
 
+from server.admission import Admission
 from server.api.schemas import ImageResponse, Media, TextToImageParams
-from server.errors import BadRequest
+from server.errors import BadRequest, ClientGone, ServiceUnavailable
 from server.loras import parse_loras
-from server.pipeline.generate import GenerationRequest, StepCheck
+from server.metrics import Metrics
+from server.pipeline.generate import GenerationRequest
 from server.pipeline.images import png_data_url
+from server.pipeline.rules import apply_rule, rule_for
 from server.runtime import Runtime
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 50
 MIN_LATENT_SIDE = 8
 MAX_SEED = 2**64 - 1
 
 
 class TextToImageService:
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime, metrics: Metrics) -> None:
         self.settings = settings
         self.runtime = runtime
+        self.metrics = metrics
+        self.rule = rule_for(settings.model_id)
+        self.admission = Admission(settings.max_in_flight, settings.max_queue, metrics)
 
     async def generate(
-        self, params: TextToImageParams, between_steps: StepCheck | None = None
+        self, params: TextToImageParams, client_gone: Callable[[], bool] = lambda: False
+    ) -> ImageResponse:
+        """Check the request, wait for a slot (bounded), run it; the deadline covers the wait too."""
+        request = self._request(params, self.runtime.require_model().vae_scale_factor)
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                async with self.admission.slot():
+                    return await self._run(request, params.safety_check, client_gone)
+        except TimeoutError:
+            self.metrics.cancelled.labels("deadline").inc()
+            raise ServiceUnavailable(
+                f"The request did not finish within {self.settings.request_timeout_s:g} s; try again shortly."
+            ) from None
+
+    async def _run(
+        self, request: GenerationRequest, safety_check: bool, client_gone: Callable[[], bool]
     ) -> ImageResponse:
         pipeline = self.runtime.pipeline
-        request = self._request(params, pipeline.model.vae_scale_factor)
-        result = await pipeline(request, between_steps)
+        self.metrics.generations.inc()
+
+        async def between_steps(step: int) -> None:
+            if client_gone():
+                self.metrics.cancelled.labels("client_gone").inc()
+                raise ClientGone(f"client went away before step {step}")
+
+        def observe(stage: str, seconds: float, rows: int) -> None:
+            self.metrics.stage_latency.labels(stage).observe(seconds)
+            if stage == "unet_step":
+                self.metrics.unet_steps.inc()
+                self.metrics.unet_rows.observe(rows)
+
+        started = time.perf_counter()
+        result = await pipeline(request, between_steps, observe)
+        nsfw = [False] * len(result.images)
+        safety = self.runtime.safety_checker
+        if safety_check and safety is not None:
+            start = time.perf_counter()
+            nsfw = await safety.check(result.images)
+            observe("safety_check", time.perf_counter() - start, len(result.images))
+        start = time.perf_counter()
         urls = await asyncio.to_thread(lambda: [png_data_url(image) for image in result.images])
+        observe("png_encode", time.perf_counter() - start, len(urls))
+        self.metrics.images.inc(len(urls))
         logger.info(
-            "generated %d image(s) %dx%d in %d steps: text %.3f s, unet %.3f s, vae %.3f s",
+            "generated %d image(s) %dx%d, %d steps, guidance %g in %.2f s",
             len(urls),
             request.width,
             request.height,
-            len(result.times.unet_steps),
-            result.times.text_encoder,
-            sum(result.times.unet_steps),
-            result.times.vae,
+            request.num_inference_steps,
+            request.guidance_scale,
+            time.perf_counter() - started,
         )
-        return ImageResponse(
-            images=[Media(url=u, seed=s, nsfw=False) for u, s in zip(urls, result.seeds, strict=True)]
-        )
+        media = [Media(url=u, seed=s, nsfw=n) for u, s, n in zip(urls, result.seeds, nsfw, strict=True)]
+        return ImageResponse(images=media)
 
     def _request(self, params: TextToImageParams, vae_scale: int) -> GenerationRequest:
         """Apply the API's rules; every violation is a 400 with a message naming the field."""
@@ -78,13 +120,15 @@ class TextToImageService:
         seed = secrets.randbelow(2**32) if params.seed is None else params.seed
         if not 0 <= seed <= MAX_SEED - (n - 1):
             raise BadRequest(f"seed must be between 0 and {MAX_SEED - (n - 1)}, got {seed}.")
-        steps = params.num_inference_steps if params.num_inference_steps >= 1 else DEFAULT_STEPS
+        guidance_scale, steps = apply_rule(self.rule, params.guidance_scale, params.num_inference_steps)
+        if steps > s.max_steps:
+            raise BadRequest(f"num_inference_steps must be at most {s.max_steps}, got {steps}.")
         return GenerationRequest(
             prompt=params.prompt,
             negative_prompt=params.negative_prompt,
             height=params.height,
             width=params.width,
-            guidance_scale=params.guidance_scale,
+            guidance_scale=guidance_scale,
             num_inference_steps=steps,
             num_images=n,
             seed=seed,

@@ -27,6 +27,12 @@ ENV_NAMES: dict[str, str] = {
     "MAX_PIXELS": "max_pixels",
     "TRITON_TIMEOUT_S": "triton_timeout_s",
     "STARTUP_TIMEOUT_S": "startup_timeout_s",
+    "MAX_STEPS": "max_steps",
+    "MAX_IN_FLIGHT": "max_in_flight",
+    "MAX_QUEUE": "max_queue",
+    "REQUEST_TIMEOUT_S": "request_timeout_s",
+    "HEALTH_INTERVAL_S": "health_interval_s",
+    "SAFETY_CHECKER": "safety_checker",
     "WARMUP": "warmup",
     "TORCH_THREADS": "torch_threads",
 }
@@ -54,6 +60,15 @@ class Settings:
     max_loras: int = 4
     max_images: int = 4
     max_pixels: int = 1024 * 1024
+    max_steps: int = 200
+    # Generations running at once (their UNet steps batch together in Triton), and waiting beyond them.
+    max_in_flight: int = 8
+    max_queue: int = 32
+    # Per request, from arrival to answer (queue wait included); past it: 503.
+    request_timeout_s: float = 600.0
+    health_interval_s: float = 1.0
+    # "auto": use Triton's safety_checker model when the repository has one; "off": never.
+    safety_checker: str = "auto"
     triton_timeout_s: float = 300.0
     startup_timeout_s: float = 300.0
     warmup: bool = True
@@ -65,9 +80,13 @@ class Settings:
             raise SettingsError(f"PIPELINE '{self.pipeline}' is not served here (only text-to-image)")
         if not self.model_id:
             raise SettingsError("MODEL_ID is required: a Hugging Face model id or a local diffusers folder")
-        for name in ("max_loras", "max_images", "max_pixels", "torch_threads"):
+        for name in ("max_loras", "max_images", "max_pixels", "max_steps", "max_in_flight", "torch_threads"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
+        if self.max_queue < 0 or self.request_timeout_s <= 0 or self.health_interval_s <= 0:
+            raise SettingsError("max_queue must be >= 0; request_timeout_s and health_interval_s > 0")
+        if self.safety_checker not in ("auto", "off"):
+            raise SettingsError(f"safety_checker must be 'auto' or 'off', got '{self.safety_checker}'")
         if not 0 < self.port < 65536:
             raise SettingsError(f"port {self.port} is out of range")
 

@@ -1,16 +1,28 @@
-"""Thin routes over the serving object."""
+"""Thin routes over the serving object, the runtime and the metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
-from litestar import get, post
+import msgspec
+from litestar import MediaType, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 
-from server.api.schemas import HealthResponse, HTTPError, ImageResponse, TextToImageParams
+from server import hardware
+from server.api.schemas import (
+    HardwareInformation,
+    HardwareStats,
+    HealthResponse,
+    HTTPError,
+    ImageResponse,
+    TextToImageParams,
+    Version,
+)
 from server.errors import Unauthorized
+from server.metrics import Metrics
 from server.runtime import Runtime
 from server.service import TextToImageService
 from server.settings import Settings
@@ -21,8 +33,8 @@ ERROR_RESPONSES = {
         (400, "Bad request: a rule of the API is broken"),
         (401, "Missing or wrong bearer token"),
         (422, "The body does not decode into the request schema"),
-        (500, "Inference failed"),
-        (503, "The service cannot take the request now (loading, Triton unavailable)"),
+        (500, "Inference failed (including out of GPU memory)"),
+        (503, "The service cannot take the request now (loading, busy, Triton unavailable, deadline)"),
     )
 }
 
@@ -40,6 +52,12 @@ def require_bearer_token(connection: ASGIConnection, _: BaseRouteHandler) -> Non
         raise Unauthorized()
 
 
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client hangs up (the body is read already, so the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @post(
     ["/text-to-image", "/text-to-image/"],
     status_code=200,
@@ -48,8 +66,14 @@ def require_bearer_token(connection: ASGIConnection, _: BaseRouteHandler) -> Non
     summary="Generate images from a text prompt",
     operation_id="text_to_image",
 )
-async def text_to_image(data: TextToImageParams, service: TextToImageService) -> ImageResponse:
-    return await service.generate(data)
+async def text_to_image(
+    data: TextToImageParams, service: TextToImageService, request: Request
+) -> ImageResponse:
+    watcher = asyncio.create_task(_wait_for_disconnect(request))
+    try:
+        return await service.generate(data, client_gone=watcher.done)
+    finally:
+        watcher.cancel()
 
 
 @get("/health", summary="Runner health", operation_id="health", cache=False)
@@ -57,4 +81,36 @@ async def health(runtime: Runtime) -> HealthResponse:
     return HealthResponse(status=runtime.status.value)
 
 
-ROUTES = [text_to_image, health]
+@get("/version", summary="Pipeline, model and service version", operation_id="version")
+async def version(settings: Settings) -> Version:
+    return Version(pipeline=settings.pipeline, model_id=settings.model_id, version=settings.version)
+
+
+@get("/hardware/info", summary="GPUs (empty without GPUs)", operation_id="hardware_info", sync_to_thread=True)
+def hardware_info(settings: Settings) -> HardwareInformation:
+    devices = hardware.gpu_devices(stats=False)
+    return msgspec.convert(
+        {"pipeline": settings.pipeline, "model_id": settings.model_id, "gpu_info": devices},
+        HardwareInformation,
+    )
+
+
+@get(
+    "/hardware/stats",
+    summary="GPU utilisation (empty without GPUs)",
+    operation_id="hardware_stats",
+    sync_to_thread=True,
+)
+def hardware_stats(settings: Settings) -> HardwareStats:
+    devices = hardware.gpu_devices(stats=True)
+    return msgspec.convert(
+        {"pipeline": settings.pipeline, "model_id": settings.model_id, "gpu_stats": devices}, HardwareStats
+    )
+
+
+@get("/metrics", summary="Prometheus metrics", operation_id="metrics", media_type=MediaType.TEXT, cache=False)
+async def metrics(metrics: Metrics) -> Response[bytes]:
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+ROUTES = [text_to_image, health, version, hardware_info, hardware_stats, metrics]

@@ -37,6 +37,42 @@ class HealthResponse(msgspec.Struct):
     status: Literal["LOADING", "OK", "ERROR", "IDLE"]
 
 
+class Version(msgspec.Struct):
+    pipeline: str
+    model_id: str
+    version: str
+
+
+class GPUComputeInfo(msgspec.Struct):
+    id: str
+    name: str
+    memory_total: int
+    memory_free: int
+    major: int
+    minor: int
+
+
+class GPUUtilizationInfo(msgspec.Struct):
+    id: str
+    name: str
+    memory_total: int
+    memory_free: int
+    utilization_compute: int
+    utilization_memory: int
+
+
+class HardwareInformation(msgspec.Struct):
+    pipeline: str
+    model_id: str
+    gpu_info: dict[int, GPUComputeInfo]
+
+
+class HardwareStats(msgspec.Struct):
+    pipeline: str
+    model_id: str
+    gpu_stats: dict[int, GPUUtilizationInfo]
+
+
 class ErrorDetail(msgspec.Struct):
     msg: str
 

@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,24 +51,20 @@ class GenerationRequest:
     seed: int
 
 
-@dataclass
-class StageTimes:
-    """Seconds spent per stage of one generation."""
-
-    text_encoder: float = 0.0
-    unet_steps: list[float] = field(default_factory=list)
-    vae: float = 0.0
-
-
 @dataclass(frozen=True)
 class Generation:
     images: list[np.ndarray]  # uint8 HWC, one per image
     seeds: list[int]
-    times: StageTimes
 
 
-# Called between steps; raising stops the loop (client gone, deadline passed).
+# Called before each step; raising stops the loop (client gone, deadline passed).
 StepCheck = Callable[[int], Awaitable[None]]
+# Told how long each stage took: ("text_encoder" | "unet_step" | "vae", seconds, rows).
+StageObserver = Callable[[str, float, int], None]
+
+
+def _ignore(stage: str, seconds: float, rows: int) -> None:
+    pass
 
 
 class TextToImagePipeline:
@@ -78,16 +74,18 @@ class TextToImagePipeline:
         self.source = model.source
 
     async def __call__(
-        self, request: GenerationRequest, between_steps: StepCheck | None = None
+        self,
+        request: GenerationRequest,
+        between_steps: StepCheck | None = None,
+        observe: StageObserver = _ignore,
     ) -> Generation:
-        times = StageTimes()
         do_cfg = request.guidance_scale > 1 and self.model.guidance_allowed
         positive, negative = self.model.prompts(request.prompt, request.negative_prompt)
 
         # 1. text encoders
         start = time.perf_counter()
         cond = await self._encode(positive, negative, do_cfg, request)
-        times.text_encoder = time.perf_counter() - start
+        observe("text_encoder", time.perf_counter() - start, 2 if do_cfg else 1)
 
         # 2. timesteps and initial latents
         scheduler = self.model.new_scheduler()
@@ -120,14 +118,14 @@ class TextToImagePipeline:
                 do_cfg,
                 step_kwargs,
             )
-            times.unet_steps.append(time.perf_counter() - start)
+            observe("unet_step", time.perf_counter() - start, len(model_input))
 
         # 4. VAE decoder
         start = time.perf_counter()
         decoded = await self._infer_rows(specs.VAE_DECODER, {"latent": latents.numpy()}, "images")
         images = await asyncio.to_thread(_to_uint8, decoded)
-        times.vae = time.perf_counter() - start
-        return Generation(images=images, seeds=seeds, times=times)
+        observe("vae", time.perf_counter() - start, len(images))
+        return Generation(images=images, seeds=seeds)
 
     async def _encode(
         self, positive: Prompts, negative: Prompts, do_cfg: bool, request: GenerationRequest

@@ -13,6 +13,7 @@ from transformers import CLIPTokenizer
 
 from export.source import ModelSource
 from server.errors import BadRequest
+from server.pipeline.rules import DEFAULT_RULE, ModelRule
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,17 @@ def split_prompt(text: str, encoders: int) -> tuple[str, ...]:
 class DiffusionModel:
     """Tokenizers and scheduler of the loaded model, built once at start."""
 
-    def __init__(self, source: ModelSource, scheduler: str = "") -> None:
+    def __init__(self, source: ModelSource, scheduler: str = "", rule: ModelRule = DEFAULT_RULE) -> None:
+        """``scheduler`` names a diffusers scheduler class to use instead of the model's own; a model
+        rule that requires its scheduler (SDXL-Lightning) takes precedence over both."""
         self.source = source
+        self.rule = rule
         self.tokenizers = [CLIPTokenizer.from_pretrained(source.path / name) for name in source.tokenizers]
         config = source.config("scheduler")
         name = scheduler or str(config["_class_name"])
+        if rule.scheduler is not None:
+            name, overrides = rule.scheduler
+            config = {**config, **overrides}
         cls = getattr(diffusers, name, None)
         if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
             raise ValueError(f"unknown diffusers scheduler '{name}'")
