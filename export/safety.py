@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -296,13 +297,16 @@ def calibration_images(count: int, seed: int, size: int = 64) -> list[np.ndarray
     return images
 
 
-def build_tiny_safety_checker(out_dir: Path) -> Path:
+def build_tiny_safety_checker(out_dir: Path, *, calibration: Sequence[np.ndarray] | None = None) -> Path:
     """Write a tiny random-weight checker as ``out_dir/safety_checker`` + ``out_dir/feature_extractor``.
 
     The checker is a ``StableDiffusionSafetyChecker`` on a tiny CLIP (32 wide, 2 layers, 224 pixels in
-    32-pixel patches) with seeded random concept embeddings; its thresholds are calibrated on
-    :func:`calibration_images` (seed 0) so that about half of such images are flagged and a quarter
-    trigger each special-care concept.  The feature extractor is the standard CLIP preprocessing.
+    32-pixel patches) with seeded random concept embeddings; its thresholds are calibrated on the
+    ``calibration`` images (uint8 RGB [H, W, 3]; default: 32 :func:`calibration_images`, seed 0) so
+    that about half of them are flagged and a quarter trigger each special-care concept.  Images much
+    unlike the calibration set may all fall on one side: the tiny SD model's outputs, which are all
+    alike, are not flagged by the default calibration; calibrate on some of them to get both outcomes.
+    The feature extractor is the standard CLIP preprocessing.
     When ``out_dir`` is a diffusers model folder, its ``model_index.json`` is updated to list both,
     so ``StableDiffusionPipeline.from_pretrained(out_dir)`` loads the checker.  Deterministic: the same
     files on every call; the caller's torch RNG state is kept.
@@ -321,7 +325,9 @@ def build_tiny_safety_checker(out_dir: Path) -> Path:
         with torch.no_grad():
             checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
             checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
-    _calibrate(checker, processor)
+    if calibration is None:
+        calibration = calibration_images(_CALIBRATION_IMAGES, seed=0)
+    _calibrate(checker, processor, calibration)
 
     tmp = out_dir / f".safety-checker-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -347,8 +353,8 @@ def _processor_kwargs() -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _calibrate(checker: Any, processor: Any) -> None:
-    """Set the thresholds from the similarities of the calibration images.
+def _calibrate(checker: Any, processor: Any, calibration: Sequence[np.ndarray]) -> None:
+    """Set the thresholds from the similarities of the ``calibration`` images.
 
     Special care: each threshold at the (1 - rate) quantile of its similarities.  Concepts: each
     threshold at its median plus one shared offset, the median over images of the largest margin, so
@@ -356,7 +362,9 @@ def _calibrate(checker: Any, processor: Any) -> None:
     """
     from PIL import Image
 
-    images = [Image.fromarray(a) for a in calibration_images(_CALIBRATION_IMAGES, seed=0)]
+    if len(calibration) < 2:
+        raise ValueError("calibrating the tiny safety checker needs at least 2 images")
+    images = [Image.fromarray(a) for a in calibration]
     pixel_values = processor(images, return_tensors="pt").pixel_values
     embeds = checker.visual_projection(checker.vision_model(pixel_values)[1])
     special = _cosine_similarity(embeds, checker.special_care_embeds)

@@ -8,6 +8,7 @@ warm-up generation.  Only then is the status ``OK``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -54,6 +55,7 @@ class Runtime:
         self.safety_checker: SafetyChecker | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._wake = asyncio.Event()
 
     @property
     def pipeline(self) -> TextToImagePipeline:
@@ -68,6 +70,11 @@ class Runtime:
         if self.model is None:
             return self.pipeline.model  # raises the 503 that says why
         return self.model
+
+    def report_unavailable(self, reason: str) -> None:
+        """A request found Triton gone: report ERROR now and have the supervisor check at once."""
+        self._fail(reason)
+        self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name="t2i-supervisor")
@@ -108,7 +115,9 @@ class Runtime:
                 raise
             except Exception as e:
                 self._fail(str(e) or type(e).__name__)
-            await asyncio.sleep(self.settings.health_interval_s)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.health_interval_s)
 
     def _fail(self, reason: str, permanent: bool = False) -> None:
         if self.status is not Health.ERROR or self.error != reason:

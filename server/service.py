@@ -67,7 +67,11 @@ class TextToImageService:
                 self.metrics.unet_rows.observe(rows)
 
         started = time.perf_counter()
-        result = await pipeline(request, between_steps, observe)
+        try:
+            result = await pipeline(request, between_steps, observe)
+        except ServiceUnavailable as e:
+            self.runtime.report_unavailable(e.message)
+            raise
         nsfw = [False] * len(result.images)
         safety = self.runtime.safety_checker
         if safety_check and safety is not None:

@@ -12,11 +12,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
+from litestar import Litestar
 
 from export.repository import export_repository
 from export.tiny import build_tiny_model
@@ -74,13 +76,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class RunningService:
+    url: str
+    app: Litestar
+
+
 @contextlib.contextmanager
-def running_service(settings: Settings, wait_for: str | None = "OK", timeout_s: float = 120) -> Iterator[str]:
-    """Run ``create_app(settings)`` on uvicorn in a thread; yield its base URL; always stop it."""
+def running_service(
+    settings: Settings, wait_for: str | None = "OK", timeout_s: float = 120
+) -> Iterator[RunningService]:
+    """Run ``create_app(settings)`` on uvicorn in a thread until it reports ``wait_for``; always stop it."""
     port = free_port()
     settings = settings.with_overrides(host="127.0.0.1", port=port)
+    app = create_app(settings)
     server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -98,7 +109,7 @@ def running_service(settings: Settings, wait_for: str | None = "OK", timeout_s: 
             time.sleep(0.1)
         else:
             raise TimeoutError(f"service at {url} did not reach {wait_for} (last status {status})")
-        yield url
+        yield RunningService(url, app)
     finally:
         server.should_exit = True
         thread.join(timeout=60)
@@ -123,7 +134,7 @@ def service(
                 triton_url=triton(family).grpc_url,
                 **overrides,  # type: ignore[arg-type]
             )
-            urls[key] = stack.enter_context(running_service(settings))
+            urls[key] = stack.enter_context(running_service(settings)).url
         return urls[key]
 
     with stack:

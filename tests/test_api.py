@@ -11,9 +11,6 @@ from typing import Any
 import httpx
 import pytest
 
-from server.settings import Settings
-from tests.conftest import free_port, running_service
-
 SMALL = {"height": 64, "width": 64, "num_inference_steps": 2}
 
 
@@ -183,16 +180,3 @@ def test_health_answers_fast_while_generating_and_requests_overlap(service: Call
             assert short_done < long_done, "the second request waited for the first"
 
     asyncio.run(scenario())
-
-
-def test_health_is_loading_then_requests_get_503_without_triton(tiny_model: Callable[[str], Path]) -> None:
-    settings = Settings(
-        model_id=str(tiny_model("sd")), triton_url=f"127.0.0.1:{free_port()}", startup_timeout_s=60
-    )
-    with running_service(settings, wait_for="LOADING") as url:
-        assert httpx.get(f"{url}/health").json() == {"status": "LOADING"}
-        started = time.perf_counter()
-        response = post(url, {"prompt": "x", **SMALL})
-        assert time.perf_counter() - started < 2
-        assert_error(response, 503)
-        assert response.headers["retry-after"]

@@ -156,6 +156,25 @@ def test_onnx_graph_matches_torch_and_diffusers(
     assert to_flags(has_nsfw) == expected
 
 
+def test_tiny_checker_is_deterministic_and_calibrates_on_given_images(tmp_path: Path) -> None:
+    # Alike images (grey-green noise, like the tiny SD model's outputs): both outcomes once calibrated.
+    rng = np.random.default_rng(3)
+    images = [
+        (np.clip(rng.normal([0.43, 0.55, 0.43], 0.16, size=(64, 64, 3)), 0, 1) * 255).round().astype(np.uint8)
+        for _ in range(8)
+    ]
+    first = build_tiny_safety_checker(tmp_path / "a", calibration=images)
+    second = build_tiny_safety_checker(tmp_path / "b", calibration=images)
+    for sub in ("safety_checker", "feature_extractor"):
+        files = sorted(p.relative_to(first) for p in (first / sub).rglob("*") if p.is_file())
+        assert files and all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+    checker = StableDiffusionSafetyChecker.from_pretrained(first, subfolder="safety_checker").eval()
+    processor = CLIPImageProcessorPil.from_pretrained(first / "feature_extractor")
+    pixels = processor([Image.fromarray(a) for a in images], return_tensors="pt").pixel_values
+    flags = diffusers_flags(checker, pixels)
+    assert any(flags) and not all(flags), flags
+
+
 def test_finding_the_checker(tmp_path: Path, checker_model: Path, tiny_model: Callable[[str], Path]) -> None:
     assert model_safety_checker(tiny_model("sd")) is None  # model_index.json lists it as null
     own = model_safety_checker(checker_model)

@@ -90,6 +90,8 @@ class TritonLaunchConfig:
     startup_timeout_s: float = 120.0
     stop_timeout_s: float = 15.0
     extra_args: tuple[str, ...] = ()
+    # A fixed gRPC port (None: a free one), so a restarted server can come back where clients look.
+    grpc_port: int | None = None
 
     @property
     def resolved_log_path(self) -> Path:
@@ -441,7 +443,7 @@ class BundledTriton:
         env = tritonserver_env()
 
         ports = find_free_ports(3 if config.metrics else 2)
-        http_port, grpc_port = ports[0], ports[1]
+        http_port, grpc_port = ports[0], config.grpc_port or ports[1]
         metrics_port = ports[2] if config.metrics else None
         cmd = build_command(
             config,

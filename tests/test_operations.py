@@ -1,0 +1,416 @@
+"""What an orchestrator operator relies on: runner endpoints, metrics, model rules, limits, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from server.errors import OutOfMemory
+from server.pipeline.rules import MODEL_RULES, apply_rule, rule_for
+from server.settings import Settings
+from server.triton.launcher import BundledTriton, TritonLaunchConfig
+from tests.conftest import free_port, running_service
+from tests.test_parity import assert_close, decode, generate, reference_image
+
+SMALL = {"height": 64, "width": 64, "num_inference_steps": 2}
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    """The value of one sample on ``/metrics`` (0 when absent)."""
+    text = httpx.get(f"{url}/metrics").text
+    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def health(url: str) -> str:
+    try:
+        return str(httpx.get(f"{url}/health", timeout=2).json()["status"])
+    except httpx.TransportError:
+        return "DOWN"
+
+
+# -- runner endpoints -------------------------------------------------------------------------------
+
+
+def test_version_and_hardware_endpoints(
+    service: Callable[..., str], tiny_model: Callable[[str], Path]
+) -> None:
+    url = service("sd", version="1.2.3")
+    model_id = str(tiny_model("sd"))
+    assert httpx.get(f"{url}/version").json() == {
+        "pipeline": "text-to-image",
+        "model_id": model_id,
+        "version": "1.2.3",
+    }
+    assert httpx.get(f"{url}/hardware/info").json() == {
+        "pipeline": "text-to-image",
+        "model_id": model_id,
+        "gpu_info": {},
+    }
+    stats = httpx.get(f"{url}/hardware/stats").json()
+    assert stats == {"pipeline": "text-to-image", "model_id": model_id, "gpu_stats": {}}
+
+
+def test_metrics_count_requests_stages_and_images(service: Callable[..., str]) -> None:
+    url = service("sd", version="metrics")
+    before_ok = metric(url, "t2i_requests_total", '{status="200"}')
+    before_bad = metric(url, "t2i_requests_total", '{status="400"}')
+    generate(url, prompt="x", **SMALL, num_images_per_prompt=2)
+    assert httpx.post(f"{url}/text-to-image", json={"prompt": ""}).status_code == 400
+    assert metric(url, "t2i_requests_total", '{status="200"}') == before_ok + 1
+    assert metric(url, "t2i_requests_total", '{status="400"}') == before_bad + 1
+    assert metric(url, "t2i_images_total") >= 2
+    for stage in ("text_encoder", "unet_step", "vae", "png_encode"):
+        assert metric(url, "t2i_stage_latency_seconds_count", f'{{stage="{stage}"}}') >= 1, stage
+    assert metric(url, "t2i_request_latency_seconds_count", '{status="200"}') >= 1
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("t2i_generations_in_flight", "t2i_queue_depth", "t2i_unet_batch_rows_bucket"):
+        assert name in text
+
+
+def test_openapi_describes_every_route_and_error_body(service: Callable[..., str]) -> None:
+    schema = httpx.get(f"{service('sd')}/schema/openapi.json").json()
+    paths = schema["paths"]
+    for path in ("/text-to-image", "/health", "/version", "/hardware/info", "/hardware/stats", "/metrics"):
+        assert path in paths, path
+    responses = paths["/text-to-image"]["post"]["responses"]
+    for code in ("200", "400", "401", "422", "500", "503"):
+        assert code in responses, code
+    error = responses["400"]["content"]["application/json"]["schema"]
+    assert error["$ref"].endswith("/HTTPError")
+    assert "detail" in schema["components"]["schemas"]["HTTPError"]["properties"]
+
+
+# -- model rules ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model_id", "request_", "expected"),
+    [
+        ("ByteDance/SDXL-Lightning-4step", (7.5, 50), (0.0, 4)),
+        ("ByteDance/SDXL-Lightning-2step", (3.0, 0), (0.0, 2)),
+        ("bytedance/sdxl-lightning-8step", (7.5, 1), (0.0, 8)),
+        ("stabilityai/sdxl-turbo", (7.5, 4), (0.0, 4)),
+        ("stabilityai/sd-turbo", (7.5, 0), (0.0, 1)),
+        ("runwayml/stable-diffusion-v1-5", (7.5, 0), (7.5, 50)),
+        ("runwayml/stable-diffusion-v1-5", (5.0, 30), (5.0, 30)),
+    ],
+)
+def test_model_rules_table(model_id: str, request_: tuple[float, int], expected: tuple[float, int]) -> None:
+    assert apply_rule(rule_for(model_id), *request_) == expected
+
+
+def test_every_lightning_rule_uses_trailing_euler() -> None:
+    for rule in MODEL_RULES:
+        if "lightning" in rule.match:
+            assert rule.scheduler == ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"})
+
+
+def test_lightning_model_forces_steps_scheduler_and_no_guidance(
+    tmp_path: Path, tiny_model: Callable[[str], Path], triton: Callable[[str], BundledTriton]
+) -> None:
+    model = tmp_path / "sdxl-lightning-4step"
+    shutil.copytree(tiny_model("sdxl"), model)
+    settings = Settings(model_id=str(model), triton_url=triton("sdxl").grpc_url)
+    with running_service(settings) as running:
+        (image,) = generate(
+            running.url,
+            prompt="a dog",
+            height=64,
+            width=64,
+            guidance_scale=7.5,
+            num_inference_steps=50,
+            seed=11,
+        )
+    import diffusers
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="trailing"
+    )
+    pipe.set_progress_bar_config(disable=True)
+    import numpy as np
+    import torch
+
+    out = pipe(
+        prompt="a dog",
+        height=64,
+        width=64,
+        guidance_scale=0.0,
+        num_inference_steps=4,
+        generator=torch.Generator("cpu").manual_seed(11),
+        output_type="np",
+    ).images[0]
+    assert_close(decode(image["url"]), np.asarray((out * 255).round().astype(np.uint8)))
+
+
+def test_turbo_model_forces_no_guidance(
+    tmp_path: Path, tiny_model: Callable[[str], Path], triton: Callable[[str], BundledTriton]
+) -> None:
+    model = tmp_path / "sd-turbo"
+    shutil.copytree(tiny_model("sd"), model)
+    settings = Settings(model_id=str(model), triton_url=triton("sd").grpc_url)
+    with running_service(settings) as running:
+        (image,) = generate(
+            running.url,
+            prompt="a cup",
+            height=64,
+            width=96,
+            guidance_scale=9.0,
+            num_inference_steps=3,
+            seed=5,
+        )
+    expected = reference_image(
+        tiny_model("sd"),
+        "",
+        seed=5,
+        prompt="a cup",
+        height=64,
+        width=96,
+        guidance_scale=0.0,
+        num_inference_steps=3,
+    )
+    assert_close(decode(image["url"]), expected)
+
+
+# -- operator limits --------------------------------------------------------------------------------
+
+
+def test_busy_service_answers_503_with_retry_after_and_keeps_serving(service: Callable[..., str]) -> None:
+    url = service("sd", max_in_flight=1, max_queue=0)
+    long = {"prompt": "long", "height": 256, "width": 256, "num_inference_steps": 40}
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            first = asyncio.create_task(client.post("/text-to-image", json=long))
+            while metric(url, "t2i_generations_in_flight") < 1:
+                await asyncio.sleep(0.05)
+            busy = await client.post("/text-to-image", json={"prompt": "x", **SMALL})
+            assert busy.status_code == 503, busy.text
+            assert busy.headers["retry-after"]
+            assert "busy" in busy.json()["detail"]["msg"]
+            assert (await first).status_code == 200
+        assert (
+            httpx.post(f"{url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=60).status_code == 200
+        )
+
+    asyncio.run(scenario())
+
+
+def test_queued_requests_wait_for_a_slot(service: Callable[..., str]) -> None:
+    url = service("sd", max_in_flight=1, max_queue=4)
+
+    async def scenario() -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            body = {"prompt": "q", "height": 64, "width": 64, "num_inference_steps": 10}
+            responses = await asyncio.gather(*(client.post("/text-to-image", json=body) for _ in range(4)))
+            return [r.status_code for r in responses]
+
+    assert asyncio.run(scenario()) == [200] * 4
+
+
+def test_request_past_its_deadline_is_503_and_the_service_keeps_serving(service: Callable[..., str]) -> None:
+    url = service("sd", request_timeout_s=0.5)
+    response = httpx.post(
+        f"{url}/text-to-image",
+        timeout=60,
+        json={"prompt": "slow", "height": 256, "width": 256, "num_inference_steps": 100},
+    )
+    assert response.status_code == 503
+    assert "did not finish within 0.5 s" in response.json()["detail"]["msg"]
+    assert metric(url, "t2i_generations_cancelled_total", '{reason="deadline"}') == 1
+    assert httpx.post(f"{url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=60).status_code == 200
+
+
+def test_too_many_steps_is_400(service: Callable[..., str]) -> None:
+    url = service("sd", max_steps=20)
+    response = httpx.post(
+        f"{url}/text-to-image", json={"prompt": "x", "height": 64, "width": 64, "num_inference_steps": 21}
+    )
+    assert response.status_code == 400
+    assert response.json()["detail"]["msg"] == "num_inference_steps must be at most 20, got 21."
+
+
+# -- faults -----------------------------------------------------------------------------------------
+
+
+def test_client_that_disconnects_stops_its_loop_within_one_step(service: Callable[..., str]) -> None:
+    url = service("sd", version="disconnect")
+    body = {"prompt": "gone", "height": 256, "width": 256, "num_inference_steps": 200}
+
+    async def scenario() -> None:
+        client = httpx.AsyncClient(base_url=url, timeout=300)
+        task = asyncio.create_task(client.post("/text-to-image", json=body))
+        while metric(url, "t2i_unet_steps_total") < 3:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.aclose()
+
+    asyncio.run(scenario())
+    wait_until(
+        lambda: metric(url, "t2i_generations_cancelled_total", '{reason="client_gone"}') == 1,
+        10,
+        "the generation to stop",
+    )
+    stopped_at = metric(url, "t2i_unet_steps_total")
+    time.sleep(1.0)
+    assert metric(url, "t2i_unet_steps_total") == stopped_at
+    assert stopped_at < 50, "the loop ran on long after the client left"
+    assert metric(url, "t2i_generations_in_flight") == 0
+
+
+def test_out_of_memory_is_500_with_the_contract_message_and_the_service_keeps_serving(
+    tiny_model: Callable[[str], Path], triton: Callable[[str], BundledTriton]
+) -> None:
+    settings = Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").grpc_url)
+    with running_service(settings) as running:
+        client = running.app.state.runtime.client
+        real_infer = client.infer
+        calls = {"n": 0}
+
+        async def infer_once_out_of_memory(model: str, *args: Any, **kwargs: Any) -> Any:
+            if model == "unet" and calls["n"] == 0:
+                calls["n"] += 1
+                raise OutOfMemory()
+            return await real_infer(model, *args, **kwargs)
+
+        client.infer = infer_once_out_of_memory
+        response = httpx.post(f"{running.url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=60)
+        assert response.status_code == 500
+        assert response.json() == {
+            "detail": {"msg": "Out of memory error. Try reducing output image resolution."}
+        }
+        assert health(running.url) == "OK"
+        assert (
+            httpx.post(f"{running.url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=60).status_code
+            == 200
+        )
+
+
+def test_triton_unreachable_at_start_is_error_then_ok_once_it_is_back(
+    work_dir: Path, tiny_model: Callable[[str], Path], repository: Callable[[str], Path]
+) -> None:
+    grpc_port = free_port()
+    settings = Settings(
+        model_id=str(tiny_model("sd")), triton_url=f"127.0.0.1:{grpc_port}", health_interval_s=0.2
+    )
+    with running_service(settings, wait_for="ERROR") as running:
+        started = time.perf_counter()
+        response = httpx.post(f"{running.url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=30)
+        assert time.perf_counter() - started < 2
+        assert response.status_code == 503 and response.headers["retry-after"]
+        assert response.json()["detail"]["msg"]
+        config = TritonLaunchConfig(
+            model_repository=repository("sd"), state_dir=work_dir / "state-late", grpc_port=grpc_port
+        )
+        with BundledTriton(config):
+            wait_until(lambda: health(running.url) == "OK", 60, "OK once Triton is up")
+            assert (
+                httpx.post(
+                    f"{running.url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=60
+                ).status_code
+                == 200
+            )
+
+
+def test_bundled_triton_killed_mid_request_fails_that_request_and_comes_back(
+    work_dir: Path, tiny_model: Callable[[str], Path], repository: Callable[[str], Path]
+) -> None:
+    settings = Settings(
+        model_id=str(tiny_model("sd")),
+        model_repository=repository("sd"),
+        state_dir=work_dir / "state-kill",
+        health_interval_s=0.2,
+    )
+    with running_service(settings) as running:
+        url, runtime = running.url, running.app.state.runtime
+
+        async def scenario() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                task = asyncio.create_task(
+                    client.post(
+                        "/text-to-image",
+                        json={"prompt": "doomed", "height": 256, "width": 256, "num_inference_steps": 200},
+                    )
+                )
+                while metric(url, "t2i_unet_steps_total") < 3:
+                    await asyncio.sleep(0.02)
+                os.killpg(runtime.triton.pid, signal.SIGKILL)
+                return await task
+
+        response = asyncio.run(scenario())
+        assert response.status_code in (500, 503), response.text
+        assert response.json()["detail"]["msg"]
+        assert "Traceback" not in response.text
+        assert health(url) == "ERROR"
+        wait_until(lambda: health(url) == "OK", 90, "the bundled Triton to be restarted")
+        assert (
+            httpx.post(f"{url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=60).status_code == 200
+        )
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits(
+    tiny_model: Callable[[str], Path], triton: Callable[[str], BundledTriton]
+) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_ID": str(tiny_model("sd")),
+        "TRITON_URL": triton("sd").grpc_url,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: health(url) == "OK", 120, "the service to start")
+
+        async def scenario() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                task = asyncio.create_task(
+                    client.post(
+                        "/text-to-image",
+                        json={"prompt": "finish me", "height": 128, "width": 128, "num_inference_steps": 60},
+                    )
+                )
+                while metric(url, "t2i_unet_steps_total") < 2:
+                    await asyncio.sleep(0.02)
+                process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                with pytest.raises(httpx.TransportError):
+                    await client.get("/health", timeout=2)  # no longer taking connections
+                return await task
+
+        response = asyncio.run(scenario())
+        assert response.status_code == 200, response.text
+        # uvicorn re-raises the signal once shut down: the process ends by SIGTERM (143 in a container)
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        assert process.stderr is not None
+        process.stderr.close()
