@@ -52,7 +52,7 @@ FAMILIES: Final[tuple[str, ...]] = get_args(Family)
 
 # Bump whenever anything below changes the saved files (configs, seeds, init, tokenizer layout):
 # build_tiny_model() rebuilds folders whose marker carries another version.
-TINY_MODEL_VERSION: Final = "1"
+TINY_MODEL_VERSION: Final = "2"
 MARKER_FILE: Final = "tiny_model.json"
 # One seed per component (torch.manual_seed before each). Distinct seeds keep SDXL's two text
 # encoders from sharing their weights, so code that swaps them gives visibly different outputs.
@@ -289,6 +289,11 @@ def build_tiny_model(family: Family, out_dir: Path) -> Path:
         with torch.random.fork_rng(devices=[]):
             pipe = _build_sd_pipeline(tmp) if family == "sd" else _build_sdxl_pipeline(tmp)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if family == "sd":
+            # SD 1.5 ships a safety checker; so does its tiny stand-in (never flags the tiny model's images).
+            from export.safety import build_tiny_safety_checker
+
+            build_tiny_safety_checker(tmp)
         marker = {
             "family": family,
             "version": TINY_MODEL_VERSION,

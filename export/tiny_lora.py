@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 LoraFormat = Literal["diffusers", "kohya"]
 
 DIFFUSERS_RANK = 4
-DIFFUSERS_ALPHA = 8.0
+DIFFUSERS_ALPHA = 8
 KOHYA_LINEAR_RANK = 4
 KOHYA_CONV_RANK = 2
 KOHYA_ALPHA = 2.0
@@ -116,10 +116,14 @@ def _unet(model_dir: Path) -> Any:
 
 
 def _text_model(model_dir: Path, name: str) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """The encoder in its own class: SDXL's second encoder is a ``CLIPTextModelWithProjection``,
+    whose module names (``text_model.encoder...``) differ from ``CLIPTextModel``'s (``encoder...``)
+    in transformers 5."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig.from_pretrained(model_dir / name)
-    return CLIPTextModel(config)
+    with_projection = "WithProjection" in "".join(config.architectures or [])
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
 def _write_diffusers(
@@ -158,7 +162,10 @@ def _write_kohya(model_dir: Path, path: Path, encoders: tuple[str, ...], sgm_nam
             key = _sgm_name(name, layers_per_block, module_names) if sgm_names else name.replace(".", "_")
             _add_kohya_layer(tensors, f"lora_unet_{key}", module)
     for encoder in encoders:
-        prefix = {"text_encoder": "lora_te1" if len(encoders) > 1 else "lora_te", "text_encoder_2": "lora_te2"}
+        prefix = {
+            "text_encoder": "lora_te1" if len(encoders) > 1 else "lora_te",
+            "text_encoder_2": "lora_te2",
+        }
         model = _text_model(model_dir, encoder)
         for name, module in model.named_modules():
             if _KOHYA_TEXT.search(name):

@@ -10,18 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
 from export import specs
+from export.repository import MANIFEST_FILE
 from export.source import ModelSource, resolve_model
 from server.errors import ServiceUnavailable
 from server.pipeline.generate import GenerationRequest, TextToImagePipeline
 from server.pipeline.model import DiffusionModel
 from server.pipeline.rules import rule_for
-from server.pipeline.safety import SAFETY_CHECKER, SafetyChecker
+from server.pipeline.safety import SafetyChecker
 from server.settings import Settings
 from server.triton.client import TritonClient
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
@@ -146,13 +149,13 @@ class Runtime:
     async def _safety_checker(self) -> SafetyChecker | None:
         """The checker when enabled and Triton serves one; kept while the same client is in use."""
         assert self.client is not None and self.model is not None
-        if self.settings.safety_checker == "off" or not await self.client.model_ready(SAFETY_CHECKER):
+        if self.settings.safety_checker == "off" or not await self.client.model_ready(specs.SAFETY_CHECKER):
             return None
         if self.safety_checker is not None and self.safety_checker.client is self.client:
             return self.safety_checker
         folders = (
             self.model.source.path / "feature_extractor",
-            self.settings.model_repository / SAFETY_CHECKER / "feature_extractor",
+            self.settings.model_repository / specs.SAFETY_CHECKER / "feature_extractor",
         )
         return await asyncio.to_thread(SafetyChecker.from_folders, self.client, *folders)
 
@@ -170,14 +173,27 @@ class Runtime:
             await self.client.close()
             self.client = None
         self._pipeline = None
+        repository = self.settings.model_repository.resolve()
         config = TritonLaunchConfig(
-            model_repository=self.settings.model_repository.resolve(),
+            model_repository=repository,
             state_dir=self.settings.state_dir.resolve(),
             startup_timeout_s=self.settings.startup_timeout_s,
+            # Explicit control: the base models load at start; LoRA variants load and unload on demand.
+            explicit_model_control=True,
+            load_models=repository_models(repository),
         )
         self.triton = BundledTriton(config)
         await asyncio.to_thread(self.triton.start)
         self.client = TritonClient(self.triton.grpc_url, self.settings.triton_timeout_s)
+
+
+def repository_models(repository: Path) -> tuple[str, ...]:
+    """The base models an exported repository lists in its manifest (empty: load everything)."""
+    try:
+        manifest = json.loads((repository / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return ()
+    return tuple(str(name) for name in manifest.get("models", []))
 
 
 def _warmup_request(model: DiffusionModel) -> GenerationRequest:

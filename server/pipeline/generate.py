@@ -49,6 +49,9 @@ class GenerationRequest:
     num_inference_steps: int
     num_images: int
     seed: int
+    # Triton models to run: the base ones, or the merged variants of a LoRA set.
+    unet: str = specs.UNET
+    text_encoders: tuple[str, ...] = ()  # empty: the model's own
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,11 @@ class TextToImagePipeline:
             start = time.perf_counter()
             model_input = await asyncio.to_thread(_model_input, scheduler, latents, t, do_cfg)
             timestep = np.full(model_input.shape[0], float(t), dtype=np.float32)
-            out = await self._infer_rows(
-                specs.UNET, {"sample": model_input.numpy(), "timestep": timestep, **cond}, "noise_pred"
+            out = await infer_rows(
+                self.client,
+                request.unet,
+                {"sample": model_input.numpy(), "timestep": timestep, **cond},
+                "noise_pred",
             )
             latents = await asyncio.to_thread(
                 _scheduler_step,
@@ -122,7 +128,7 @@ class TextToImagePipeline:
 
         # 4. VAE decoder
         start = time.perf_counter()
-        decoded = await self._infer_rows(specs.VAE_DECODER, {"latent": latents.numpy()}, "images")
+        decoded = await infer_rows(self.client, specs.VAE_DECODER, {"latent": latents.numpy()}, "images")
         images = await asyncio.to_thread(_to_uint8, decoded)
         observe("vae", time.perf_counter() - start, len(images))
         return Generation(images=images, seeds=seeds)
@@ -139,7 +145,7 @@ class TextToImagePipeline:
         zero_negative = do_cfg and negative.parts[0] is None and self.source.force_zeros_for_empty_prompt
         encode_negative = do_cfg and not zero_negative
         calls = []
-        for i, name in enumerate(self.source.text_encoders):
+        for i, name in enumerate(request.text_encoders or self.source.text_encoders):
             texts = [positive.parts[i] or ""]
             if encode_negative:
                 texts.append(negative.parts[i] or "")
@@ -175,16 +181,19 @@ class TextToImagePipeline:
             cond["time_ids"] = np.repeat(time_ids, len(cond["text_embeds"]), axis=0)
         return cond
 
-    async def _infer_rows(self, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
-        """Infer ``inputs`` in chunks of at most the model's max batch size; chunks go out concurrently."""
-        rows = len(next(iter(inputs.values())))
-        limit = await self.client.max_batch_size(model) or rows
-        chunks = [
-            self.client.infer(model, {k: v[s : s + limit] for k, v in inputs.items()}, [output])
-            for s in range(0, rows, limit)
-        ]
-        results = await asyncio.gather(*chunks)
-        return np.concatenate([r[output] for r in results]) if len(results) > 1 else results[0][output]
+
+async def infer_rows(
+    client: InferenceClient, model: str, inputs: dict[str, np.ndarray], output: str
+) -> np.ndarray:
+    """Infer ``inputs`` in chunks of at most the model's max batch size; chunks go out concurrently."""
+    rows = len(next(iter(inputs.values())))
+    limit = await client.max_batch_size(model) or rows
+    chunks = [
+        client.infer(model, {k: v[s : s + limit] for k, v in inputs.items()}, [output])
+        for s in range(0, rows, limit)
+    ]
+    results = await asyncio.gather(*chunks)
+    return np.concatenate([r[output] for r in results]) if len(results) > 1 else results[0][output]
 
 
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:

@@ -7,13 +7,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from transformers import CLIPImageProcessor
 
-from server.pipeline.generate import InferenceClient
+from export.specs import SAFETY_CHECKER
+from server.pipeline.generate import InferenceClient, infer_rows
 
 logger = logging.getLogger(__name__)
-
-SAFETY_CHECKER = "safety_checker"
 
 
 class SafetyChecker:
@@ -34,9 +34,10 @@ class SafetyChecker:
 
     async def check(self, images: list[np.ndarray]) -> list[bool]:
         pixels = await asyncio.to_thread(self._preprocess, images)
-        out = await self.client.infer(SAFETY_CHECKER, {"pixel_values": pixels}, ["has_nsfw"])
-        return [bool(flag) for flag in out["has_nsfw"].reshape(-1)]
+        flags = await infer_rows(self.client, SAFETY_CHECKER, {"pixel_values": pixels}, "has_nsfw")
+        return [bool(flag > 0.5) for flag in flags.reshape(-1)]
 
     def _preprocess(self, images: list[np.ndarray]) -> np.ndarray:
-        pixels = self.processor(images=list(images), return_tensors="np").pixel_values
+        """uint8 HWC -> CLIP pixel values, through PIL images as diffusers' pipelines hand them over."""
+        pixels = self.processor(images=[Image.fromarray(i) for i in images], return_tensors="np").pixel_values
         return np.ascontiguousarray(pixels, dtype=np.float32)

@@ -41,6 +41,20 @@ class TritonClient:
         except InferenceServerException:
             return False
 
+    async def load_model(self, name: str) -> None:
+        """Load (or reload) ``name`` from the repository; needs Triton's explicit model control."""
+        try:
+            await self._client.load_model(name, client_timeout=self.timeout_s)
+        except InferenceServerException as e:
+            raise _translate(name, e) from e
+
+    async def unload_model(self, name: str) -> None:
+        try:
+            await self._client.unload_model(name, client_timeout=30)
+        except InferenceServerException as e:
+            raise _translate(name, e) from e
+        self._max_batch.pop(name, None)
+
     async def max_batch_size(self, name: str) -> int:
         if name not in self._max_batch:
             try:
