@@ -518,7 +518,7 @@ class _Resolver:
     def layers_per_block(self) -> int | None:
         if self._layers_per_block is None:
             indices = [
-                int(m.group(1)) for n in self.names if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)$", n))
+                int(m.group(1)) for n in self.names if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", n))
             ]
             self._layers_per_block = max(indices) + 1 if indices else None
         return self._layers_per_block
