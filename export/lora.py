@@ -24,9 +24,11 @@ same weights diffusers computes with ``load_lora_weights`` + ``set_adapters`` + 
    names through the block layout read off those names), checks every shape, and returns only
    the changed parameters, computed in float32.
 
-3. :func:`initializer_map` / :func:`write_merged_onnx` put those parameters into a copy of the
-   exported ONNX graph. This needs initializers named after the torch parameters, which
-   :func:`export.onnx_export.export_onnx` keeps (no constant folding, no deduplication).
+3. :func:`write_merged_onnx` puts those parameters into a copy of the exported ONNX graph
+   (:func:`initializer_map` names the initializers; :func:`onnx_state` reads the base state out of
+   the graph itself, :func:`load_base_state` out of the diffusers folder). This needs initializers
+   named after the torch parameters, which :func:`export.onnx_export.export_onnx` keeps (no
+   constant folding, no deduplication).
 
 Every problem with a LoRA raises a :class:`LoraError`: :class:`LoraNotFound` or
 :class:`LoraIncompatible`, whose messages are the ones operators grep for (DESIGN.md section 3).
@@ -64,6 +66,7 @@ __all__ = [
     "load_base_state",
     "load_lora",
     "merge_deltas",
+    "onnx_state",
     "write_merged_onnx",
 ]
 
@@ -281,7 +284,7 @@ def _parse_kohya(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Lor
         elif suffix == "lora_up.weight":
             entry.up = value
         elif suffix == "alpha":
-            entry.alpha = float(value.float().item())
+            entry.alpha = _scalar(key, value)
         elif suffix == "dora_scale":
             # diffusers drops DoRA scales of kohya files too (with a warning) and merges the rest.
             logger.warning("%s: ignoring DoRA scale (diffusers ignores it as well)", key)
@@ -295,6 +298,12 @@ def _parse_kohya(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Lor
         scale = 1.0 if entry.alpha is None else entry.alpha / rank
         result.setdefault(component, {})[layer] = LoraLayer(down, up, scale, entry.key)
     return result
+
+
+def _scalar(key: str, value: torch.Tensor) -> float:
+    if value.numel() != 1:
+        raise LoraIncompatible(f"LoRA alpha '{key}' has shape {list(value.shape)}; expected a scalar")
+    return float(value.float().item())
 
 
 def _pair(entry: _Parts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +363,7 @@ def _parse_diffusers(
         elif part == "up":
             entry.up = value
         else:
-            entry.alpha = float(value.float().item())
+            entry.alpha = _scalar(key, value)
     configs = _adapter_configs(header)
     result: dict[str, dict[str, LoraLayer]] = {}
     for (component, module), entry in parts.items():
@@ -407,8 +416,11 @@ def _peft_scale(config: Mapping[str, Any] | None, module: str, rank: int, entry:
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """PEFT's ``get_pattern_key``: the first pattern that matches a dotted suffix of the module name."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return value
+        except re.error as e:
+            raise LoraIncompatible(f"invalid module pattern '{pattern}' in the adapter config: {e}") from e
     return default
 
 
@@ -608,6 +620,24 @@ def initializer_map(onnx_path: Path, module_prefix: str) -> dict[str, str]:
     model = onnx.load(str(onnx_path), load_external_data=False)
     return {
         init.name.removeprefix(module_prefix): init.name
+        for init in model.graph.initializer
+        if init.name.startswith(module_prefix)
+    }
+
+
+def onnx_state(onnx_path: Path, module_prefix: str) -> dict[str, torch.Tensor]:
+    """The model's parameters as the exported graph stores them: ``{torch parameter name: tensor}``.
+
+    The base state for :func:`merge_deltas` when only the model repository is at hand (the service
+    holds no torch weights). ``module_prefix`` as in :func:`initializer_map`; external data is read.
+    """
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    return {
+        init.name.removeprefix(module_prefix): torch.from_numpy(numpy_helper.to_array(init).copy())
         for init in model.graph.initializer
         if init.name.startswith(module_prefix)
     }

@@ -60,10 +60,30 @@ def export_onnx(module: nn.Module, spec: ModelSpec, trace_sizes: dict[str, int],
             output_names=[t.name for t in spec.outputs],
             dynamic_axes=dynamic_axes,
             opset_version=OPSET,
-            do_constant_folding=True,
+            # Every parameter keeps its own initializer, named after it, so LoRA variants
+            # (export/lora.py) and TensorRT refits replace weights by name. Constant folding would
+            # pre-transpose Linear weights into anonymous ``onnx::MatMul_*`` initializers, and the
+            # deduplication pass (off only with keep_initializers_as_inputs) would let equal-valued
+            # parameters share one. onnxruntime and TensorRT fold the transposes when they load.
+            do_constant_folding=False,
+            keep_initializers_as_inputs=True,
             dynamo=False,
         )
+    _drop_initializer_inputs(path)
     logger.info("%s: ONNX written to %s in %.1f s", spec.name, path, time.perf_counter() - start)
+
+
+def _drop_initializer_inputs(path: Path) -> None:
+    """Remove the weights from the graph inputs that ``keep_initializers_as_inputs`` listed them in,
+    so runtimes treat them as constants (and fold them) again. External data files stay as written."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    onnx.save(model, str(path))
 
 
 @dataclass(frozen=True)

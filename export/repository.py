@@ -34,7 +34,7 @@ Target = Literal["python-onnx"]
 TARGETS: tuple[Target, ...] = ("python-onnx",)
 
 # Bump when the exported graphs or the generated configs change meaning, to invalidate caches.
-EXPORT_VERSION = "1"
+EXPORT_VERSION = "2"
 FINGERPRINT_FILE = ".export.json"
 MANIFEST_FILE = "t2i-repository.json"
 PYTHON_ONNX_MODEL = Path(__file__).resolve().parents[1] / "model_repository" / "python_onnx" / "model.py"

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> Litestar:
     metrics = Metrics()
-    runtime = Runtime(settings)
+    runtime = Runtime(settings, metrics)
     service = TextToImageService(settings, runtime, metrics)
 
     @asynccontextmanager

@@ -54,6 +54,16 @@ class Metrics:
         self.cancelled = Counter(
             "t2i_generations_cancelled", "Generations stopped early, by reason", ["reason"], registry=r
         )
+        self.variant_builds = Counter(
+            "t2i_lora_variant_builds", "LoRA variants merged and written", registry=r
+        )
+        self.variant_build_seconds = Histogram(
+            "t2i_lora_variant_build_seconds",
+            "Time to merge and write one LoRA variant",
+            buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.variants_loaded = Gauge("t2i_lora_variants_loaded", "LoRA variants loaded in Triton", registry=r)
         for stage in STAGES:
             self.stage_latency.labels(stage)
 

@@ -21,6 +21,7 @@ from export import specs
 from export.repository import MANIFEST_FILE
 from export.source import ModelSource, resolve_model
 from server.errors import ServiceUnavailable
+from server.metrics import Metrics
 from server.pipeline.generate import GenerationRequest, TextToImagePipeline
 from server.pipeline.model import DiffusionModel
 from server.pipeline.rules import rule_for
@@ -28,6 +29,7 @@ from server.pipeline.safety import SafetyChecker
 from server.settings import Settings
 from server.triton.client import TritonClient
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
+from server.variants import VariantManager
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +49,9 @@ class Runtime:
     started again.  Once every model answers and a warm-up generation has run, the status is ``OK``.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.status = Health.LOADING
         self.error: str | None = None
         self.triton: BundledTriton | None = None
@@ -56,6 +59,7 @@ class Runtime:
         self.model: DiffusionModel | None = None
         self._pipeline: TextToImagePipeline | None = None
         self.safety_checker: SafetyChecker | None = None
+        self._variants: VariantManager | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._wake = asyncio.Event()
@@ -73,6 +77,13 @@ class Runtime:
         if self.model is None:
             return self.pipeline.model  # raises the 503 that says why
         return self.model
+
+    @property
+    def variants(self) -> VariantManager:
+        if self._variants is None:
+            self.pipeline  # noqa: B018 - raises the 503 that says why
+            raise ServiceUnavailable("LoRA variants are not available yet; try again shortly.")
+        return self._variants
 
     def report_unavailable(self, reason: str) -> None:
         """A request found Triton gone: report ERROR now and have the supervisor check at once."""
@@ -104,6 +115,13 @@ class Runtime:
             self.model = await asyncio.to_thread(
                 DiffusionModel, source, scheduler, rule_for(self.settings.model_id)
             )
+            self._variants = VariantManager(
+                self.settings,
+                self.settings.model_repository.resolve(),
+                source.text_encoders,
+                self._require_client,
+                self.metrics,
+            )
         except Exception as e:
             self._fail(f"cannot load model '{self.settings.model_id}': {e}", permanent=True)
             return
@@ -127,6 +145,8 @@ class Runtime:
             logger.error("unhealthy: %s%s", reason, " (not retrying)" if permanent else "")
         self.status, self.error = Health.ERROR, reason
         self._pipeline = None
+        if self._variants is not None:
+            self._variants.forget_loaded()  # a restarted Triton holds only the base models
 
     async def _check(self) -> None:
         """Raise unless Triton and every model answer; (re)start the bundled Triton and warm up as needed."""
@@ -145,6 +165,11 @@ class Runtime:
             if self.settings.warmup:
                 await pipeline(_warmup_request(self.model))
             self._pipeline = pipeline
+
+    def _require_client(self) -> TritonClient:
+        if self.client is None:
+            raise ServiceUnavailable("The inference server is unavailable; try again shortly.")
+        return self.client
 
     async def _safety_checker(self) -> SafetyChecker | None:
         """The checker when enabled and Triton serves one; kept while the same client is in use."""

@@ -8,6 +8,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from server.admission import Admission
 from server.api.schemas import ImageResponse, Media, TextToImageParams
@@ -39,9 +40,11 @@ class TextToImageService:
     ) -> ImageResponse:
         """Check the request, wait for a slot (bounded), run it; the deadline covers the wait too."""
         request = self._request(params, self.runtime.require_model().vae_scale_factor)
+        loras = parse_loras(params.loras, self.settings.max_loras)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                async with self.admission.slot():
+                async with self.runtime.variants.use(loras) as models, self.admission.slot():
+                    request = replace(request, unet=models.unet, text_encoders=models.text_encoders)
                     return await self._run(request, params.safety_check, client_gone)
         except TimeoutError:
             self.metrics.cancelled.labels("deadline").inc()
@@ -103,8 +106,7 @@ class TextToImageService:
             )
         if not params.prompt.strip():
             raise BadRequest("Prompt must be provided.")
-        if parse_loras(params.loras, s.max_loras):
-            raise BadRequest("LoRA variants are not available on this service yet.")
+        parse_loras(params.loras, s.max_loras)  # bad input is a 400 before any waiting
         min_side = MIN_LATENT_SIDE * vae_scale
         for name, value in (("height", params.height), ("width", params.width)):
             if value < min_side or value % vae_scale:

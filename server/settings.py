@@ -33,6 +33,8 @@ ENV_NAMES: dict[str, str] = {
     "REQUEST_TIMEOUT_S": "request_timeout_s",
     "HEALTH_INTERVAL_S": "health_interval_s",
     "SAFETY_CHECKER": "safety_checker",
+    "LORA_DIR": "lora_dir",
+    "MAX_LORA_VARIANTS": "max_lora_variants",
     "WARMUP": "warmup",
     "TORCH_THREADS": "torch_threads",
 }
@@ -67,6 +69,10 @@ class Settings:
     # Per request, from arrival to answer (queue wait included); past it: 503.
     request_timeout_s: float = 600.0
     health_interval_s: float = 1.0
+    # Where LoRA names are looked up (besides local paths and Hub ids).
+    lora_dir: Path | None = None
+    # Merged LoRA variants kept loaded in Triton; the least recently used idle one goes first.
+    max_lora_variants: int = 4
     # "auto": use Triton's safety_checker model when the repository has one; "off": never.
     safety_checker: str = "auto"
     triton_timeout_s: float = 300.0
@@ -80,7 +86,15 @@ class Settings:
             raise SettingsError(f"PIPELINE '{self.pipeline}' is not served here (only text-to-image)")
         if not self.model_id:
             raise SettingsError("MODEL_ID is required: a Hugging Face model id or a local diffusers folder")
-        for name in ("max_loras", "max_images", "max_pixels", "max_steps", "max_in_flight", "torch_threads"):
+        for name in (
+            "max_loras",
+            "max_images",
+            "max_pixels",
+            "max_steps",
+            "max_in_flight",
+            "max_lora_variants",
+            "torch_threads",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
         if self.max_queue < 0 or self.request_timeout_s <= 0 or self.health_interval_s <= 0:
@@ -123,7 +137,7 @@ def _convert(name: str, value: Any) -> Any:
             if value.lower() not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
                 raise ValueError(value)
             return value.lower() in {"1", "true", "yes", "on"}
-        if kind == "Path":
+        if kind in ("Path", "Path | None"):
             return Path(value)
     except ValueError as e:
         raise SettingsError(f"setting {name}={value!r} is not a valid {kind}") from e

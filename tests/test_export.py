@@ -27,7 +27,7 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
 @pytest.mark.parametrize(
     ("family", "models"),
     [
-        ("sd", {"text_encoder", "unet", "vae_decoder"}),
+        ("sd", {"text_encoder", "unet", "vae_decoder", "safety_checker"}),
         ("sdxl", {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}),
     ],
 )
@@ -35,9 +35,9 @@ def test_repository_layout_and_configs(
     family: str, models: set[str], repository: Callable[[str], Path]
 ) -> None:
     repo = repository(family)
-    assert {p.name for p in repo.iterdir() if p.is_dir()} == models
+    assert {p.name for p in repo.iterdir() if p.is_dir() and "__" not in p.name} == models  # no LoRA variants
     assert json.loads((repo / MANIFEST_FILE).read_text())["models"] == sorted(
-        models, key=["text_encoder", "text_encoder_2", "unet", "vae_decoder"].index
+        models, key=["text_encoder", "text_encoder_2", "unet", "vae_decoder", "safety_checker"].index
     )
     for name in models:
         config = read_config(repo / name)
@@ -73,7 +73,7 @@ def test_unchanged_inputs_reuse_the_cache_and_a_changed_component_is_rebuilt(
     with caplog.at_level(logging.INFO, logger="export.repository"):
         export_repository(str(model), repo)
     assert {p: p.stat().st_mtime_ns for p in repo.glob("*/1/model.onnx")} == onnx_files
-    assert caplog.text.count("unchanged, reusing") == 3
+    assert caplog.text.count("unchanged, reusing") == 4  # text encoder, UNet, VAE, safety checker
 
     config = json.loads((model / "vae" / "config.json").read_text())
     config["scaling_factor"] = 0.2

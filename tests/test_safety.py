@@ -176,7 +176,7 @@ def test_tiny_checker_is_deterministic_and_calibrates_on_given_images(tmp_path: 
 
 
 def test_finding_the_checker(tmp_path: Path, checker_model: Path, tiny_model: Callable[[str], Path]) -> None:
-    assert model_safety_checker(tiny_model("sd")) is None  # model_index.json lists it as null
+    assert model_safety_checker(tiny_model("sdxl")) is None  # SDXL pipelines have no checker
     own = model_safety_checker(checker_model)
     assert own is not None and own.path == checker_model / "safety_checker"
     assert own.subfolders == ("safety_checker", "feature_extractor")
@@ -192,7 +192,7 @@ def test_finding_the_checker(tmp_path: Path, checker_model: Path, tiny_model: Ca
     assert SafetyCheckerSource.find(bare).preprocessor == bare / PREPROCESSOR_CONFIG
 
     with pytest.raises(ModelSourceError, match="holds no safety checker"):
-        SafetyCheckerSource.find(tiny_model("sd"))
+        SafetyCheckerSource.find(tiny_model("sdxl"))
     with pytest.raises(ModelSourceError, match="is not a StableDiffusionSafetyChecker"):
         SafetyCheckerSource.find(tiny_model("sd") / "vae")
 

@@ -136,7 +136,9 @@ def test_model_configs(models: dict[str, Path]) -> None:
     assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
     sd_index = json.loads((models["sd"] / "model_index.json").read_text(encoding="utf-8"))
     assert sd_index["scheduler"] == ["diffusers", "PNDMScheduler"]
-    assert sd_index["safety_checker"] == [None, None]
+    # SD 1.5's stand-in carries a tiny safety checker (export/safety.py), as SD 1.5 does.
+    assert sd_index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    assert sd_index["feature_extractor"][1] == "CLIPImageProcessor"
 
     # Distinct seeds: SDXL's two text encoders must not share weights.
     te1 = load_file(models["sdxl"] / "text_encoder" / "model.safetensors")

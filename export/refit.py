@@ -1,0 +1,148 @@
+"""LoRA variants of a refittable TensorRT engine: the weights to set, and the refit itself.
+
+A refittable engine built from the base UNet's ONNX graph names its refittable weights after the
+ONNX initializers, which :mod:`export.onnx_export` keeps named after the torch parameters. Moving
+an engine from the variant it holds now to another one sets every weight that either variant
+touches: the new variant's merged value where it has one, the base value elsewhere (which undoes
+the old variant's changes). :func:`refit_weights` computes that map; :func:`refit_engine` applies it
+with ``trt.Refitter`` (TensorRT 10 Python API), importing TensorRT only when called.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["RefitError", "TensorRTUnavailable", "refit_engine", "refit_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+class TensorRTUnavailable(RuntimeError):
+    """The ``tensorrt`` package cannot be imported on this host."""
+
+
+class RefitError(RuntimeError):
+    """TensorRT refused the refit (engine not refittable, unknown or missing weights)."""
+
+
+def refit_weights(
+    base_state: Mapping[str, torch.Tensor],
+    previous_deltas: Mapping[str, torch.Tensor],
+    new_deltas: Mapping[str, torch.Tensor],
+    prefix: str = "unet.",
+) -> dict[str, np.ndarray]:
+    """``{ONNX initializer name: weight}`` that turns an engine holding ``previous_deltas`` into one
+    holding ``new_deltas``.
+
+    The keys of both delta maps are torch parameter names (as :func:`export.lora.merge_deltas`
+    returns them); ``prefix`` is where the model sits in the exported wrapper
+    (:data:`export.lora.ONNX_PREFIXES`). Every parameter in either map is set: to its new merged
+    value if ``new_deltas`` has one, else back to ``base_state``. Arrays are contiguous and keep
+    the base parameter's dtype and shape.
+    """
+    weights: dict[str, np.ndarray] = {}
+    for param in sorted({*previous_deltas, *new_deltas}):
+        if param not in base_state:
+            raise KeyError(f"merged parameter '{param}' is not in the base state")
+        base = base_state[param]
+        value = new_deltas.get(param, base)
+        if tuple(value.shape) != tuple(base.shape):
+            raise ValueError(f"'{param}': merged shape {list(value.shape)} != base {list(base.shape)}")
+        array = value.detach().to(base.dtype).cpu().numpy()
+        weights[f"{prefix}{param}"] = np.ascontiguousarray(array)
+    restored = len(set(previous_deltas) - set(new_deltas))
+    logger.info("refit map: %d weights (%d restored to base)", len(weights), restored)
+    return weights
+
+
+def _tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError as e:  # also the PyPI stub that fails to fetch the real wheel
+        raise TensorRTUnavailable(
+            "refitting needs TensorRT (the 'tensorrt' package, e.g. pip install '.[tensorrt]' on a GPU host "
+            f"or the Docker image): {e}"
+        ) from e
+    return trt
+
+
+def refit_engine(
+    engine_path: Path,
+    out: Path,
+    weights: Mapping[str, np.ndarray],
+    base_weights: Mapping[str, np.ndarray] | None = None,
+) -> Path:
+    """Refit the serialized engine ``engine_path`` with ``weights`` and write the result to ``out``.
+
+    ``weights`` maps refittable weight names (the ONNX initializer names) to arrays in the ONNX
+    layout, e.g. from :func:`refit_weights`. TensorRT may ask for more weights than were given
+    (weights it fused with a given one); those are taken from ``base_weights`` when it has them.
+    Raises :class:`TensorRTUnavailable` without TensorRT and :class:`RefitError` when the engine is
+    not refittable, a name is not one of its refittable weights, weights are still missing, or the
+    refit fails. ``out`` is written atomically (temporary file, then rename).
+    """
+    trt = _tensorrt()
+    engine_path, out = Path(engine_path), Path(out)
+    start = time.perf_counter()
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    runtime = trt.Runtime(trt_logger)
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        raise RefitError(f"{engine_path}: TensorRT could not deserialize the engine")
+    if not getattr(engine, "refittable", True):
+        raise RefitError(f"{engine_path}: the engine was not built refittable (BuilderFlag.REFIT)")
+    refitter = trt.Refitter(engine, trt_logger)
+    refittable = set(refitter.get_all_weights())
+    unknown = sorted(set(weights) - refittable)
+    if unknown:
+        raise RefitError(
+            f"{engine_path}: {len(unknown)} weight(s) are not refittable in this engine, e.g. '{unknown[0]}'"
+        )
+    # trt.Weights does not copy: the arrays must live until refit_cuda_engine() returns.
+    keep: list[np.ndarray] = []
+
+    def set_weight(name: str, array: np.ndarray) -> None:
+        contiguous = np.ascontiguousarray(array)
+        keep.append(contiguous)
+        if not refitter.set_named_weights(name, trt.Weights(contiguous)):
+            raise RefitError(f"{engine_path}: TensorRT rejected weight '{name}' {list(contiguous.shape)}")
+
+    for name, array in weights.items():
+        set_weight(name, array)
+    missing = list(refitter.get_missing_weights())
+    if missing and base_weights is not None:
+        for name in missing:
+            if name in base_weights:
+                set_weight(name, base_weights[name])
+        missing = list(refitter.get_missing_weights())
+    if missing:
+        raise RefitError(f"{engine_path}: refit still needs {len(missing)} weight(s), e.g. '{missing[0]}'")
+    if not refitter.refit_cuda_engine():
+        raise RefitError(f"{engine_path}: refit_cuda_engine() failed (see the TensorRT log)")
+    serialized = engine.serialize()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        with partial.open("wb") as fh:
+            fh.write(memoryview(serialized))
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    logger.info(
+        "refitted %s with %d weights -> %s in %.1f s",
+        engine_path,
+        len(keep),
+        out,
+        time.perf_counter() - start,
+    )
+    return out
