@@ -153,7 +153,7 @@ class Runtime:
         assert self.model is not None
         await self._connect()
         assert self.client is not None
-        if not await self.client.is_ready():
+        if not await self.client.is_live():
             raise ServiceUnavailable(f"Triton at {self.client.url} is not reachable")
         names = [specs.UNET, specs.VAE_DECODER, *self.model.source.text_encoders]
         missing = [n for n in names if not await self.client.model_ready(n)]

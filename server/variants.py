@@ -87,6 +87,10 @@ class VariantManager:
         self._in_use: dict[str, int] = {}
         self._lock = asyncio.Lock()
 
+    def loaded(self) -> list[VariantModels]:
+        """Variants loaded in Triton now, least recently used first."""
+        return list(self._loaded.values())
+
     def forget_loaded(self) -> None:
         """Triton lost its models (restart): variants must be loaded again on next use."""
         self._loaded.clear()

@@ -23,6 +23,7 @@ from litestar import Litestar
 from export.repository import export_repository
 from export.tiny import build_tiny_model
 from server.app import create_app
+from server.runtime import repository_models
 from server.settings import Settings
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 
@@ -57,8 +58,12 @@ def triton(work_dir: Path, repository: Callable[[str], Path]) -> Iterator[Callab
 
     def get(family: str) -> BundledTriton:
         if family not in servers or not servers[family].is_running():
+            # Explicit model control, as the service runs it: LoRA variants load and unload on demand.
             config = TritonLaunchConfig(
-                model_repository=repository(family), state_dir=work_dir / f"state-{family}"
+                model_repository=repository(family),
+                state_dir=work_dir / f"state-{family}",
+                explicit_model_control=True,
+                load_models=repository_models(repository(family)),
             )
             server = BundledTriton(config)
             server.start()

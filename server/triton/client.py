@@ -29,9 +29,11 @@ class TritonClient:
     async def close(self) -> None:
         await self._client.close()
 
-    async def is_ready(self) -> bool:
+    async def is_live(self) -> bool:
+        """Whether the server answers.  (Its *readiness* drops while any model loads, e.g. a LoRA
+        variant, so the service checks the models it uses one by one instead.)"""
         try:
-            return bool(await self._client.is_server_ready(client_timeout=5))
+            return bool(await self._client.is_server_live(client_timeout=5))
         except InferenceServerException:
             return False
 

@@ -1,0 +1,194 @@
+"""LoRA variants through the service: images equal diffusers' LoRA pipeline; built once; LRU; errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from export.tiny_lora import build_tiny_lora
+from server.settings import Settings
+from server.triton.launcher import BundledTriton
+from tests.conftest import running_service
+from tests.test_operations import metric
+from tests.test_parity import assert_close, decode, generate
+
+# guidance explicit: diffusers' SDXL pipeline defaults to 5.0 where the API defaults to 7.5
+BODY = {"prompt": "a photo of a cat", "height": 64, "width": 96, "num_inference_steps": 6, "guidance_scale": 7.5}
+CASES = [("sd", "diffusers"), ("sd", "kohya"), ("sdxl", "diffusers"), ("sdxl", "kohya")]
+
+
+@pytest.fixture(scope="module")
+def lora_dir(work_dir: Path, tiny_model: Callable[[str], Path]) -> Path:
+    """LoRAs per family and format: ``a`` with text-encoder layers too, ``b`` for the UNet only."""
+    root = work_dir / "loras"
+    for family, fmt in CASES:
+        for name, seed, text in (("a", 1, True), ("b", 2, False), ("c", 3, False), ("d", 4, False)):
+            out = root / f"{family}-{fmt}-{name}"
+            if not out.exists():
+                build_tiny_lora(family, out, fmt, seed, model_dir=tiny_model(family), text_encoder=text)  # type: ignore[arg-type]
+    return root
+
+
+@pytest.fixture(scope="module")
+def lora_service(
+    service: Callable[..., str], repository: Callable[[str], Path], lora_dir: Path
+) -> Callable[[str], str]:
+    def get(family: str) -> str:
+        return service(family, model_repository=repository(family), lora_dir=lora_dir)
+
+    return get
+
+
+@cache
+def _reference_pipeline(model_dir: str, loras: tuple[tuple[str, float], ...]) -> Any:
+    import diffusers
+
+    cls = (
+        diffusers.StableDiffusionXLPipeline
+        if model_dir.endswith("sdxl")
+        else diffusers.StableDiffusionPipeline
+    )
+    kwargs = {} if cls is diffusers.StableDiffusionXLPipeline else {"safety_checker": None}
+    pipe = cls.from_pretrained(model_dir, **kwargs)
+    for i, (path, _) in enumerate(loras):
+        pipe.load_lora_weights(path, adapter_name=f"lora{i}")
+    pipe.set_adapters([f"lora{i}" for i in range(len(loras))], adapter_weights=[w for _, w in loras])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference(model_dir: Path, loras: dict[str, float], seed: int) -> np.ndarray:
+    pipe = _reference_pipeline(str(model_dir), tuple(loras.items()))
+    out = pipe(**BODY, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
+    return np.asarray((out * 255).round().astype(np.uint8))
+
+
+def post(url: str, loras: str, **body: Any) -> httpx.Response:
+    return httpx.post(f"{url}/text-to-image", json={**BODY, "loras": loras, **body}, timeout=300)
+
+
+@pytest.mark.parametrize(("family", "fmt"), CASES)
+def test_one_and_two_loras_match_diffusers(
+    family: str,
+    fmt: str,
+    lora_service: Callable[[str], str],
+    lora_dir: Path,
+    tiny_model: Callable[[str], Path],
+) -> None:
+    url = lora_service(family)
+    a, b = lora_dir / f"{family}-{fmt}-a", lora_dir / f"{family}-{fmt}-b"
+    # by name under LORA_DIR, and by local path
+    for request, paths in (
+        ({f"{family}-{fmt}-a": 0.8}, {str(a): 0.8}),
+        ({f"{family}-{fmt}-a": 0.5, str(b): 1.2}, {str(a): 0.5, str(b): 1.2}),
+    ):
+        (image,) = generate(url, **BODY, loras=_json(request), seed=21)
+        assert_close(decode(image["url"]), reference(tiny_model(family), paths, seed=21))
+    # the LoRA changes the image: not the base model's
+    (base,) = generate(url, **BODY, seed=21)
+    assert np.abs(decode(base["url"]).astype(int) - decode(image["url"]).astype(int)).max() > 2
+
+
+def test_concurrent_first_requests_build_once_and_a_restart_reuses_the_variant(
+    lora_dir: Path,
+    tiny_model: Callable[[str], Path],
+    triton: Callable[[str], BundledTriton],
+    repository: Callable[[str], Path],
+) -> None:
+    settings = Settings(
+        model_id=str(tiny_model("sd")),
+        triton_url=triton("sd").grpc_url,
+        model_repository=repository("sd"),
+        lora_dir=lora_dir,
+    )
+    loras = _json({"sd-diffusers-c": 0.7, "sd-kohya-c": 0.3})
+    with running_service(settings) as running:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=running.url, timeout=300) as client:
+                body = {**BODY, "loras": loras, "seed": 5}
+                return list(
+                    await asyncio.gather(*(client.post("/text-to-image", json=body) for _ in range(8)))
+                )
+
+        responses = asyncio.run(burst())
+        assert [r.status_code for r in responses] == [200] * 8
+        urls = {r.json()["images"][0]["url"] for r in responses}
+        assert len(urls) == 1
+        assert metric(running.url, "t2i_lora_variant_builds_total") == 1
+        assert metric(running.url, "t2i_lora_variant_build_seconds_count") == 1
+        assert post(running.url, loras, seed=5).json()["images"][0]["url"] in urls
+        assert metric(running.url, "t2i_lora_variant_builds_total") == 1
+    with running_service(settings) as restarted:
+        assert post(restarted.url, loras, seed=5).json()["images"][0]["url"] in urls
+        assert metric(restarted.url, "t2i_lora_variant_builds_total") == 0
+
+
+def test_lru_bound_unloads_the_least_recently_used_variant(
+    lora_dir: Path,
+    tiny_model: Callable[[str], Path],
+    triton: Callable[[str], BundledTriton],
+    repository: Callable[[str], Path],
+) -> None:
+    server = triton("sd")
+    settings = Settings(
+        model_id=str(tiny_model("sd")),
+        triton_url=server.grpc_url,
+        model_repository=repository("sd"),
+        lora_dir=lora_dir,
+        max_lora_variants=1,
+    )
+    with (
+        running_service(settings) as running,
+        grpcclient.InferenceServerClient(server.grpc_url) as triton_client,
+    ):
+        variants = running.app.state.runtime.variants
+        assert post(running.url, _json({"sd-diffusers-d": 1.0})).status_code == 200
+        (first,) = variants.loaded()
+        assert triton_client.is_model_ready(first.unet)
+        assert post(running.url, _json({"sd-kohya-d": 1.0})).status_code == 200
+        (second,) = variants.loaded()
+        assert second.unet != first.unet
+        assert triton_client.is_model_ready(second.unet)
+        assert not triton_client.is_model_ready(first.unet)
+        assert metric(running.url, "t2i_lora_variants_loaded") == 1
+        assert post(running.url, _json({"sd-diffusers-d": 1.0})).status_code == 200  # loaded again from disk
+        assert triton_client.is_model_ready(first.unet)
+        assert not triton_client.is_model_ready(second.unet)
+
+
+@pytest.mark.parametrize(
+    ("loras", "msg"),
+    [
+        ('{"nope/missing": 1.0}', "LoRa repository 'nope/missing' not found"),
+        ('{"not-in-lora-dir": 1.0}', "LoRa repository 'not-in-lora-dir' not found"),
+        ('{"sdxl-diffusers-b": 1.0}', "LoRa incompatible with base model: "),
+        ('{"sdxl-kohya-a": 1.0}', "LoRa incompatible with base model: "),
+        ('{"x": -1}', "All strengths must be numbers greater than or equal to 0.0."),
+        ('{"a": 1, "b": 1, "c": 1, "d": 1, "e": 1}', "Too many LoRas provided. Maximum is 4."),
+        ("not json", "Unable to parse 'not json' as JSON."),
+    ],
+)
+def test_lora_errors_are_400_and_the_service_keeps_serving(
+    loras: str, msg: str, lora_service: Callable[[str], str]
+) -> None:
+    url = lora_service("sd")
+    response = post(url, loras)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"]["msg"].startswith(msg)
+    assert post(url, "").status_code == 200
+
+
+def _json(loras: dict[str, float]) -> str:
+    import json
+
+    return json.dumps(loras)
