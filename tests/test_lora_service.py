@@ -22,7 +22,13 @@ from tests.test_operations import metric
 from tests.test_parity import assert_close, decode, generate
 
 # guidance explicit: diffusers' SDXL pipeline defaults to 5.0 where the API defaults to 7.5
-BODY = {"prompt": "a photo of a cat", "height": 64, "width": 96, "num_inference_steps": 6, "guidance_scale": 7.5}
+BODY = {
+    "prompt": "a photo of a cat",
+    "height": 64,
+    "width": 96,
+    "num_inference_steps": 6,
+    "guidance_scale": 7.5,
+}
 CASES = [("sd", "diffusers"), ("sd", "kohya"), ("sdxl", "diffusers"), ("sdxl", "kohya")]
 
 
