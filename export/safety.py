@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from export.modules import Component
-from export.source import ModelSourceError
+from export.source import ModelSourceError, read_json_object
 from export.specs import SAFETY_CHECKER, ModelSpec, safety_checker_spec
 
 if TYPE_CHECKING:
@@ -190,12 +190,12 @@ class SafetyCheckerSource:
         return tuple(subs)
 
     def config(self) -> dict[str, Any]:
-        return _read_json_object(self.path / "config.json")
+        return read_json_object(self.path / "config.json")
 
     def preprocessor_config(self) -> dict[str, Any]:
         if self.preprocessor is None:
             return dict(CLIP_PREPROCESSOR_CONFIG)
-        return _read_json_object(self.preprocessor)
+        return read_json_object(self.preprocessor)
 
     def image_size(self) -> int:
         return int(self.config().get("vision_config", {}).get("image_size", 224))
@@ -238,7 +238,7 @@ def safety_component(path: Path) -> Component:
 
 def model_safety_checker(model_dir: Path) -> SafetyCheckerSource | None:
     """The diffusers model's own checker when its ``model_index.json`` lists one, else None."""
-    index = _read_json_object(model_dir / "model_index.json")
+    index = read_json_object(model_dir / "model_index.json")
     entry = index.get(SAFETY_CHECKER_SUBFOLDER)
     if not isinstance(entry, list) or not any(entry):
         return None
@@ -247,18 +247,6 @@ def model_safety_checker(model_dir: Path) -> SafetyCheckerSource | None:
             f"{model_dir}: model_index.json lists a safety checker but {SAFETY_CHECKER_SUBFOLDER}/ is missing"
         )
     return SafetyCheckerSource.find(model_dir)
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ModelSourceError(f"missing {path}") from e
-    except json.JSONDecodeError as e:
-        raise ModelSourceError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelSourceError(f"{path} does not hold a JSON object")
-    return data
 
 
 # --------------------------------------------------------------------------------------------------

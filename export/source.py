@@ -63,7 +63,7 @@ class ModelSource:
 
     @cached_property
     def model_index(self) -> dict[str, Any]:
-        return _read_json(self.path / "model_index.json")
+        return read_json_object(self.path / "model_index.json")
 
     @property
     def pipeline_class(self) -> str:
@@ -87,7 +87,7 @@ class ModelSource:
 
     def config(self, component: str) -> dict[str, Any]:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
-        return _read_json(self.path / component / name)
+        return read_json_object(self.path / component / name)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -103,7 +103,7 @@ class ModelSource:
         return int(self.config("unet")["sample_size"]) * self.vae_scale_factor
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
     try:
         with path.open() as f:
             data = json.load(f)

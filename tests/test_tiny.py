@@ -27,26 +27,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {family: build_tiny_model(family, root / f"tiny-{family}") for family in FAMILIES}
 
 
-def _run(family: str, model_dir: Path, seed: int = 0) -> np.ndarray:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    pipe: Any
-    if family == "sd":
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
-    else:
-        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        "a photo of a cat",
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="np",
-    )
-    return np.asarray(out.images)
-
-
 def _snapshot(model_dir: Path) -> dict[str, int]:
     return {str(p.relative_to(model_dir)): p.stat().st_mtime_ns for p in model_dir.rglob("*")}
 
@@ -103,13 +83,13 @@ def test_pipeline_generates_deterministic_images(models: dict[str, Path], family
     marker = json.loads((models[family] / MARKER_FILE).read_text(encoding="utf-8"))
     assert marker["family"] == family and marker["version"] == TINY_MODEL_VERSION
 
-    image = _run(family, models[family])
-    assert image.shape == (1, 64, 64, 3)
+    image = tiny.generate_image(family, models[family])
+    assert image.shape == (64, 64, 3)
     assert np.isfinite(image).all()
     assert image.std() > 0.05, "image is (nearly) constant"
     assert (image <= 0.0).mean() < 0.1 and (image >= 1.0).mean() < 0.1, "VAE output saturates"
-    np.testing.assert_array_equal(_run(family, models[family]), image)
-    assert np.abs(_run(family, models[family], seed=1) - image).mean() > 0.01
+    np.testing.assert_array_equal(tiny.generate_image(family, models[family]), image)
+    assert np.abs(tiny.generate_image(family, models[family], seed=1) - image).mean() > 0.01
 
 
 def test_model_configs(models: dict[str, Path]) -> None:

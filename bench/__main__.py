@@ -1,0 +1,19 @@
+"""``python -m bench [variant_build] [args]``: runs a benchmark (for now the LoRA variant build one)."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import variant_build
+
+BENCHMARKS = {"variant_build": variant_build.main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = args.pop(0) if args and args[0] in BENCHMARKS else "variant_build"
+    return BENCHMARKS[name](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
