@@ -11,7 +11,7 @@ MODEL_ID ?= models/tiny-$(FAMILY)
 MODEL_REPOSITORY ?= model_repository/tiny-$(FAMILY)
 PORT ?= 8000
 
-.PHONY: install serve tiny export test lint clean
+.PHONY: install serve tiny export test lint bench clean
 
 # Installs once per change of pyproject.toml.
 install: $(VENV)/.installed
@@ -45,6 +45,11 @@ lint: install
 	$(BIN)/ruff check server export tests bench
 	$(BIN)/ruff format --check server export tests bench
 	$(BIN)/mypy
+
+
+# bench/RESULTS.md records each figure with the command that produced it.
+bench: install
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) models state model_repository/tiny-*

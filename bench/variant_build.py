@@ -270,7 +270,7 @@ class Row:
     fuse: list[float] = field(default_factory=list)
     unfuse_unload: list[float] = field(default_factory=list)
     triton_load: list[float] = field(default_factory=list)
-    phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    phases: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def load_fuse(self) -> list[float]:
@@ -423,7 +423,7 @@ def measure(prepared: Prepared, repeats: int, work: Path, triton: bool) -> list[
             row.build.append(seconds)
             row.merged_params = phases.merged_params
             for phase, value in phases.split(seconds).items():
-                row.phases[phase].append(value)
+                row.phases.setdefault(phase, []).append(value)
             gc.collect()
             load, fuse, unfuse = baseline.run(path)
             row.load.append(load)
