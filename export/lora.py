@@ -60,10 +60,12 @@ __all__ = [
     "LoraLayer",
     "LoraNotFound",
     "LoraWeights",
+    "OnnxGraph",
     "OnnxWeightsError",
     "check_components",
     "initializer_map",
     "load_base_state",
+    "load_graph",
     "load_lora",
     "merge_deltas",
     "onnx_state",
@@ -625,40 +627,61 @@ def initializer_map(onnx_path: Path, module_prefix: str) -> dict[str, str]:
     }
 
 
-def onnx_state(onnx_path: Path, module_prefix: str) -> dict[str, torch.Tensor]:
+@dataclass
+class OnnxGraph:
+    """An exported graph with its weights in memory (external data included), read once and shared
+    by :func:`onnx_state` and :func:`write_merged_onnx`."""
+
+    path: Path
+    model: onnx.ModelProto
+    external: bool  # whether the file keeps its weights in external data
+
+
+def load_graph(path: Path) -> OnnxGraph:
+    import onnx
+    from onnx import external_data_helper
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    external = any(external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+    if external:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    return OnnxGraph(path, model, external)
+
+
+def onnx_state(graph: Path | OnnxGraph, module_prefix: str) -> dict[str, torch.Tensor]:
     """The model's parameters as the exported graph stores them: ``{torch parameter name: tensor}``.
 
     The base state for :func:`merge_deltas` when only the model repository is at hand (the service
     holds no torch weights). ``module_prefix`` as in :func:`initializer_map`; external data is read.
     """
-    import onnx
     import torch
     from onnx import numpy_helper
 
-    model = onnx.load(str(onnx_path), load_external_data=True)
+    graph = graph if isinstance(graph, OnnxGraph) else load_graph(graph)
     return {
         init.name.removeprefix(module_prefix): torch.from_numpy(numpy_helper.to_array(init).copy())
-        for init in model.graph.initializer
+        for init in graph.model.graph.initializer
         if init.name.startswith(module_prefix)
     }
 
 
-def write_merged_onnx(base_onnx: Path, deltas: Mapping[str, torch.Tensor], out: Path, prefix: str) -> Path:
+def write_merged_onnx(
+    base_onnx: Path | OnnxGraph, deltas: Mapping[str, torch.Tensor], out: Path, prefix: str
+) -> Path:
     """Copy ``base_onnx`` to ``out`` with the initializers of ``deltas`` (``{param: merged weight}``)
-    replaced; every other byte of the graph stays as it is.
+    replaced; every other byte of the graph stays as it is.  A loaded :class:`OnnxGraph` is changed
+    in place (load it again to reuse the base).
 
     A base stored with external data (models over 2 GB) is written the same way, to one
     ``<out name>.data`` file beside ``out``. Raises :class:`OnnxWeightsError` if a parameter has no
     initializer of its own (e.g. a graph exported with constant folding) or its shape differs.
     """
     import onnx
-    from onnx import external_data_helper, numpy_helper
+    from onnx import numpy_helper
 
-    base_onnx, out = Path(base_onnx), Path(out)
-    model = onnx.load(str(base_onnx), load_external_data=False)
-    external = any(external_data_helper.uses_external_data(t) for t in model.graph.initializer)
-    if external:
-        external_data_helper.load_external_data_for_model(model, str(base_onnx.parent))
+    graph = base_onnx if isinstance(base_onnx, OnnxGraph) else load_graph(base_onnx)
+    base_onnx, model, external, out = graph.path, graph.model, graph.external, Path(out)
     by_name = {init.name: i for i, init in enumerate(model.graph.initializer)}
     missing = [p for p in deltas if f"{prefix}{p}" not in by_name]
     if missing:

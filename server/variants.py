@@ -30,7 +30,9 @@ from export.lora import (
     ONNX_PREFIXES,
     LoraError,
     LoraNotFound,
+    OnnxGraph,
     check_components,
+    load_graph,
     load_lora,
     merge_deltas,
     onnx_state,
@@ -211,13 +213,13 @@ class VariantManager:
             check_components(lora, ("unet", *self.text_encoders))
         names: dict[str, str] = {}
         for component in ("unet", *self.text_encoders):
-            base_onnx = self.repository / component / "1" / "model.onnx"
-            base_state = onnx_state(base_onnx, ONNX_PREFIXES[component])
+            graph = load_graph(self.repository / component / "1" / "model.onnx")  # read once
+            base_state = onnx_state(graph, ONNX_PREFIXES[component])
             deltas = merge_deltas(base_state, loras, component)
             del base_state
             if deltas or component == "unet":
                 names[component] = f"{component}__{key}"
-                self._write_model(component, names[component], deltas)
+                self._write_model(component, names[component], deltas, graph)
         models = VariantModels(names["unet"], tuple(names.get(t, t) for t in self.text_encoders), key)
         record = {
             "unet": models.unet,
@@ -228,18 +230,13 @@ class VariantManager:
         (self.repository / models.unet / VARIANT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         return models
 
-    def _write_model(self, base: str, name: str, deltas: dict) -> None:
+    def _write_model(self, base: str, name: str, deltas: dict, graph: OnnxGraph) -> None:
         """``repository/name``: the base model's config (renamed), code, and the merged ONNX graph."""
         target = self.repository / name
         staging = self.repository / f".{name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "1").mkdir(parents=True)
-        write_merged_onnx(
-            self.repository / base / "1" / "model.onnx",
-            deltas,
-            staging / "1" / "model.onnx",
-            ONNX_PREFIXES[base],
-        )
+        write_merged_onnx(graph, deltas, staging / "1" / "model.onnx", ONNX_PREFIXES[base])
         shutil.copyfile(self.repository / base / "1" / "model.py", staging / "1" / "model.py")
         config = text_format.Parse((self.repository / base / "config.pbtxt").read_text(), mc.ModelConfig())
         config.name = name
