@@ -28,11 +28,12 @@ class ModelSourceError(ValueError):
     """The model id or folder cannot be used: missing, unsupported or incomplete."""
 
 
-def resolve_model(model_id: str, *, weights: bool = True) -> Path:
+def resolve_model(model_id: str, *, weights: bool = True, cache_dir: Path | None = None) -> Path:
     """Return the local folder of ``model_id``: the folder itself, or a Hub snapshot.
 
     A Hub id is downloaded with ``huggingface_hub`` (on a host with network); ``weights=False`` fetches
-    only the configs, tokenizers and scheduler the service reads.
+    only the configs, tokenizers and scheduler the service reads; ``cache_dir`` is the Hub cache
+    (the service's ``MODEL_DIR``).
     """
     path = Path(model_id).expanduser()
     if path.is_dir():
@@ -43,7 +44,7 @@ def resolve_model(model_id: str, *, weights: bool = True) -> Path:
 
     logger.info("fetching %s from the Hugging Face Hub (%s)", model_id, "all files" if weights else "configs")
     patterns = None if weights else list(CONFIG_PATTERNS)
-    return Path(snapshot_download(model_id, allow_patterns=patterns))
+    return Path(snapshot_download(model_id, allow_patterns=patterns, cache_dir=cache_dir))
 
 
 @dataclass(frozen=True)

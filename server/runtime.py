@@ -109,7 +109,9 @@ class Runtime:
         started = time.perf_counter()
         try:
             torch.set_num_threads(self.settings.torch_threads)
-            path = await asyncio.to_thread(resolve_model, self.settings.model_id, weights=False)
+            path = await asyncio.to_thread(
+                resolve_model, self.settings.model_id, weights=False, cache_dir=self.settings.model_dir
+            )
             source = ModelSource(path)
             scheduler = self.settings.scheduler
             self.model = await asyncio.to_thread(

@@ -416,3 +416,32 @@ def test_sigterm_finishes_requests_in_flight_then_exits(
             process.kill()
             process.wait()
         log.close()
+
+
+def test_model_that_cannot_be_fetched_is_error_and_503(tmp_path: Path) -> None:
+    settings = Settings(
+        model_id="someone/not-downloadable", triton_url=f"127.0.0.1:{free_port()}", model_dir=tmp_path
+    )
+    with running_service(settings, wait_for="ERROR") as running:
+        response = httpx.post(f"{running.url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=30)
+        assert response.status_code == 503
+        assert response.json()["detail"]["msg"]
+        assert running.app.state.runtime.error.startswith("cannot load model 'someone/not-downloadable'")
+
+
+def test_hub_model_id_is_served_from_the_model_dir_cache(
+    tmp_path: Path, tiny_model: Callable[[str], Path], triton: Callable[[str], BundledTriton]
+) -> None:
+    """MODEL_ID as a Hub id: the configs come from the Hugging Face cache in MODEL_DIR (no network here)."""
+    revision = "0" * 40
+    repo = tmp_path / "models--someone--tiny-sd"
+    shutil.copytree(tiny_model("sd"), repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    settings = Settings(model_id="someone/tiny-sd", triton_url=triton("sd").grpc_url, model_dir=tmp_path)
+    with running_service(settings) as running:
+        (image,) = generate(running.url, prompt="x", **SMALL, seed=3)
+        assert running.app.state.runtime.model.source.path == repo / "snapshots" / revision
+    with running_service(Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").grpc_url)) as local:
+        (same,) = generate(local.url, prompt="x", **SMALL, seed=3)
+    assert image["url"] == same["url"]
