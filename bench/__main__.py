@@ -1,12 +1,12 @@
-"""``python -m bench [variant_build] [args]``: runs a benchmark (for now the LoRA variant build one)."""
+"""``python -m bench [variant_build|load] [args]``: runs a benchmark (default: the LoRA variant build one)."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import variant_build
+from bench import load, variant_build
 
-BENCHMARKS = {"variant_build": variant_build.main}
+BENCHMARKS = {"variant_build": variant_build.main, "load": load.main}
 
 
 def main(argv: list[str] | None = None) -> int:

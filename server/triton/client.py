@@ -84,7 +84,8 @@ class TritonClient:
             )
         except InferenceServerException as e:
             raise _translate(model, e) from e
-        return {name: result.as_numpy(name) for name in outputs}
+        # as_numpy views the response buffer read-only; callers (torch) need arrays they own
+        return {name: np.array(result.as_numpy(name)) for name in outputs}
 
 
 def _translate(model: str, e: InferenceServerException) -> Exception:
