@@ -1,1 +1,26 @@
 """Benchmarks of the text-to-image service (DESIGN.md section 8); figures live in ``bench/RESULTS.md``."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+
+
+def machine(packages: tuple[str, ...]) -> list[str]:
+    """Lines describing where a benchmark ran: CPU model, cores, torch threads, package versions."""
+    import torch
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = ", ".join(f"{d} {importlib.metadata.version(d)}" for d in packages)
+    return [
+        f"CPU: {cpu}, nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}",
+        f"Python {sys.version.split()[0]}; {versions}",
+    ]

@@ -36,7 +36,6 @@ import asyncio
 import base64
 import contextlib
 import gc
-import importlib.metadata
 import io
 import json
 import logging
@@ -54,6 +53,8 @@ from typing import Any, Final, cast
 
 import httpx
 import numpy as np
+
+from bench import machine
 
 logger = logging.getLogger("bench.load")
 
@@ -617,25 +618,6 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
 
-def machine() -> list[str]:
-    import torch
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions = ", ".join(
-        f"{d} {importlib.metadata.version(d)}"
-        for d in ("torch", "onnxruntime", "diffusers", "tritonclient", "nvidia-pytriton", "httpx")
-    )
-    return [
-        f"CPU: {cpu}, nproc {os.cpu_count()}, baseline torch threads {torch.get_num_threads()}",
-        f"Python {sys.version.split()[0]}; {versions}",
-    ]
-
-
 def report(levels: list[LevelResult], baselines: list[BaselineResult], body: Body, requests: int) -> str:
     lines = [
         f"Body: {PROMPT!r}, {body.steps} steps, guidance {body.guidance_scale:g}, "
@@ -794,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = [
         "command: python -m bench.load " + " ".join(sys.argv[1:] if argv is None else argv),
-        *machine(),
+        *machine(("torch", "onnxruntime", "diffusers", "tritonclient", "nvidia-pytriton", "httpx")),
         f"uptime before: {uptime_before}",
         f"uptime after:  {uptime_after}",
         f"total runtime {elapsed:.0f} s (model build and export included unless cached in {args.work})",

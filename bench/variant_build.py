@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import importlib.metadata
 import json
 import logging
 import os
@@ -46,6 +45,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, cast
+
+from bench import machine
 
 logger = logging.getLogger("bench.variant_build")
 
@@ -477,24 +478,6 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f}" if n >= 2**20 else f"{n / 2**20:.2f}"
 
 
-def machine() -> list[str]:
-    import torch
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    versions = ", ".join(
-        f"{d} {importlib.metadata.version(d)}" for d in ("torch", "onnx", "onnxruntime", "diffusers", "peft")
-    )
-    return [
-        f"CPU: {cpu}, nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}",
-        f"Python {sys.version.split()[0]}; {versions}",
-    ]
-
-
 def report(rows: list[Row], repeats: str) -> str:
     lines = [
         f"Seconds, median (min) over {repeats} repeats after 1 warm-up; ratio = median variant build / "
@@ -579,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = [
         "command: python -m bench.variant_build " + " ".join(sys.argv[1:] if argv is None else argv),
-        *machine(),
+        *machine(("torch", "onnx", "onnxruntime", "diffusers", "peft")),
         f"load average (1/5/15 min) at start {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
         f"at end {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}",
         f"total runtime {elapsed:.0f} s (model builds and exports included unless cached in {args.work})",

@@ -8,6 +8,7 @@ uvicorn, over real HTTP on a free loopback port) are cheap and made per settings
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import socket
 import threading
 import time
@@ -28,6 +29,12 @@ from server.settings import Settings
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 
 FAMILIES = ("sd", "sdxl")
+
+# For tests that only need the bundled tritonserver; the project always installs it.
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("pytriton") is None,
+    reason="nvidia-pytriton (the bundled tritonserver) is not installed",
+)
 
 
 @pytest.fixture(scope="session")

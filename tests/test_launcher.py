@@ -30,11 +30,7 @@ from server.triton.launcher import (
     tritonserver_binary,
     tritonserver_env,
 )
-
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("pytriton") is None,
-    reason="nvidia-pytriton (the bundled tritonserver) is not installed",
-)
+from tests.conftest import needs_triton
 
 CONFIG_PBTXT = """\
 name: "{name}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import shutil
@@ -37,11 +36,7 @@ from export.safety import (
 )
 from export.source import ModelSourceError
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
-
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("pytriton") is None,
-    reason="nvidia-pytriton (the bundled tritonserver) is not installed",
-)
+from tests.conftest import needs_triton
 
 
 @pytest.fixture(scope="module")
