@@ -39,8 +39,7 @@ class TextToImageService:
         self, params: TextToImageParams, client_gone: Callable[[], bool] = lambda: False
     ) -> ImageResponse:
         """Check the request, wait for a slot (bounded), run it; the deadline covers the wait too."""
-        request = self._request(params, self.runtime.require_model().vae_scale_factor)
-        loras = parse_loras(params.loras, self.settings.max_loras)
+        request, loras = self._request(params, self.runtime.require_model().vae_scale_factor)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 async with self.runtime.variants.use(loras) as models, self.admission.slot():
@@ -97,8 +96,12 @@ class TextToImageService:
         media = [Media(url=u, seed=s, nsfw=n) for u, s, n in zip(urls, result.seeds, nsfw, strict=True)]
         return ImageResponse(images=media)
 
-    def _request(self, params: TextToImageParams, vae_scale: int) -> GenerationRequest:
-        """Apply the API's rules; every violation is a 400 with a message naming the field."""
+    def _request(
+        self, params: TextToImageParams, vae_scale: int
+    ) -> tuple[GenerationRequest, dict[str, float]]:
+        """Apply the API's rules; every violation is a 400 with a message naming the field.
+
+        Returns the generation and the parsed LoRA set (both checked before any waiting)."""
         s = self.settings
         if params.model_id and params.model_id != s.model_id:
             raise BadRequest(
@@ -106,7 +109,7 @@ class TextToImageService:
             )
         if not params.prompt.strip():
             raise BadRequest("Prompt must be provided.")
-        parse_loras(params.loras, s.max_loras)  # bad input is a 400 before any waiting
+        loras = parse_loras(params.loras, s.max_loras)
         min_side = MIN_LATENT_SIDE * vae_scale
         for name, value in (("height", params.height), ("width", params.width)):
             if value < min_side or value % vae_scale:
@@ -129,7 +132,7 @@ class TextToImageService:
         guidance_scale, steps = apply_rule(self.rule, params.guidance_scale, params.num_inference_steps)
         if steps > s.max_steps:
             raise BadRequest(f"num_inference_steps must be at most {s.max_steps}, got {steps}.")
-        return GenerationRequest(
+        request = GenerationRequest(
             prompt=params.prompt,
             negative_prompt=params.negative_prompt,
             height=params.height,
@@ -139,3 +142,4 @@ class TextToImageService:
             num_images=n,
             seed=seed,
         )
+        return request, loras

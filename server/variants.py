@@ -87,6 +87,7 @@ class VariantManager:
         self._builds: dict[str, asyncio.Task[VariantModels]] = {}
         self._loaded: OrderedDict[str, VariantModels] = OrderedDict()
         self._in_use: dict[str, int] = {}
+        self._base_digest: bytes | None = None  # the base models' export fingerprints, read once
         self._lock = asyncio.Lock()
 
     def loaded(self) -> list[VariantModels]:
@@ -112,6 +113,8 @@ class VariantManager:
             yield models
         finally:
             self._in_use[key] -= 1
+            if not self._in_use[key]:
+                del self._in_use[key]
 
     async def _ensure(self, key: str, sources: list[_Source]) -> VariantModels:
         if key in self._loaded:
@@ -184,18 +187,26 @@ class VariantManager:
         return [root / lora_id, root / f"{lora_id}.safetensors"]
 
     def _key(self, sources: list[_Source]) -> str:
-        h = hashlib.sha256()
-        for name in self.base.names:
-            try:
-                h.update((self.repository / name / FINGERPRINT_FILE).read_bytes())
-            except OSError:
-                raise InferenceFailed(
-                    f"LoRA variants are unavailable: MODEL_REPOSITORY ({self.repository}) does not hold the "
-                    f"exported model '{name}' that Triton serves"
-                ) from None
+        h = hashlib.sha256(self._base_fingerprints())
         for s in sources:
             h.update(f"{s.lora_id}|{s.path.resolve()}|{s.path.stat().st_mtime_ns}|{s.weight!r}".encode())
         return h.hexdigest()[:16]
+
+    def _base_fingerprints(self) -> bytes:
+        """The base models' export fingerprints: part of every variant's name, so a re-exported base
+        never meets an old variant.  Fixed while this Triton serves the base, so read once."""
+        if self._base_digest is None:
+            h = hashlib.sha256()
+            for name in self.base.names:
+                try:
+                    h.update((self.repository / name / FINGERPRINT_FILE).read_bytes())
+                except OSError:
+                    raise InferenceFailed(
+                        f"LoRA variants are unavailable: MODEL_REPOSITORY ({self.repository}) does not hold "
+                        f"the exported model '{name}' that Triton serves"
+                    ) from None
+            self._base_digest = h.digest()
+        return self._base_digest
 
     def _read_variant(self, key: str) -> VariantModels | None:
         """A variant built before (by this process or an earlier one), if complete on disk."""
