@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request
-from litestar.exceptions import InternalServerException, RequestEntityTooLarge, SerializationException
+from litestar.exceptions import InternalServerException, SerializationException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from server.errors import BodyTooLarge, ClientGone, UnprocessableBody
 
