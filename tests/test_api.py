@@ -86,7 +86,11 @@ HOSTILE: list[Hostile] = [
     Hostile("prompt of 5 MB", _body(prompt="cat " * 1_250_000), 413),
     Hostile("negative prompt of 5 MB", _body(prompt="x", negative_prompt="cat " * 1_250_000), 413),
     Hostile("prompt over its length", _body(prompt="x" * (MAX_PROMPT_CHARS + 1)), 422),
-    Hostile("negative prompt over its length", _body(prompt="x", negative_prompt="x" * (MAX_PROMPT_CHARS + 1)), 422),
+    Hostile(
+        "negative prompt over its length",
+        _body(prompt="x", negative_prompt="x" * (MAX_PROMPT_CHARS + 1)),
+        422,
+    ),
     Hostile("model_id over its length", _body(prompt="x", model_id="m" * (MAX_MODEL_ID_CHARS + 1)), 422),
     Hostile("seed of 5000 digits", _raw('{"prompt": "x", "seed": ' + DIGITS_5000 + "}"), 422),
     Hostile("seed of 400 digits", _raw('{"prompt": "x", "seed": ' + DIGITS_400 + "}"), 400),
@@ -100,7 +104,10 @@ HOSTILE: list[Hostile] = [
     Hostile("guidance Infinity", _raw('{"prompt": "x", "guidance_scale": Infinity}'), 422),
     Hostile("guidance 1e999", _raw('{"prompt": "x", "guidance_scale": 1e999}'), 422),
     Hostile("guidance -1e999", _raw('{"prompt": "x", "guidance_scale": -1e999}'), 422),
-    *(Hostile(f"guidance {v!r}", _body(prompt="x", guidance_scale=v), 400) for v in ("nan", "inf", "-Infinity")),
+    *(
+        Hostile(f"guidance {v!r}", _body(prompt="x", guidance_scale=v), 400)
+        for v in ("nan", "inf", "-Infinity")
+    ),
     Hostile("negative seed as a string", _body(prompt="x", seed="-5"), 400),
     Hostile("float height", _body(prompt="x", height=64.5), 422),
     Hostile("float steps", _body(prompt="x", num_inference_steps=2.5), 422),
@@ -110,9 +117,17 @@ HOSTILE: list[Hostile] = [
     Hostile("null height", _body(prompt="x", height=None), 422),
     Hostile("null loras", _body(prompt="x", loras=None), 422),
     Hostile("null safety_check", _body(prompt="x", safety_check=None), 422),
-    Hostile("duplicate keys, last empty", _raw('{"prompt": "x", "prompt": "", "height": 64}'), 400, "Prompt must be provided."),
+    Hostile(
+        "duplicate keys, last empty",
+        _raw('{"prompt": "x", "prompt": "", "height": 64}'),
+        400,
+        "Prompt must be provided.",
+    ),
     Hostile("duplicate keys, last wrong type", _raw('{"prompt": "x", "prompt": 1}'), 422),
-    *(Hostile(f"JSON {raw}", _raw(raw), 422) for raw in ("null", "1", '"prompt"', "true", "[]", '[{"prompt": "x"}]')),
+    *(
+        Hostile(f"JSON {raw}", _raw(raw), 422)
+        for raw in ("null", "1", '"prompt"', "true", "[]", '[{"prompt": "x"}]')
+    ),
     Hostile("empty body", b"", 422),
     Hostile("whitespace body", b"  \n ", 422),
     Hostile("truncated JSON", b'{"prompt": "x"', 422),
@@ -334,7 +349,9 @@ def served(
         "PORT": str(port),
     }
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "server"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             wait_until(lambda: health(url) == "OK", 120, "the service to start")
             yield ServedProcess(url, process.pid, log_path)
@@ -348,12 +365,12 @@ def served(
 
 
 def send(url: str, hostile: Hostile) -> httpx.Response:
-    with contextlib.suppress(httpx.WriteError):
-        return httpx.post(
-            f"{url}/text-to-image", content=hostile.body, headers={"content-type": hostile.content_type}, timeout=60
-        )
-    # The service answered 413 and closed before the whole body was written: read that answer.
-    raise AssertionError("the service closed the connection without an answer")
+    return httpx.post(
+        f"{url}/text-to-image",
+        content=hostile.body,
+        headers={"content-type": hostile.content_type},
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("hostile", HOSTILE, ids=lambda h: h.name)
@@ -401,7 +418,12 @@ def _unbroken_prompt(seed: int) -> str:
 def test_health_answers_while_max_size_prompts_are_tokenized(served: ServedProcess) -> None:
     url = served.url
     bodies = [
-        {"prompt": _unbroken_prompt(i), "negative_prompt": _unbroken_prompt(i + 1), "guidance_scale": 7.5, **SMALL}
+        {
+            "prompt": _unbroken_prompt(i),
+            "negative_prompt": _unbroken_prompt(i + 1),
+            "guidance_scale": 7.5,
+            **SMALL,
+        }
         for i in range(4)
     ]
     huge = "cat " * 1_250_000
@@ -434,6 +456,8 @@ def test_memory_stays_near_baseline_after_huge_and_max_size_prompts(served: Serv
     baseline = served.rss_mb()
     for i in range(5):
         assert send(url, Hostile("5 MB", _body(prompt=f"cat{i} " * 1_000_000), 413)).status_code == 413
-        assert post(url, {"prompt": _unbroken_prompt(i), "negative_prompt": words, **SMALL}).status_code == 200
+        assert (
+            post(url, {"prompt": _unbroken_prompt(i), "negative_prompt": words, **SMALL}).status_code == 200
+        )
     grown = served.rss_mb() - baseline
     assert grown < 64, f"RSS grew {grown:.0f} MB from {baseline:.0f} MB"

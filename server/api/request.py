@@ -24,7 +24,9 @@ class APIRequest(Request[Any, Any, Any]):
             return await super().body()
         except RequestEntityTooLarge:
             limit = self.route_handler.resolve_request_max_body_size()
-            raise BodyTooLarge(f"Request body is larger than this service's limit of {limit} bytes.") from None
+            raise BodyTooLarge(
+                f"Request body is larger than this service's limit of {limit} bytes."
+            ) from None
         except InternalServerException:
             # Litestar's answer to a client that hung up while sending the body.
             raise ClientGone("client went away while sending the body") from None

@@ -50,8 +50,11 @@ def tokenize_truncated(tokenizer: Any, text: str, max_length: int) -> np.ndarray
     The text is cut at a word break, so the prefix's tokens are the text's first tokens; when the
     prefix alone fills ``max_length`` (no padding), the truncated ids are the text's.
     """
+
     def encode(part: str) -> Any:
-        return tokenizer(part, padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
+        return tokenizer(
+            part, padding="max_length", max_length=max_length, truncation=True, return_tensors="np"
+        )
 
     chars = PREFIX_CHARS_PER_TOKEN * max_length
     while chars < len(text):
