@@ -460,3 +460,23 @@ def test_memory_stays_near_baseline_after_huge_and_max_size_prompts(served: Serv
         )
     grown = served.rss_mb() - baseline
     assert grown < 64, f"RSS grew {grown:.0f} MB from {baseline:.0f} MB"
+
+
+def test_openapi_states_the_limits(url: str) -> None:
+    """Clients (and the fuzzer) read the bounds from the served schema."""
+    schema = httpx.get(f"{url}/schema/openapi.json").json()
+    assert "413" in schema["paths"]["/text-to-image"]["post"]["responses"]
+    fields = schema["components"]["schemas"]["TextToImageParams"]["properties"]
+    for name, limit in (
+        ("prompt", MAX_PROMPT_CHARS),
+        ("negative_prompt", MAX_PROMPT_CHARS),
+        ("model_id", MAX_MODEL_ID_CHARS),
+        ("loras", MAX_LORAS_CHARS),
+    ):
+        assert fields[name]["maxLength"] == limit, name
+
+
+def test_field_over_its_length_is_422_naming_it(url: str) -> None:
+    response = post(url, {"prompt": "x", "negative_prompt": "y" * (MAX_PROMPT_CHARS + 1), **SMALL})
+    assert_error(response, 422)
+    assert "negative_prompt" in response.json()["detail"]["msg"]
