@@ -12,6 +12,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from server.api.errors import EXCEPTION_HANDLERS
+from server.api.request import APIRequest
 from server.api.routes import ROUTES
 from server.metrics import Metrics, request_metrics_middleware
 from server.runtime import Runtime
@@ -39,6 +40,8 @@ def create_app(settings: Settings) -> Litestar:
 
     return Litestar(
         route_handlers=ROUTES,
+        request_class=APIRequest,
+        request_max_body_size=settings.max_body_bytes,
         lifespan=[lifespan],
         dependencies={
             "settings": provide(settings),

@@ -17,6 +17,18 @@ class BadRequest(ServiceError):
     status_code = 400
 
 
+class BodyTooLarge(ServiceError):
+    """The request body is over the operator's ``MAX_BODY_BYTES``."""
+
+    status_code = 413
+
+
+class UnprocessableBody(ServiceError):
+    """The body is not JSON this service can decode (malformed, not UTF-8, nested too deeply)."""
+
+    status_code = 422
+
+
 class Unauthorized(ServiceError):
     status_code = 401
 
@@ -43,3 +55,11 @@ class InferenceFailed(ServiceError):
 class OutOfMemory(InferenceFailed):
     def __init__(self, message: str = "Out of memory error. Try reducing output image resolution.") -> None:
         super().__init__(message)
+
+
+BRIEF_CHARS = 100
+
+
+def brief(text: str, limit: int = BRIEF_CHARS) -> str:
+    """A client's value shortened for a message: the first ``limit`` characters and an ellipsis."""
+    return text if len(text) <= limit else f"{text[:limit]}..."

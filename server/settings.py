@@ -37,6 +37,7 @@ ENV_NAMES: dict[str, str] = {
     "MAX_LORA_VARIANTS": "max_lora_variants",
     "WARMUP": "warmup",
     "TORCH_THREADS": "torch_threads",
+    "MAX_BODY_BYTES": "max_body_bytes",
 }
 
 
@@ -79,6 +80,8 @@ class Settings:
     startup_timeout_s: float = 300.0
     warmup: bool = True
     torch_threads: int = 1
+    # Request body size; a larger body is 413 before it is read in full.
+    max_body_bytes: int = 1024 * 1024
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -94,6 +97,7 @@ class Settings:
             "max_in_flight",
             "max_lora_variants",
             "torch_threads",
+            "max_body_bytes",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")

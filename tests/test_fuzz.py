@@ -1,7 +1,8 @@
 """Fuzz the API from its served OpenAPI document: no 5xx, every 4xx carries ``detail.msg``.
 
 The fuzzed service runs with small limits (pixels, steps, images) so the valid cases stay cheap; the
-invalid ones are the point.  Cases come from schemathesis' positive and negative strategies.
+invalid ones are the point.  Cases come from schemathesis' positive and negative strategies, and the
+positive run starts with every hostile body of ``tests.test_api.HOSTILE`` as an explicit example.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import httpx
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 from server.settings import Settings
 from tests.conftest import running_service
+from tests.test_api import HOSTILE
 from tests.test_operations import metric
 
 FUZZ_LIMITS = {"max_pixels": 128 * 128, "max_steps": 2, "max_images": 2}
@@ -31,11 +33,18 @@ def _fuzz(
     mode: schemathesis.GenerationMode,
     headers: dict[str, str],
     check: Callable[[Any, Any], None],
+    hostile: bool = False,
 ) -> int:
+    """Run ``count`` generated cases (plus, with ``hostile``, every body of ``HOSTILE``); the number run."""
     schema = schemathesis.openapi.from_url(f"{url}/schema/openapi.json")
     operation = schema["/text-to-image"]["POST"]
     session = requests.Session()
     seen = {"n": 0}
+    # Raw bytes go out as they are, under the content type each one names.
+    examples = [
+        operation.Case(body=h.body, media_type="application/json", headers={"Content-Type": h.content_type})
+        for h in (HOSTILE if hostile else [])
+    ]
 
     @settings(
         max_examples=count,
@@ -50,16 +59,25 @@ def _fuzz(
         response = case.call(base_url=url, session=session, headers=headers, timeout=60)
         check(response, case)
 
+    for case in examples:
+        run = example(case=case)(run)
     run()
     session.close()
     return seen["n"]
 
 
+# The status each explicit example must get, as tests.test_api asserts it.
+EXPECTED_STATUS = {(h.body, h.content_type): h.status for h in HOSTILE}
+
+
 def _no_server_error(response: Any, case: Any) -> None:
-    assert response.status_code < 500, f"{response.status_code} for {case.body!r}: {response.text[:300]}"
+    if isinstance(case.body, bytes):
+        expected = EXPECTED_STATUS[(case.body, case.headers["Content-Type"])]
+        assert response.status_code == expected, f"{response.status_code} for {case.body!r:.300}"
+    assert response.status_code < 500, f"{response.status_code} for {case.body!r:.300}: {response.text[:300]}"
     if response.status_code >= 400:
         msg = response.json()["detail"]["msg"]
-        assert isinstance(msg, str) and msg, case.body
+        assert isinstance(msg, str) and msg, f"{case.body!r:.300}"
     else:
         assert response.status_code == 200
         assert response.json()["images"]
@@ -70,7 +88,9 @@ def test_fuzzed_requests_never_get_5xx_and_service_still_serves(
     mode: schemathesis.GenerationMode, service: Callable[..., str]
 ) -> None:
     url = service("sd", **FUZZ_LIMITS)
-    assert _fuzz(url, CASES_PER_MODE, mode, {}, _no_server_error) >= CASES_PER_MODE
+    hostile = mode == schemathesis.GenerationMode.POSITIVE
+    ran = _fuzz(url, CASES_PER_MODE, mode, {}, _no_server_error, hostile)
+    assert ran >= CASES_PER_MODE + (len(HOSTILE) if hostile else 0)
     response = httpx.post(
         f"{url}/text-to-image",
         json={"prompt": "after fuzz", "height": 64, "width": 64, "num_inference_steps": 2},

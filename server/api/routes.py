@@ -32,7 +32,8 @@ ERROR_RESPONSES = {
     for code, description in (
         (400, "Bad request: a rule of the API is broken"),
         (401, "Missing or wrong bearer token"),
-        (422, "The body does not decode into the request schema"),
+        (413, "The request body is over the service's MAX_BODY_BYTES"),
+        (422, "The body does not decode into the request schema (malformed JSON, a wrong type, a length)"),
         (500, "Inference failed (including out of GPU memory)"),
         (503, "The service cannot take the request now (loading, busy, Triton unavailable, deadline)"),
     )

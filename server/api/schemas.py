@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
+# Lengths in characters.  CLIP keeps 77 tokens and T5 at most 512, far below the prompt bound; a
+# model id is a Hub id or a local folder; ``loras`` holds MAX_LORAS ids of at most 200 bytes each.
+MAX_PROMPT_CHARS = 8192
+MAX_MODEL_ID_CHARS = 1024
+MAX_LORAS_CHARS = 8192
+
+Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+
 
 class TextToImageParams(msgspec.Struct, kw_only=True):
-    """Body of ``POST /text-to-image``.  Types are checked on decode (422); rules on use (400)."""
+    """Body of ``POST /text-to-image``.  Types and lengths are checked on decode (422); rules on use (400)."""
 
-    prompt: str = msgspec.field()
-    model_id: str = ""
-    loras: str = ""
+    prompt: Prompt = msgspec.field()
+    model_id: Annotated[str, msgspec.Meta(max_length=MAX_MODEL_ID_CHARS)] = ""
+    loras: Annotated[str, msgspec.Meta(max_length=MAX_LORAS_CHARS)] = ""
     height: int = 576
     width: int = 1024
     guidance_scale: float = 7.5
-    negative_prompt: str = ""
+    negative_prompt: Prompt = ""
     safety_check: bool = True
     seed: int | None = None
     num_inference_steps: int = 50

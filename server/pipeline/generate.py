@@ -150,7 +150,8 @@ class TextToImagePipeline:
             if encode_negative:
                 texts.append(negative.parts[i] or "")
             outputs = ["last_hidden_state", "penultimate_hidden_state", "pooled"]
-            calls.append(self.client.infer(name, {"input_ids": self.model.tokenize(i, texts)}, outputs))
+            input_ids = await asyncio.to_thread(self.model.tokenize, i, texts)
+            calls.append(self.client.infer(name, {"input_ids": input_ids}, outputs))
         results = await asyncio.gather(*calls)
 
         if self.source.is_sdxl:

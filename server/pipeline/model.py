@@ -36,6 +36,37 @@ def split_prompt(text: str, encoders: int) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split("|", encoders - 1) if p.strip())
 
 
+# A token covers at least one character: a prefix of this many characters per kept token usually
+# holds enough of them; if not, the prefix doubles.
+PREFIX_CHARS_PER_TOKEN = 16
+# Whitespace that ends a word for every tokenizer (CLIP's BPE, T5's sentencepiece).
+WORD_BREAKS = " \t\n\r"
+
+
+def tokenize_truncated(tokenizer: Any, text: str, max_length: int) -> np.ndarray:
+    """``tokenizer(text, padding="max_length", max_length, truncation=True).input_ids[0]``, without
+    letting the tokenizer read more of a long text than the ids it keeps.
+
+    The text is cut at a word break, so the prefix's tokens are the text's first tokens; when the
+    prefix alone fills ``max_length`` (no padding), the truncated ids are the text's.
+    """
+
+    def encode(part: str) -> Any:
+        return tokenizer(
+            part, padding="max_length", max_length=max_length, truncation=True, return_tensors="np"
+        )
+
+    chars = PREFIX_CHARS_PER_TOKEN * max_length
+    while chars < len(text):
+        cut = max(text.rfind(c, 0, chars) for c in WORD_BREAKS)
+        if cut > 0:
+            encoded = encode(text[:cut])
+            if int(encoded.attention_mask.sum()) >= max_length:
+                return np.asarray(encoded.input_ids[0])
+        chars *= 2
+    return np.asarray(encode(text).input_ids[0])
+
+
 class DiffusionModel:
     """Tokenizers and scheduler of the loaded model, built once at start."""
 
@@ -71,15 +102,11 @@ class DiffusionModel:
         return copy.deepcopy(self._scheduler_template)
 
     def tokenize(self, encoder: int, texts: list[str]) -> np.ndarray:
+        """Token ids [len(texts), max_length] as the tokenizer gives them for the whole texts (CPU
+        work: callers on the event loop run it in a thread)."""
         tokenizer = self.tokenizers[encoder]
-        ids = tokenizer(
-            texts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="np",
-        ).input_ids
-        return np.asarray(ids, dtype=np.int32)
+        rows = [tokenize_truncated(tokenizer, text, tokenizer.model_max_length) for text in texts]
+        return np.stack(rows).astype(np.int32)
 
     def prompts(self, prompt: str, negative_prompt: str) -> tuple[Prompts, Prompts]:
         """Split the request's prompt and negative prompt per encoder, as diffusers fills them in:
