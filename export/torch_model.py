@@ -20,6 +20,7 @@ compiled at export time:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -250,7 +251,10 @@ def use_sdpa(module: nn.Module) -> None:
     for sub in module.modules():
         setter = getattr(sub, "set_attn_implementation", None)
         if callable(setter) and getattr(getattr(sub, "config", None), "_attn_implementation", "") == "eager":
-            setter("sdpa")
+            # A wrapper model without SDPA support of its own (the safety checker) refuses; its CLIP
+            # tower, visited next, takes it.
+            with contextlib.suppress(ValueError):
+                setter("sdpa")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -120,7 +120,8 @@ def test_repository_layout(family: str, repository: Callable[..., Path]) -> None
         n: json.loads((repo / n / "1" / MODULE_FILE).read_text())["cuda_dtype"] for n in manifest["models"]
     }
     # diffusers' SDXL pipeline upcasts its VAE (force_upcast); everything else runs in fp16 on CUDA.
-    assert dtypes.pop("vae_decoder") == ("float32" if family == "sdxl" else "float16")
+    upcast = family == "sdxl" and ModelSource(Path(manifest["model"])).config("vae").get("force_upcast", True)
+    assert dtypes.pop("vae_decoder") == ("float32" if upcast else "float16")
     assert set(dtypes.values()) == {"float16"}
 
 
