@@ -87,6 +87,8 @@ def triton(work_dir: Path, repository: Callable[..., Path]) -> Iterator[Callable
                 state_dir=work_dir / f"state-{family}{_suffix(target)}",
                 explicit_model_control=True,
                 load_models=repository_models(repository(family, target)),
+                # python-torch models import torch and diffusers in each model's stub process first.
+                startup_timeout_s=120 if target == DEFAULT_TARGET else 600,
             )
             server = BundledTriton(config)
             server.start()

@@ -386,9 +386,10 @@ def test_triton_models_serve_lora_variants_like_diffusers_fused_weights(
     assert "bad LoRA variant key" in answers[3]
     assert "not found" in answers[4]
 
-    ids = example_inputs(parts["text_encoder"].spec, {"batch": 2}, seed=4)
+    text_feeds = example_inputs(parts["text_encoder"].spec, {"batch": 2}, seed=4)
+    ids = text_feeds["input_ids"]
     (with_lora, without) = _infer(
-        server.grpc_url, "text_encoder", [(ids, key), (ids, "")], ["last_hidden_state"]
+        server.grpc_url, "text_encoder", [(text_feeds, key), (text_feeds, "")], ["last_hidden_state"]
     )
     with torch.no_grad():
         expected_lora = fused.text_encoder(torch.from_numpy(ids).long()).last_hidden_state
