@@ -33,6 +33,7 @@ from export.torch_model import (
     VariantError,
     VariantWeights,
     batch_bucket,
+    cuda_dtype_for,
     load_component,
 )
 from server.triton.launcher import BundledTriton
@@ -123,6 +124,25 @@ def test_repository_layout(family: str, repository: Callable[..., Path]) -> None
     upcast = family == "sdxl" and ModelSource(Path(manifest["model"])).config("vae").get("force_upcast", True)
     assert dtypes.pop("vae_decoder") == ("float32" if upcast else "float16")
     assert set(dtypes.values()) == {"float16"}
+
+
+@pytest.mark.parametrize(
+    ("family", "force_upcast", "vae_dtype"),
+    [("sdxl", True, "float32"), ("sdxl", False, "float16"), ("sd", True, "float16")],
+)
+def test_cuda_dtype_follows_diffusers_vae_upcast(
+    family: str, force_upcast: bool, vae_dtype: str, tmp_path: Path, tiny_model: Callable[[str], Path]
+) -> None:
+    """diffusers' SDXL pipeline runs a ``force_upcast`` VAE in fp32; SD's pipeline never upcasts."""
+    model = tiny_model(family)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "model_index.json").write_text((model / "model_index.json").read_text())
+    vae = json.loads((model / "vae" / "config.json").read_text())
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({**vae, "force_upcast": force_upcast}))
+    source = ModelSource(tmp_path)
+    specs = {c.spec.name: c.spec for c in components(ModelSource(model))}
+    assert cuda_dtype_for(source, specs["vae_decoder"]) == vae_dtype
+    assert cuda_dtype_for(source, specs["unet"]) == "float16"
 
 
 def test_export_is_reused_and_cli_takes_the_target(tmp_path: Path, tiny_model: Callable[[str], Path]) -> None:
