@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 from litestar import Litestar
 
-from export.repository import TARGETS, RepositoryOptions, export_repository
+from export.repository import RepositoryOptions, export_repository
 from export.tiny import build_tiny_model
 from server.app import create_app
 from server.runtime import repository_models
@@ -51,9 +51,14 @@ def tiny_model(work_dir: Path) -> Callable[[str], Path]:
     return get
 
 
-@pytest.fixture(params=TARGETS)
+# The targets the bundled (CPU) Triton serves; python-torch starts its own Triton per family whose
+# models import torch and diffusers, so its half of a parametrised test is marked slow.
+CPU_TARGETS = (DEFAULT_TARGET, pytest.param("python-torch", marks=pytest.mark.slow))
+
+
+@pytest.fixture(params=CPU_TARGETS)
 def target(request: pytest.FixtureRequest) -> str:
-    """Each Triton target (python-onnx, python-torch): tests that take it run once per target."""
+    """Each CPU Triton target (python-onnx, python-torch): tests that take it run once per target."""
     return str(request.param)
 
 

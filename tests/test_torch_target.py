@@ -312,14 +312,14 @@ def _lora_pipeline(model_dir: str, lora: str) -> Any:
 
 
 def _infer(
-    grpc_url: str, model: str, requests: list[tuple[dict[str, np.ndarray], str | None]], outputs: list[str]
+    grpc_url: str, model: str, requests: list[tuple[dict[str, np.ndarray], object]], outputs: list[str]
 ) -> list[Any]:
     """Send ``requests`` to ``model`` at once (so the dynamic batcher may group them); each answer is a
     dict of outputs or the error's message."""
     import tritonclient.grpc.aio as grpcclient
     from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-    async def one(client: Any, feeds: dict[str, np.ndarray], variant: str | None) -> Any:
+    async def one(client: Any, feeds: dict[str, np.ndarray], variant: object) -> Any:
         inputs = []
         for name, array in feeds.items():
             data = np.ascontiguousarray(array.reshape(-1, 1) if array.ndim == 1 else array)
@@ -343,6 +343,7 @@ def _infer(
     return asyncio.run(run())
 
 
+@pytest.mark.slow
 @needs_triton
 def test_triton_models_serve_lora_variants_like_diffusers_fused_weights(
     work_dir: Path,
@@ -379,7 +380,14 @@ def test_triton_models_serve_lora_variants_like_diffusers_fused_weights(
     answers = _infer(
         server.grpc_url,
         "unet",
-        [(feeds[0], key), (feeds[1], None), (feeds[2], key), (feeds[0], "f" * 15), (feeds[1], "ab" * 8)],
+        [
+            (feeds[0], key),
+            (feeds[1], None),
+            (feeds[2], key),
+            (feeds[0], "f" * 15),
+            (feeds[1], "ab" * 8),
+            (feeds[2], 5),
+        ],
         ["noise_pred"],
     )
     with torch.no_grad():
@@ -405,6 +413,7 @@ def test_triton_models_serve_lora_variants_like_diffusers_fused_weights(
     )
     assert "bad LoRA variant key" in answers[3]
     assert "not found" in answers[4]
+    assert "must be a string" in answers[5]
 
     text_feeds = example_inputs(parts["text_encoder"].spec, {"batch": 2}, seed=4)
     ids = text_feeds["input_ids"]
@@ -426,6 +435,7 @@ def test_triton_models_serve_lora_variants_like_diffusers_fused_weights(
     assert "has no LoRA variants" in vae_answer
 
 
+@pytest.mark.slow
 @needs_triton
 def test_service_refuses_loras_on_the_torch_target_and_keeps_serving(
     service: Callable[..., str], tmp_path: Path
