@@ -219,6 +219,22 @@ def load_component(version_dir: Path) -> LoadedComponent:
     return LoadedComponent(component, module, _DTYPES[str(info.get("cuda_dtype", "float16"))])
 
 
+def base_state(model_dir: Path, version: str = "1") -> dict[str, torch.Tensor]:
+    """The base weights a LoRA variant of Triton model directory ``model_dir`` merges into, keyed as
+    the variant file must key them (the diffusers module's parameter names, as
+    :func:`export.lora.load_base_state` gives them): the state for :func:`export.lora.merge_deltas` on
+    this target, where there is no ONNX graph to read it from."""
+    loaded = load_component(model_dir / version)
+    prefix = ONNX_PREFIXES.get(loaded.component.spec.name)
+    if prefix is None:
+        raise TorchModelError(f"{model_dir}: model {loaded.component.spec.name} takes no LoRA variants")
+    return {
+        k.removeprefix(prefix): v.detach()
+        for k, v in loaded.module.state_dict().items()
+        if k.startswith(prefix)
+    }
+
+
 def check_torch_model(version_dir: Path) -> None:
     """Rebuild the module from ``version_dir`` alone and run it (CPU, float32) at the spec's check
     sizes: the folder is complete and the outputs have the spec's names, count and known axes.

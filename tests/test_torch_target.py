@@ -32,6 +32,7 @@ from export.torch_model import (
     TorchOptions,
     VariantError,
     VariantWeights,
+    base_state,
     batch_bucket,
     cuda_dtype_for,
     load_component,
@@ -363,7 +364,9 @@ def test_triton_models_serve_lora_variants_like_diffusers_fused_weights(
     repo = repository("sd", TORCH)
     key = "0123456789abcdef"
     for component in ("unet", "text_encoder"):
-        deltas = merge_deltas(load_base_state(model_dir, component), [(lora, 0.7)], component)
+        state = base_state(repo / component)  # what the service merges into on this target
+        torch.testing.assert_close(state, load_base_state(model_dir, component), atol=0, rtol=0)
+        deltas = merge_deltas(state, [(lora, 0.7)], component)
         assert deltas
         (repo / component / VARIANTS_DIR).mkdir(exist_ok=True)
         save_file(
