@@ -90,6 +90,7 @@ def test_batch_buckets() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_repository_layout(family: str, repository: Callable[..., Path]) -> None:
     repo = repository(family, TORCH)
@@ -179,6 +180,7 @@ def test_export_is_reused_and_cli_takes_the_target(tmp_path: Path, tiny_model: C
     assert config.parameters["channels_last"].string_value == "true"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_runner_matches_the_component_module(
     family: str, repository: Callable[..., Path], tiny_model: Callable[[str], Path]
