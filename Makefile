@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 OPEN_CLIP_VERSION ?= 3.3.0
 FAMILY ?= sd
+# What Triton runs: python-onnx (onnxruntime, the CPU default) or python-torch (the diffusers modules).
+TARGET ?= python-onnx
 MODEL_ID ?= models/tiny-$(FAMILY)
-MODEL_REPOSITORY ?= model_repository/tiny-$(FAMILY)
+MODEL_REPOSITORY ?= model_repository/tiny-$(FAMILY)$(if $(filter-out python-onnx,$(TARGET)),-$(TARGET))
 PORT ?= 8000
 
 .PHONY: install serve tiny export test lint bench clean
@@ -32,7 +34,7 @@ tiny: install
 
 export: install
 	$(if $(filter models/tiny-%,$(MODEL_ID)),$(MAKE) --no-print-directory tiny,)
-	$(BIN)/t2i-export $(MODEL_ID) --target python-onnx --out $(MODEL_REPOSITORY)
+	$(BIN)/t2i-export $(MODEL_ID) --target $(TARGET) --out $(MODEL_REPOSITORY)
 
 # The embedded default: the bundled Triton on CPU serving the tiny model, the service on $(PORT).
 serve: export

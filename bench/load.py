@@ -55,6 +55,7 @@ import httpx
 import numpy as np
 
 from bench import machine
+from export.repository import TARGETS, Target
 
 logger = logging.getLogger("bench.load")
 
@@ -246,15 +247,18 @@ class Prepared:
     repository: Path
 
 
-def prepare(work: Path) -> Prepared:
+def prepare(work: Path, target: Target = "python-onnx") -> Prepared:
     from export.repository import RepositoryOptions, export_repository
     from export.tiny import build_tiny_model
 
     started = time.perf_counter()
     model_dir = build_tiny_model("sd", work / "models" / "tiny-sd")
     # check=False: no ONNX-vs-torch comparison at export (the test suite does that for the tiny model).
+    name = "sd" if target == "python-onnx" else f"sd-{target}"
     repository = export_repository(
-        str(model_dir), work / "repositories" / "sd", RepositoryOptions(check=False)
+        str(model_dir),
+        work / "repositories" / name,
+        RepositoryOptions(target=target, check=False),
     )
     logger.info("model and repository ready in %.1f s", time.perf_counter() - started)
     return Prepared(model_dir, repository)
@@ -743,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=16, help="requests per level and for the baseline")
     parser.add_argument("--warmup", type=int, default=1, help="untimed requests per size before measuring")
     parser.add_argument("--no-baseline", action="store_true", help="skip diffusers in-process")
+    parser.add_argument(
+        "--target", choices=TARGETS, default="python-onnx", help="Triton target (default python-onnx)"
+    )
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="cache of the model and repository")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -766,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     uptime_before = _uptime()
     started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
-    prepared = prepare(args.work)
+    prepared = prepare(args.work, cast(Target, args.target))
     baselines = [] if args.no_baseline else run_baseline(prepared, bodies, args.requests, args.warmup)
     max_pixels = max(1024 * 1024, *(s.width * s.height for s in sizes))
     with running_stack(prepared, args.work, max(levels), max_pixels) as stack:

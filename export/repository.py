@@ -15,7 +15,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -27,17 +27,21 @@ from export.onnx_export import check_onnx, export_onnx
 from export.safety import SafetyCheckerSource, model_safety_checker
 from export.source import ModelSource, resolve_model
 from export.specs import ModelSpec, TensorSpec
+from export.torch_model import TorchOptions, check_torch_model, cuda_dtype_for, write_torch_model
 
 logger = logging.getLogger(__name__)
 
-Target = Literal["python-onnx"]
-TARGETS: tuple[Target, ...] = ("python-onnx",)
+Target = Literal["python-onnx", "python-torch"]
+TARGETS: tuple[Target, ...] = ("python-onnx", "python-torch")
 
 # Bump when the exported graphs or the generated configs change meaning, to invalidate caches.
 EXPORT_VERSION = "2"
 FINGERPRINT_FILE = ".export.json"
 MANIFEST_FILE = "t2i-repository.json"
 PYTHON_ONNX_MODEL = Path(__file__).resolve().parents[1] / "model_repository" / "python_onnx" / "model.py"
+PYTHON_TORCH_MODEL = Path(__file__).resolve().parents[1] / "model_repository" / "python_torch" / "model.py"
+# The python-backend model.py each target copies into every model directory.
+PYTHON_MODELS: dict[str, Path] = {"python-onnx": PYTHON_ONNX_MODEL, "python-torch": PYTHON_TORCH_MODEL}
 
 _DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64}
 
@@ -47,6 +51,8 @@ class RepositoryOptions:
     target: Target = "python-onnx"
     check: bool = True
     max_queue_delay_us: int = 2000
+    # python-torch only: how the module runs (GPU speed switches, resident LoRA variants).
+    torch: TorchOptions = field(default_factory=TorchOptions)
 
 
 def model_config(spec: ModelSpec, options: RepositoryOptions) -> mc.ModelConfig:
@@ -56,6 +62,14 @@ def model_config(spec: ModelSpec, options: RepositoryOptions) -> mc.ModelConfig:
         config.backend = "python"
         config.parameters["onnx_file"].string_value = "model.onnx"
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    elif options.target == "python-torch":
+        config.backend = "python"
+        for key, value in options.torch.parameters().items():
+            config.parameters[key].string_value = value
+        # Inputs may stay in GPU memory (DLPack hands them to torch as they are).
+        config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
+        # One instance per GPU where there are GPUs, else one on CPU.
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
     for t in spec.inputs:
         _tensor(config.input.add(), t)
     for t in spec.outputs:
@@ -117,7 +131,12 @@ def export_repository(
             logger.info("%s: unchanged, reusing %s", step, model_dir)
             continue
         logger.info("%s: exporting from %s ...", step, roots[name])
-        _build_model(component, options, model_dir, fingerprint, extras.get(name))
+        if options.target == "python-torch":
+            _build_torch_model(
+                component, options, model_dir, fingerprint, roots[name], source, extras.get(name)
+            )
+        else:
+            _build_model(component, options, model_dir, fingerprint, extras.get(name))
     manifest = {
         "model": str(source.path),
         "pipeline": source.pipeline_class,
@@ -156,6 +175,34 @@ def _build_model(
     staging.rename(model_dir)
 
 
+def _build_torch_model(
+    component: Component,
+    options: RepositoryOptions,
+    model_dir: Path,
+    fingerprint: str,
+    root: Path,
+    source: ModelSource,
+    write_extras: Callable[[Path], object] | None = None,
+) -> None:
+    """A python-torch model directory: the module's source files (no ONNX), checked by running the
+    module rebuilt from them at the spec's check sizes."""
+    spec = component.spec
+    staging = model_dir.with_name(f".{model_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    version_dir = staging / "1"
+    write_torch_model(component, root, version_dir, cuda_dtype=cuda_dtype_for(source, spec))
+    if options.check:
+        check_torch_model(version_dir)
+    shutil.copyfile(PYTHON_TORCH_MODEL, version_dir / "model.py")
+    (staging / "config.pbtxt").write_text(config_text(model_config(spec, options)))
+    if write_extras is not None:
+        write_extras(staging)
+    (staging / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    staging.rename(model_dir)
+
+
 def _cached(model_dir: Path, fingerprint: str) -> bool:
     try:
         recorded = json.loads((model_dir / FINGERPRINT_FILE).read_text())["fingerprint"]
@@ -171,7 +218,7 @@ def _fingerprint(root: Path, component: Component, options: RepositoryOptions) -
     """
     h = hashlib.sha256()
     h.update(f"{EXPORT_VERSION}|{component.spec!r}|{options!r}|{component.trace_sizes!r}".encode())
-    h.update(PYTHON_ONNX_MODEL.read_bytes())
+    h.update(PYTHON_MODELS[options.target].read_bytes())
     for sub in component.subfolders:
         for f in sorted((root / sub).rglob("*")):
             if f.is_file():

@@ -38,7 +38,7 @@ from export.lora import (
     onnx_state,
     write_merged_onnx,
 )
-from export.repository import FINGERPRINT_FILE
+from export.repository import FINGERPRINT_FILE, MANIFEST_FILE
 from server.errors import BadRequest, InferenceFailed
 from server.metrics import Metrics
 from server.settings import Settings
@@ -102,6 +102,8 @@ class VariantManager:
     @contextlib.asynccontextmanager
     async def use(self, loras: dict[str, float]) -> AsyncIterator[VariantModels]:
         """The models for ``loras`` (built and loaded as needed), kept loaded while the block runs."""
+        if any(w != 0 for w in loras.values()):
+            self._check_target()
         sources = [_Source(i, self._resolve(i), w) for i, w in sorted(loras.items()) if w != 0]
         if not sources:
             yield self.base
@@ -162,6 +164,17 @@ class VariantManager:
                     await client.unload_model(name)
             logger.info("unloaded LoRA variant %s (least recently used)", key)
         self.metrics.variants_loaded.set(len(self._loaded))
+
+    def _check_target(self) -> None:
+        """Variants are built here as merged ONNX graphs, which a python-torch repository has none of
+        (its models take ``variants/<key>.safetensors`` overrides and the ``lora_variant`` request
+        parameter): refuse LoRAs there with a clear 400 rather than fail the build."""
+        try:
+            target = json.loads((self.repository / MANIFEST_FILE).read_text()).get("target")
+        except (OSError, ValueError, AttributeError):
+            return
+        if target == "python-torch":
+            raise BadRequest("LoRAs are not available on the python-torch target of this service yet.")
 
     def _resolve(self, lora_id: str) -> Path:
         """A local file or folder, a name under LORA_DIR, or a Hub repository (where there is network)."""

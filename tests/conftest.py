@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 from litestar import Litestar
 
-from export.repository import export_repository
+from export.repository import RepositoryOptions, export_repository
 from export.tiny import build_tiny_model
 from server.app import create_app
 from server.runtime import repository_models
@@ -29,6 +29,7 @@ from server.settings import Settings
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 
 FAMILIES = ("sd", "sdxl")
+DEFAULT_TARGET = "python-onnx"
 
 # For tests that only need the bundled tritonserver; the project always installs it.
 needs_triton = pytest.mark.skipif(
@@ -50,32 +51,54 @@ def tiny_model(work_dir: Path) -> Callable[[str], Path]:
     return get
 
 
+# The targets the bundled (CPU) Triton serves; python-torch starts its own Triton per family whose
+# models import torch and diffusers, so its half of a parametrised test is marked slow.
+CPU_TARGETS = (DEFAULT_TARGET, pytest.param("python-torch", marks=pytest.mark.slow))
+
+
+@pytest.fixture(params=CPU_TARGETS)
+def target(request: pytest.FixtureRequest) -> str:
+    """Each CPU Triton target (python-onnx, python-torch): tests that take it run once per target."""
+    return str(request.param)
+
+
+def _suffix(target: str) -> str:
+    return "" if target == DEFAULT_TARGET else f"-{target}"
+
+
 @pytest.fixture(scope="session")
-def repository(work_dir: Path, tiny_model: Callable[[str], Path]) -> Callable[[str], Path]:
-    def get(family: str) -> Path:
-        return export_repository(str(tiny_model(family)), work_dir / "repositories" / family)
+def repository(work_dir: Path, tiny_model: Callable[[str], Path]) -> Callable[..., Path]:
+    """``repository(family, target="python-onnx")``: the tiny model exported for that target."""
+
+    def get(family: str, target: str = DEFAULT_TARGET) -> Path:
+        out = work_dir / "repositories" / f"{family}{_suffix(target)}"
+        return export_repository(str(tiny_model(family)), out, RepositoryOptions(target=target))  # type: ignore[arg-type]
 
     return get
 
 
 @pytest.fixture(scope="session")
-def triton(work_dir: Path, repository: Callable[[str], Path]) -> Iterator[Callable[[str], BundledTriton]]:
-    """A running bundled tritonserver per family, started on first use, stopped at the end."""
-    servers: dict[str, BundledTriton] = {}
+def triton(work_dir: Path, repository: Callable[..., Path]) -> Iterator[Callable[..., BundledTriton]]:
+    """``triton(family, target="python-onnx")``: a running bundled tritonserver per family and target,
+    started on first use, stopped at the end."""
+    servers: dict[tuple[str, str], BundledTriton] = {}
 
-    def get(family: str) -> BundledTriton:
-        if family not in servers or not servers[family].is_running():
+    def get(family: str, target: str = DEFAULT_TARGET) -> BundledTriton:
+        key = (family, target)
+        if key not in servers or not servers[key].is_running():
             # Explicit model control, as the service runs it: LoRA variants load and unload on demand.
             config = TritonLaunchConfig(
-                model_repository=repository(family),
-                state_dir=work_dir / f"state-{family}",
+                model_repository=repository(family, target),
+                state_dir=work_dir / f"state-{family}{_suffix(target)}",
                 explicit_model_control=True,
-                load_models=repository_models(repository(family)),
+                load_models=repository_models(repository(family, target)),
+                # python-torch models import torch and diffusers in each model's stub process first.
+                startup_timeout_s=120 if target == DEFAULT_TARGET else 600,
             )
             server = BundledTriton(config)
             server.start()
-            servers[family] = server
-        return servers[family]
+            servers[key] = server
+        return servers[key]
 
     yield get
     for server in servers.values():
@@ -129,21 +152,26 @@ def running_service(
 
 @pytest.fixture(scope="session")
 def service(
-    tiny_model: Callable[[str], Path], triton: Callable[[str], BundledTriton]
+    tiny_model: Callable[[str], Path],
+    triton: Callable[..., BundledTriton],
+    repository: Callable[..., Path],
 ) -> Iterator[Callable[..., str]]:
-    """``service(family, **settings)`` -> base URL of a ready service on that family's Triton.
+    """``service(family, target="python-onnx", **settings)`` -> base URL of a ready service on that
+    family's Triton for that target (a target other than the default also sets MODEL_REPOSITORY).
 
     Services with the same arguments are shared for the session.
     """
     stack = contextlib.ExitStack()
     urls: dict[tuple, str] = {}
 
-    def get(family: str, **overrides: object) -> str:
-        key = (family, tuple(sorted(overrides.items())))
+    def get(family: str, target: str = DEFAULT_TARGET, **overrides: object) -> str:
+        key = (family, target, tuple(sorted(overrides.items())))
         if key not in urls:
+            if target != DEFAULT_TARGET:
+                overrides = {"model_repository": repository(family, target), **overrides}
             settings = Settings(
                 model_id=str(tiny_model(family)),
-                triton_url=triton(family).grpc_url,
+                triton_url=triton(family, target).grpc_url,
                 **overrides,  # type: ignore[arg-type]
             )
             urls[key] = stack.enter_context(running_service(settings)).url
