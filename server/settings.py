@@ -37,6 +37,7 @@ ENV_NAMES: dict[str, str] = {
     "MAX_LORA_VARIANTS": "max_lora_variants",
     "WARMUP": "warmup",
     "TORCH_THREADS": "torch_threads",
+    "TRITONSERVER": "tritonserver",
 }
 
 
@@ -79,6 +80,9 @@ class Settings:
     startup_timeout_s: float = 300.0
     warmup: bool = True
     torch_threads: int = 1
+    # The tritonserver binary to start when TRITON_URL is empty: this path; empty: `tritonserver` on
+    # PATH (the Docker image's), else the one bundled in the nvidia-pytriton wheel.
+    tritonserver: str = ""
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
