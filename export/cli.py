@@ -1,10 +1,11 @@
-"""``t2i-export MODEL --target python-onnx|tensorrt --out DIR``: a diffusers model -> a Triton model repository."""
+"""``t2i-export MODEL --target python-onnx|tensorrt --out DIR``: a diffusers model -> a Triton repository."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from export import tensorrt
@@ -32,7 +33,7 @@ def _resolutions(text: str) -> tuple[tensorrt.Resolution, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive(kind: type[int] | type[float]) -> object:
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         type=_resolutions,
         default=(),
         metavar="WxH[,WxH...]",
-        help="image sizes the engines serve, one optimisation profile each "
-        f"(default: the model's native square size and {tensorrt.Resolution(*tensorrt.API_DEFAULT_RESOLUTION)})",
+        help="image sizes the engines serve, one optimisation profile each (default: the model's native "
+        f"square size and {tensorrt.Resolution(*tensorrt.API_DEFAULT_RESOLUTION)})",
     )
     engines.add_argument(
         "--max-batch",
@@ -83,10 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         f"(default {tensorrt.DEFAULT_MAX_BATCH})",
     )
     engines.add_argument(
-        "--gpus", type=_gpus, default=(), metavar="0,1", help="GPUs Triton places the models on (default: all)"
+        "--gpus",
+        type=_gpus,
+        default=(),
+        metavar="0,1",
+        help="GPUs Triton places the models on (default: all)",
     )
     engines.add_argument(
-        "--workspace-gib", type=_positive(float), default=None, help="TensorRT workspace limit (default: the GPU's)"
+        "--workspace-gib",
+        type=_positive(float),
+        default=None,
+        help="TensorRT workspace limit (default: the GPU's)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

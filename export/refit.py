@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import re
 import shutil
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any

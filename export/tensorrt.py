@@ -106,8 +106,8 @@ def default_resolutions(native_size: int) -> tuple[Resolution, ...]:
 
 
 def check_resolutions(resolutions: Sequence[Resolution], vae_scale: int) -> None:
-    """Raise :class:`ResolutionError` unless every side is a multiple of the VAE scale of at least 8 latents (the
-    service's own rule for height and width)."""
+    """Raise :class:`ResolutionError` unless every side is a multiple of the VAE scale of at least 8
+    latents (the service's own rule for height and width)."""
     minimum = MIN_LATENT_SIDE * vae_scale
     for r in resolutions:
         for side in (r.width, r.height):
@@ -185,7 +185,9 @@ def engine_profiles(
     profiles = []
     for resolution, sides in fixed:
         sizes = [{**sides, "batch": b} for b in (batch.min, batch.opt, batch.max)]
-        shapes = {t.name: (t.concrete(sizes[0]), t.concrete(sizes[1]), t.concrete(sizes[2])) for t in spec.inputs}
+        shapes = {
+            t.name: (t.concrete(sizes[0]), t.concrete(sizes[1]), t.concrete(sizes[2])) for t in spec.inputs
+        }
         profiles.append(Profile(resolution, shapes, sizes[1]))
     return profiles
 
@@ -256,7 +258,9 @@ def require_tensorrt() -> Any:
             f"{str(e).splitlines()[0] if str(e) else 'not importable'}) and a CUDA GPU; {DOCKER_HINT}"
         ) from None
     if not hasattr(trt, "Builder"):
-        raise TensorRTUnavailable(f"the 'tensorrt' package here is a stub without the TensorRT API; {DOCKER_HINT}")
+        raise TensorRTUnavailable(
+            f"the 'tensorrt' package here is a stub without the TensorRT API; {DOCKER_HINT}"
+        )
     return trt
 
 
@@ -264,7 +268,9 @@ def require_cuda() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise TensorRTUnavailable(f"--target tensorrt needs a CUDA GPU and none is visible here; {DOCKER_HINT}")
+        raise TensorRTUnavailable(
+            f"--target tensorrt needs a CUDA GPU and none is visible here; {DOCKER_HINT}"
+        )
 
 
 def current_host(device: int = 0) -> EngineHost:
@@ -346,7 +352,9 @@ def build_engine(
     cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
     if not config.set_timing_cache(cache, ignore_mismatch=False):
-        logger.warning("%s: timing cache %s is from another GPU or TensorRT; starting a new one", spec.name, timing_cache)
+        logger.warning(
+            "%s: timing cache %s is from another GPU or TensorRT; starting a new one", spec.name, timing_cache
+        )
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     monitor = _progress_monitor(trt, spec.name)
     config.progress_monitor = monitor
@@ -361,7 +369,9 @@ def build_engine(
     )
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError(f"{spec.name}: TensorRT could not build the engine (see the TensorRT log above)")
+        raise EngineBuildError(
+            f"{spec.name}: TensorRT could not build the engine (see the TensorRT log above)"
+        )
     _write_atomic(plan_path, memoryview(serialized))
     _write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
     logger.info(
@@ -448,10 +458,16 @@ def check_engine(
         for name, ref, out in zip(outputs, expected, got, strict=True):
             ref32 = ref.astype(np.float32)
             if ref32.shape != out.shape:
-                raise EngineMismatchError(f"{spec.name}.{name}: engine shape {out.shape} != {runner} {ref32.shape}")
+                raise EngineMismatchError(
+                    f"{spec.name}.{name}: engine shape {out.shape} != {runner} {ref32.shape}"
+                )
             error = float(np.abs(ref32 - out.astype(np.float32)).max())
             allowed = tolerance.allowed(float(np.abs(ref32).max()))
-            results.append(CheckResult(dict(profile.opt_sizes), name, error if np.isfinite(error) else float("inf"), allowed))
+            results.append(
+                CheckResult(
+                    dict(profile.opt_sizes), name, error if np.isfinite(error) else float("inf"), allowed
+                )
+            )
     for r in results:
         logger.info("%s engine vs %s: %s", spec.name, runner, r)
     bad = [r for r in results if not r.ok]

@@ -39,8 +39,8 @@ from export.precision import (
 from export.refit import variant_model_name, variant_refit_map
 from export.repository import RepositoryOptions, config_text, model_config
 from export.source import ModelSource
-from export.tiny_lora import build_tiny_lora
 from export.tensorrt import EngineHost, EngineOptions, Resolution
+from export.tiny_lora import build_tiny_lora
 from server.engines import (
     EngineHostMismatch,
     NotExported,
@@ -106,9 +106,9 @@ def test_fp16_graphs_match_torch_with_the_same_names(
         spec = spec_of[name]
         assert [i.name for i in model.graph.input] == [t.name for t in spec.inputs]
         assert [o.name for o in model.graph.output] == [t.name for t in spec.outputs]
-        assert all(
-            o.type.tensor_type.elem_type == FLOAT for o in model.graph.output
-        ), "outputs stay float32 whatever the precision"
+        assert all(o.type.tensor_type.elem_type == FLOAT for o in model.graph.output), (
+            "outputs stay float32 whatever the precision"
+        )
         assert {i.data_type for i in model.graph.initializer} == {FLOAT16}
         fp32_graph = fp32_repository / name / "1" / "model.onnx"
         prefix = ONNX_PREFIXES.get(name, "")
@@ -228,7 +228,9 @@ def test_profiles_per_bucket_and_batch() -> None:
 
 
 @pytest.mark.parametrize(("gpus", "expected_gpus"), [((), []), ((0, 1), [0, 1])])
-def test_tensorrt_configs_parse_back_through_the_protobuf(gpus: tuple[int, ...], expected_gpus: list[int]) -> None:
+def test_tensorrt_configs_parse_back_through_the_protobuf(
+    gpus: tuple[int, ...], expected_gpus: list[int]
+) -> None:
     options = RepositoryOptions(target="tensorrt", engine=EngineOptions(max_batch=8, gpus=gpus))
     unet = tensorrt.engine_spec(_unet(sdxl=False), max_batch=8)
     text = config_text(model_config(unet, options, profiles=2))
@@ -294,7 +296,12 @@ def test_service_reads_buckets_and_host_from_the_manifest(tmp_path: Path) -> Non
     assert read_repository(tmp_path) == RepositoryEngines()
     (tmp_path / "t2i-repository.json").write_text(
         json.dumps(
-            {"target": "tensorrt", "models": [], "resolutions": ["1024x576", "512x512"], "engine": H100.as_dict()}
+            {
+                "target": "tensorrt",
+                "models": [],
+                "resolutions": ["1024x576", "512x512"],
+                "engine": H100.as_dict(),
+            }
         )
     )
     engines = read_repository(tmp_path)
@@ -362,7 +369,16 @@ def test_tensorrt_target_without_tensorrt_exits_2_with_one_line(tmp_path: Path) 
     except Exception:
         pass
     result = subprocess.run(
-        [sys.executable, "-m", "export.cli", str(tmp_path / "model"), "--target", "tensorrt", "--out", str(tmp_path / "r")],
+        [
+            sys.executable,
+            "-m",
+            "export.cli",
+            str(tmp_path / "model"),
+            "--target",
+            "tensorrt",
+            "--out",
+            str(tmp_path / "r"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
