@@ -328,10 +328,12 @@ def build_engine(
     start = time.perf_counter()
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
-    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    # Explicit batch is the only mode in TensorRT 10 (its flag is deprecated, gone in 11): flags 0.
-    network = builder.create_network(flags)
+    # Strongly typed where the flag exists (TensorRT 9.1 to 10.x; where it is gone, as weak typing is in
+    # TensorRT 11, networks are strongly typed and the FP16/BF16 builder flags are gone with it).
+    # Explicit batch is the only mode since TensorRT 10 (its flag is deprecated, gone in 11): no flag.
+    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    strongly_typed = typed_flag is not None
+    network = builder.create_network(1 << int(typed_flag) if strongly_typed else 0)
     parser = trt.OnnxParser(network, trt_logger)
     # parse_from_file finds external weight files (``model.onnx.data``) beside the graph.
     if not parser.parse_from_file(str(onnx_path)):
@@ -340,8 +342,9 @@ def build_engine(
     config = builder.create_builder_config()
     if options.workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
-    if not strongly_typed and precision != "fp32":
-        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+    precision_flag = getattr(trt.BuilderFlag, {"fp16": "FP16", "bf16": "BF16"}.get(precision, ""), None)
+    if not strongly_typed and precision_flag is not None:
+        config.set_flag(precision_flag)
     if refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
     for p in profiles:
