@@ -333,7 +333,7 @@ def build_engine(
     # Explicit batch is the only mode since TensorRT 10 (its flag is deprecated, gone in 11): no flag.
     typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     strongly_typed = typed_flag is not None
-    network = builder.create_network(1 << int(typed_flag) if strongly_typed else 0)
+    network = builder.create_network(0 if typed_flag is None else 1 << int(typed_flag))
     parser = trt.OnnxParser(network, trt_logger)
     # parse_from_file finds external weight files (``model.onnx.data``) beside the graph.
     if not parser.parse_from_file(str(onnx_path)):
