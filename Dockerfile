@@ -39,8 +39,11 @@ COPY model_repository/python_onnx ./model_repository/python_onnx
 # The service and the export toolchain (no [triton] extra: the image's own tritonserver is used).
 # open_clip_torch only for its BPE vocabulary (tiny models' tokenizers), without its dependencies.
 # DL3013: "." is this project; its dependencies are pinned in pyproject.toml.
+# onnxruntime-gpu replaces the CPU wheel (same module): the engine check runs the reference on CUDA.
 # hadolint ignore=DL3013
 RUN pip install ".[export]" \
+    && pip uninstall -y onnxruntime \
+    && pip install "onnxruntime-gpu==1.31.1" \
     && pip install --no-deps "open_clip_torch==3.3.0" \
     && python3 -c "import server.app, export.cli"
 

@@ -108,14 +108,18 @@ class CheckResult:
 OnnxRunner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 
-def onnx_runner(path: Path, spec: ModelSpec) -> tuple[OnnxRunner, str]:
-    """A CPU runner of the graph at ``path`` and its name: onnxruntime, or onnx's reference evaluator
-    where onnxruntime's CPU provider has no kernel for an op at the graph's types (fp16 Conv, bf16)."""
+def onnx_runner(path: Path, spec: ModelSpec, gpu: bool = False) -> tuple[OnnxRunner, str]:
+    """A runner of the graph at ``path`` and its name: onnxruntime (on CUDA too with ``gpu`` where
+    onnxruntime-gpu is installed), or onnx's reference evaluator where onnxruntime's CPU provider has
+    no kernel for an op at the graph's types (bf16)."""
     import onnxruntime as ort
 
     names = [t.name for t in spec.outputs]
+    providers = ["CPUExecutionProvider"]
+    if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), providers=providers)
     except Exception as e:  # onnxruntime raises its own NotImplemented/Fail classes
         if "NOT_IMPLEMENTED" not in str(e) and "Could not find an implementation" not in str(e):
             raise
@@ -124,7 +128,7 @@ def onnx_runner(path: Path, spec: ModelSpec) -> tuple[OnnxRunner, str]:
         logger.info("%s: onnxruntime-CPU lacks a kernel (%s); using onnx's reference evaluator", path, e)
         evaluator = ReferenceEvaluator(str(path))
         return (lambda feeds: list(evaluator.run(names, feeds))), "onnx.reference"
-    return (lambda feeds: list(session.run(names, feeds))), "onnxruntime"
+    return (lambda feeds: list(session.run(names, feeds))), f"onnxruntime ({providers[0]})"
 
 
 def check_onnx(

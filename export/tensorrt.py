@@ -450,7 +450,7 @@ def check_engine(
 
     Raises :class:`EngineMismatchError` listing every result when one is past ``tolerance``.
     """
-    reference, runner = onnx_runner(onnx_path, spec)
+    reference, runner = onnx_runner(onnx_path, spec, gpu=True)
     engine = EngineRunner(plan_path.read_bytes(), spec.name)
     outputs = [t.name for t in spec.outputs]
     results: list[CheckResult] = []
