@@ -106,6 +106,8 @@ def export_repository(
     extractor's ``preprocessor_config.json`` under ``safety_checker/feature_extractor/``.
     """
     options = options or RepositoryOptions()
+    # The same export whether its precision was named or defaulted (one fingerprint).
+    options = replace(options, precision=options.resolved_precision)
     host: tensorrt.EngineHost | None = None
     if options.target == "tensorrt":
         # Before any work: without TensorRT and a GPU nothing of this export could be used.
