@@ -433,6 +433,7 @@ class EngineRunner:
             tensor = torch.empty(shape, dtype=getattr(torch, dtype.name), device="cuda")
             results[name] = tensor
             self.context.set_tensor_address(name, tensor.data_ptr())
+        torch.cuda.synchronize()  # the copies to the GPU ran on the default stream
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise EngineBuildError(f"{self.name}: execute_async_v3 failed (see the TensorRT log)")
         stream.synchronize()
