@@ -13,7 +13,7 @@ MODEL_ID ?= models/tiny-$(FAMILY)
 MODEL_REPOSITORY ?= model_repository/tiny-$(FAMILY)$(if $(filter-out python-onnx,$(TARGET)),-$(TARGET))
 PORT ?= 8000
 
-.PHONY: install serve tiny export test lint bench clean
+.PHONY: install serve tiny export test test-gpu lint bench clean
 
 # Installs once per change of pyproject.toml.
 install: $(VENV)/.installed
@@ -40,13 +40,20 @@ export: install
 serve: export
 	MODEL_ID=$(MODEL_ID) MODEL_REPOSITORY=$(MODEL_REPOSITORY) PORT=$(PORT) $(BIN)/t2i-serve
 
+# GPU tests are left out here; `make test-gpu` runs them (on a GPU host, or in the Docker image).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+# Engines for both tiny families, fp16 parity with diffusers, a refitted LoRA variant, OOM then 200.
+# Without a GPU or TensorRT each test is skipped with the reason.
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu -rs
 
 lint: install
 	$(BIN)/ruff check server export tests bench
 	$(BIN)/ruff format --check server export tests bench
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 
 # bench/RESULTS.md records each figure with the command that produced it.

@@ -1,16 +1,51 @@
-"""``t2i-export MODEL --target TARGET --out DIR``: a diffusers model -> a Triton model repository."""
+"""``t2i-export MODEL --target python-onnx|python-torch|tensorrt --out DIR``: a diffusers model -> a Triton
+repository."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from export import tensorrt
 from export.onnx_export import OnnxMismatchError
+from export.precision import PRECISIONS
+from export.refit import TensorRTUnavailable
 from export.repository import TARGETS, RepositoryOptions, export_repository
 from export.source import ModelSourceError
 from export.torch_model import COMPILE_MODES, TorchModelError, TorchOptions
+
+
+def _gpus(text: str) -> tuple[int, ...]:
+    try:
+        gpus = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of GPU indices such as 0,1") from None
+    if not gpus or any(g < 0 for g in gpus):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of GPU indices such as 0,1")
+    return gpus
+
+
+def _resolutions(text: str) -> tuple[tensorrt.Resolution, ...]:
+    try:
+        return tensorrt.parse_resolutions(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"'{text}' must be positive")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +71,42 @@ def main(argv: list[str] | None = None) -> int:
     torch_group.add_argument(
         "--max-lora-variants", type=int, default=TorchOptions.max_lora_variants, help="LoRA variants resident"
     )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="precision of the exported graphs (default: fp16 for GPU targets, fp32 for python-onnx); "
+        "SDXL's VAE decoder stays fp32 unless its VAE is fp16-safe",
+    )
+    engines = parser.add_argument_group("tensorrt target")
+    engines.add_argument(
+        "--resolutions",
+        type=_resolutions,
+        default=(),
+        metavar="WxH[,WxH...]",
+        help="image sizes the engines serve, one optimisation profile each (default: the model's native "
+        f"square size and {tensorrt.Resolution(*tensorrt.API_DEFAULT_RESOLUTION)})",
+    )
+    engines.add_argument(
+        "--max-batch",
+        type=_positive(int),
+        default=tensorrt.DEFAULT_MAX_BATCH,
+        help="largest batch (rows) of every engine; a request of n images with guidance is 2n UNet rows "
+        f"(default {tensorrt.DEFAULT_MAX_BATCH})",
+    )
+    engines.add_argument(
+        "--gpus",
+        type=_gpus,
+        default=(),
+        metavar="0,1",
+        help="GPUs Triton places the models on (default: all)",
+    )
+    engines.add_argument(
+        "--workspace-gib",
+        type=_positive(float),
+        default=None,
+        help="TensorRT workspace limit (default: the GPU's)",
+    )
     args = parser.parse_args(argv)
     try:
         torch_options = TorchOptions(
@@ -47,15 +118,33 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = RepositoryOptions(
-        target=args.target,
-        check=not args.no_check,
-        max_queue_delay_us=args.max_queue_delay_us,
-        torch=torch_options,
-    )
     try:
+        options = RepositoryOptions(
+            target=args.target,
+            check=not args.no_check,
+            max_queue_delay_us=args.max_queue_delay_us,
+            torch=torch_options,
+            precision=args.precision,
+            engine=tensorrt.EngineOptions(
+                resolutions=args.resolutions,
+                max_batch=args.max_batch,
+                gpus=args.gpus,
+                workspace_gib=args.workspace_gib,
+            ),
+        )
         export_repository(args.model, args.out, options, safety_checker=args.safety_checker)
-    except (ModelSourceError, OnnxMismatchError, TorchModelError) as e:
+    except TensorRTUnavailable as e:
+        # One line, no traceback: what is missing and where it exists.
+        print(f"t2i-export: {e}", file=sys.stderr)
+        return 2
+    except (
+        ModelSourceError,
+        OnnxMismatchError,
+        TorchModelError,
+        tensorrt.EngineBuildError,
+        tensorrt.EngineMismatchError,
+        tensorrt.ResolutionError,
+    ) as e:
         logging.getLogger("t2i-export").error("%s", e)
         return 1
     return 0

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +24,15 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RefitError", "TensorRTUnavailable", "refit_engine", "refit_weights"]
+__all__ = [
+    "RefitError",
+    "TensorRTUnavailable",
+    "refit_engine",
+    "refit_variant",
+    "refit_weights",
+    "variant_model_name",
+    "variant_refit_map",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -146,3 +156,89 @@ def refit_engine(
         time.perf_counter() - start,
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA variants on the tensorrt target: the caller of refit_weights / refit_engine
+# --------------------------------------------------------------------------------------------------
+
+VARIANTS_DIR = "variants"
+_VARIANT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+def variant_model_name(model: str, key: str) -> str:
+    """The Triton model that serves variant ``key`` of ``model`` on the tensorrt target."""
+    if not _VARIANT_KEY.match(key):
+        raise ValueError(f"variant key {key!r} is not 16-64 lowercase hex digits")
+    return f"{model}__{key}"
+
+
+class _OnnxWeights(Mapping[str, np.ndarray]):
+    """The initializers of an ONNX graph by name, converted to arrays only when asked for (TensorRT
+    asks for a few weights it fused with the refitted ones, not for all of them)."""
+
+    def __init__(self, onnx_path: Path) -> None:
+        from export.lora import load_graph
+
+        self._inits = {init.name: init for init in load_graph(onnx_path).model.graph.initializer}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return np.ascontiguousarray(numpy_helper.to_array(self._inits[name]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._inits)
+
+    def __len__(self) -> int:
+        return len(self._inits)
+
+
+def variant_refit_map(base_onnx: Path, overrides: Path, model: str) -> dict[str, np.ndarray]:
+    """``{engine weight name: array}`` that turns the base engine of ``model`` into the variant whose
+    merged tensors are in ``overrides`` (``<repository>/<model>/variants/<key>.safetensors``, keyed
+    by the diffusers parameter names, in the base model's dtype). Runs anywhere (no TensorRT)."""
+    from safetensors.torch import load_file
+
+    from export.lora import ONNX_PREFIXES, onnx_state
+
+    prefix = ONNX_PREFIXES[model]
+    merged = load_file(str(overrides))
+    base_state = onnx_state(base_onnx, prefix)
+    # A fresh copy of the base engine holds no variant yet: previous deltas are empty.
+    return refit_weights(base_state, {}, merged, prefix=prefix)
+
+
+def refit_variant(repository: Path, model: str, key: str) -> Path:
+    """Build the Triton model ``<model>__<key>`` of a tensorrt repository: the base engine refitted
+    with the variant's overrides, and the base config under the variant's name.
+
+    The base model directory holds ``1/model.plan`` (built refittable) and ``1/model.onnx`` (the graph
+    it was built from, whose initializers are the base weights); the overrides file is written by
+    the LoRA variant builder. The directory is built beside its place and renamed in whole. Needs
+    TensorRT and the GPU the engine was built for (:class:`TensorRTUnavailable` otherwise).
+    """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    repository = Path(repository)
+    name = variant_model_name(model, key)
+    base_dir = repository / model
+    overrides = base_dir / VARIANTS_DIR / f"{key}.safetensors"
+    if not overrides.is_file():
+        raise FileNotFoundError(f"no overrides for variant {key} of {model}: {overrides}")
+    base_onnx, base_plan = base_dir / "1" / "model.onnx", base_dir / "1" / "model.plan"
+    weights = variant_refit_map(base_onnx, overrides, model)
+    final = repository / name
+    staging = repository / f".{name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        refit_engine(base_plan, staging / "1" / "model.plan", weights, _OnnxWeights(base_onnx))
+        config = text_format.Parse((base_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+        config.name = name
+        (staging / "config.pbtxt").write_text(text_format.MessageToString(config))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final

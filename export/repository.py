@@ -15,15 +15,17 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from export import tensorrt
 from export.modules import Component, components
 from export.onnx_export import check_onnx, export_onnx
+from export.precision import TOLERANCES, Precision, component_precision, default_precision, with_precision
 from export.safety import SafetyCheckerSource, model_safety_checker
 from export.source import ModelSource, resolve_model
 from export.specs import ModelSpec, TensorSpec
@@ -31,8 +33,8 @@ from export.torch_model import TorchOptions, check_torch_model, cuda_dtype_for, 
 
 logger = logging.getLogger(__name__)
 
-Target = Literal["python-onnx", "python-torch"]
-TARGETS: tuple[Target, ...] = ("python-onnx", "python-torch")
+Target = Literal["python-onnx", "python-torch", "tensorrt"]
+TARGETS: tuple[Target, ...] = ("python-onnx", "python-torch", "tensorrt")
 
 # Bump when the exported graphs or the generated configs change meaning, to invalidate caches.
 EXPORT_VERSION = "2"
@@ -53,10 +55,20 @@ class RepositoryOptions:
     max_queue_delay_us: int = 2000
     # python-torch only: how the module runs (GPU speed switches, resident LoRA variants).
     torch: TorchOptions = field(default_factory=TorchOptions)
+    # None: the target's default (fp16 for GPU targets, fp32 for python-onnx).
+    precision: Precision | None = None
+    # The tensorrt target's buckets, batch range, GPUs and workspace.
+    engine: tensorrt.EngineOptions = field(default_factory=tensorrt.EngineOptions)
+
+    @property
+    def resolved_precision(self) -> Precision:
+        return self.precision or default_precision(self.target)
 
 
-def model_config(spec: ModelSpec, options: RepositoryOptions) -> mc.ModelConfig:
-    """The Triton config of one model: batched I/O from the spec and the dynamic batcher on."""
+def model_config(spec: ModelSpec, options: RepositoryOptions, profiles: int = 1) -> mc.ModelConfig:
+    """The Triton config of one model: batched I/O from the spec and the dynamic batcher on.
+
+    ``profiles`` is the number of optimisation profiles of a tensorrt engine."""
     config = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
     if options.target == "python-onnx":
         config.backend = "python"
@@ -70,6 +82,8 @@ def model_config(spec: ModelSpec, options: RepositoryOptions) -> mc.ModelConfig:
         config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
         # One instance per GPU where there are GPUs, else one on CPU.
         config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
+    elif options.target == "tensorrt":
+        tensorrt.engine_config(config, spec, profiles, options.engine)
     for t in spec.inputs:
         _tensor(config.input.add(), t)
     for t in spec.outputs:
@@ -106,9 +120,22 @@ def export_repository(
     extractor's ``preprocessor_config.json`` under ``safety_checker/feature_extractor/``.
     """
     options = options or RepositoryOptions()
+    # The same export whether its precision was named or defaulted (one fingerprint).
+    options = replace(options, precision=options.resolved_precision)
+    host: tensorrt.EngineHost | None = None
+    if options.target == "tensorrt":
+        # Before any work: without TensorRT and a GPU nothing of this export could be used.
+        host = tensorrt.current_host(options.engine.gpus[0] if options.engine.gpus else 0)
+        logger.info("building TensorRT engines on %s", host)
     source = ModelSource(resolve_model(model_id, weights=True))
+    if options.target == "tensorrt":
+        resolutions = options.engine.resolutions or tensorrt.default_resolutions(source.default_size)
+        tensorrt.check_resolutions(resolutions, source.vae_scale_factor)
+        options = replace(options, engine=replace(options.engine, resolutions=resolutions))
     out.mkdir(parents=True, exist_ok=True)
     parts = components(source)
+    if options.target == "tensorrt":
+        parts = [replace(c, spec=tensorrt.engine_spec(c.spec, options.engine.max_batch)) for c in parts]
     # The folder each component's subfolders are relative to, and extra files written beside its config.
     roots = {c.spec.name: source.path for c in parts}
     extras: dict[str, Callable[[Path], object]] = {}
@@ -118,7 +145,12 @@ def export_repository(
         else SafetyCheckerSource.find(resolve_model(safety_checker, weights=True))
     )
     if checker is not None:
-        parts.append(checker.component())
+        checker_part = checker.component()
+        if options.target == "tensorrt":
+            checker_part = replace(
+                checker_part, spec=tensorrt.engine_spec(checker_part.spec, options.engine.max_batch)
+            )
+        parts.append(checker_part)
         roots[parts[-1].spec.name] = checker.root
         extras[parts[-1].spec.name] = checker.write_feature_extractor
     start = time.perf_counter()
@@ -126,6 +158,8 @@ def export_repository(
         name = component.spec.name
         step = f"[{i}/{len(parts)}] {name}"
         fingerprint = _fingerprint(roots[name], component, options)
+        if host is not None:
+            fingerprint = tensorrt.engine_fingerprint(fingerprint, host)
         model_dir = out / name
         if _cached(model_dir, fingerprint):
             logger.info("%s: unchanged, reusing %s", step, model_dir)
@@ -135,17 +169,37 @@ def export_repository(
             _build_torch_model(
                 component, options, model_dir, fingerprint, roots[name], source, extras.get(name)
             )
-        else:
-            _build_model(component, options, model_dir, fingerprint, extras.get(name))
-    manifest = {
+            continue
+        precision, reason = component_precision(
+            source if roots[name] == source.path else None, name, options.resolved_precision
+        )
+        logger.info("%s: %s (%s)", step, precision, reason)
+        build = _Build(precision, source.vae_scale_factor, host, out / tensorrt.TIMING_CACHE_FILE)
+        _build_model(component, options, model_dir, fingerprint, extras.get(name), build)
+    manifest: dict[str, object] = {
         "model": str(source.path),
         "pipeline": source.pipeline_class,
         "target": options.target,
         "models": [c.spec.name for c in parts],
+        "precision": options.resolved_precision,
     }
+    if host is not None:
+        # The service reads the buckets from here (a size outside them is a 400) and checks the host.
+        manifest["resolutions"] = [str(r) for r in options.engine.resolutions]
+        manifest["engine"] = host.as_dict()
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("repository %s ready in %.1f s", out, time.perf_counter() - start)
     return out
+
+
+@dataclass(frozen=True)
+class _Build:
+    """What one model's build needs beyond the component and the options."""
+
+    precision: Precision = "fp32"
+    vae_scale: int = 8
+    host: tensorrt.EngineHost | None = None
+    timing_cache: Path | None = None
 
 
 def _build_model(
@@ -154,22 +208,49 @@ def _build_model(
     model_dir: Path,
     fingerprint: str,
     write_extras: Callable[[Path], object] | None = None,
+    build: _Build | None = None,
 ) -> None:
+    build = build or _Build()
     spec = component.spec
     staging = model_dir.with_name(f".{model_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     version_dir = staging / "1"
     version_dir.mkdir(parents=True)
-    module = component.load().eval()
     onnx_path = version_dir / "model.onnx"
-    export_onnx(module, spec, component.trace_sizes, onnx_path)
+    module = component.load().eval()
+    export_onnx(with_precision(module, build.precision), spec, component.trace_sizes, onnx_path)
     if options.check:
-        check_onnx(module, spec, onnx_path)
-    shutil.copyfile(PYTHON_ONNX_MODEL, version_dir / "model.py")
-    (staging / "config.pbtxt").write_text(config_text(model_config(spec, options)))
+        # Against the module in float32, whatever the graph's precision: that is what parity means
+        # (an fp16 export converted the module in place, so the check loads it again).
+        reference = module if build.precision == "fp32" else component.load().eval()
+        check_onnx(reference, spec, onnx_path, TOLERANCES[build.precision])
+    del module
+    record: dict[str, object] = {"fingerprint": fingerprint, "precision": build.precision}
+    if options.target == "tensorrt":
+        assert build.host is not None and build.timing_cache is not None
+        profiles = tensorrt.engine_profiles(spec, options.engine.resolutions, build.vae_scale)
+        plan = version_dir / tensorrt.PLAN_FILE
+        tensorrt.build_engine(
+            onnx_path,
+            plan,
+            spec,
+            profiles,
+            precision=build.precision,
+            refittable=spec.name in tensorrt.REFITTABLE_MODELS,
+            options=options.engine,
+            timing_cache=build.timing_cache,
+        )
+        if options.check:
+            tensorrt.check_engine(plan, onnx_path, spec, profiles, TOLERANCES[build.precision])
+        config = model_config(spec, options, len(profiles))
+        record["engine"] = build.host.as_dict()
+    else:
+        shutil.copyfile(PYTHON_ONNX_MODEL, version_dir / "model.py")
+        config = model_config(spec, options)
+    (staging / "config.pbtxt").write_text(config_text(config))
     if write_extras is not None:
         write_extras(staging)
-    (staging / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    (staging / FINGERPRINT_FILE).write_text(json.dumps(record) + "\n")
     if model_dir.exists():
         shutil.rmtree(model_dir)
     staging.rename(model_dir)
@@ -218,7 +299,8 @@ def _fingerprint(root: Path, component: Component, options: RepositoryOptions) -
     """
     h = hashlib.sha256()
     h.update(f"{EXPORT_VERSION}|{component.spec!r}|{options!r}|{component.trace_sizes!r}".encode())
-    h.update(PYTHON_MODELS[options.target].read_bytes())
+    if options.target in PYTHON_MODELS:
+        h.update(PYTHON_MODELS[options.target].read_bytes())
     for sub in component.subfolders:
         for f in sorted((root / sub).rglob("*")):
             if f.is_file():

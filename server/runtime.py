@@ -20,6 +20,13 @@ import torch
 from export import specs
 from export.repository import MANIFEST_FILE
 from export.source import ModelSource, resolve_model
+from server.engines import (
+    RepositoryEngines,
+    check_engine_host,
+    read_repository,
+    require_exported,
+    running_host,
+)
 from server.errors import ServiceUnavailable
 from server.metrics import Metrics
 from server.pipeline.generate import GenerationRequest, TextToImagePipeline
@@ -28,7 +35,7 @@ from server.pipeline.rules import rule_for
 from server.pipeline.safety import SafetyChecker
 from server.settings import Settings
 from server.triton.client import TritonClient
-from server.triton.launcher import BundledTriton, TritonLaunchConfig
+from server.triton.launcher import BundledTriton, TritonLaunchConfig, system_tritonserver
 from server.variants import VariantManager
 
 logger = logging.getLogger(__name__)
@@ -59,6 +66,8 @@ class Runtime:
         self.model: DiffusionModel | None = None
         self._pipeline: TextToImagePipeline | None = None
         self.safety_checker: SafetyChecker | None = None
+        # The repository's TensorRT buckets and build host (empty for the python targets).
+        self.engines = RepositoryEngines()
         self._variants: VariantManager | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -124,6 +133,12 @@ class Runtime:
                 self._require_client,
                 self.metrics,
             )
+            repository = self.settings.model_repository.resolve()
+            running = await asyncio.to_thread(running_host)
+            if not self.settings.triton_url:
+                require_exported(repository, self.settings.model_id, gpu=running is not None)
+            self.engines = await asyncio.to_thread(read_repository, repository)
+            check_engine_host(self.engines, running, repository, self.settings.model_id)
         except Exception as e:
             self._fail(f"cannot load model '{self.settings.model_id}': {e}", permanent=True)
             return
@@ -165,7 +180,7 @@ class Runtime:
         if self._pipeline is None:
             pipeline = TextToImagePipeline(self.model, self.client)
             if self.settings.warmup:
-                await pipeline(_warmup_request(self.model))
+                await pipeline(_warmup_request(self.model, self.engines))
             self._pipeline = pipeline
 
     def _require_client(self) -> TritonClient:
@@ -208,6 +223,7 @@ class Runtime:
             # Explicit control: the base models load at start; LoRA variants load and unload on demand.
             explicit_model_control=True,
             load_models=repository_models(repository),
+            binary=system_tritonserver(self.settings.tritonserver),
         )
         self.triton = BundledTriton(config)
         await asyncio.to_thread(self.triton.start)
@@ -223,14 +239,19 @@ def repository_models(repository: Path) -> tuple[str, ...]:
     return tuple(str(name) for name in manifest.get("models", []))
 
 
-def _warmup_request(model: DiffusionModel) -> GenerationRequest:
-    """Smallest image the UNet takes, with guidance, so every model and code path runs once."""
+def _warmup_request(model: DiffusionModel, engines: RepositoryEngines) -> GenerationRequest:
+    """Smallest image the UNet takes (the smallest engine bucket on tensorrt), with guidance, so every
+    model and code path runs once."""
     side = 8 * model.vae_scale_factor
+    width, height = side, side
+    if engines.resolutions:
+        smallest = min(engines.resolutions, key=lambda r: r.width * r.height)
+        width, height = smallest.width, smallest.height
     return GenerationRequest(
         prompt="warm-up",
         negative_prompt="",
-        height=side,
-        width=side,
+        height=height,
+        width=width,
         guidance_scale=7.5,
         num_inference_steps=2,
         num_images=1,

@@ -121,6 +121,12 @@ class TextToImageService:
                 f"Image size {params.width}x{params.height} is above this service's limit "
                 f"of {s.max_pixels} pixels."
             )
+        engines = self.runtime.engines
+        if not engines.serves(params.width, params.height):
+            raise BadRequest(
+                f"Image size {params.width}x{params.height} is not served by this model's TensorRT engines; "
+                f"served sizes (width x height): {engines.served_sizes()}."
+            )
         if not math.isfinite(params.guidance_scale):
             raise BadRequest("guidance_scale must be a finite number.")
         n = params.num_images_per_prompt

@@ -38,6 +38,7 @@ ENV_NAMES: dict[str, str] = {
     "WARMUP": "warmup",
     "TORCH_THREADS": "torch_threads",
     "MAX_BODY_BYTES": "max_body_bytes",
+    "TRITONSERVER": "tritonserver",
 }
 
 
@@ -82,6 +83,9 @@ class Settings:
     torch_threads: int = 1
     # Request body size; a larger body is 413 before it is read in full.
     max_body_bytes: int = 1024 * 1024
+    # The tritonserver binary to start when TRITON_URL is empty: this path; empty: `tritonserver` on
+    # PATH (the Docker image's), else the one bundled in the nvidia-pytriton wheel.
+    tritonserver: str = ""
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -10,11 +10,11 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from server.errors import InferenceFailed, OutOfMemory, ServiceUnavailable
+from server.triton.oom import is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
 _UNAVAILABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED")
-_OOM_MARKERS = ("out of memory", "outofmemory", "cuda_error_out_of_memory", "failed to allocate")
 
 
 class TritonClient:
@@ -92,7 +92,7 @@ def _translate(model: str, e: InferenceServerException) -> Exception:
     text = str(e.message() or e)
     status = str(e.status() or "")
     logger.warning("Triton %s failed: %s %s", model, status, text)
-    if any(marker in text.lower() for marker in _OOM_MARKERS):
+    if is_out_of_memory(text):
         return OutOfMemory()
     if status in _UNAVAILABLE or "failed to connect" in text.lower() or "unavailable" in text.lower():
         return ServiceUnavailable("Triton Inference Server is unavailable; try again shortly.")

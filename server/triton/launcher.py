@@ -47,6 +47,7 @@ __all__ = [
     "build_command",
     "find_free_ports",
     "prepare_backend_directory",
+    "system_tritonserver",
     "tritonserver_binary",
     "tritonserver_env",
 ]
@@ -92,6 +93,10 @@ class TritonLaunchConfig:
     extra_args: tuple[str, ...] = ()
     # A fixed gRPC port (None: a free one), so a restarted server can come back where clients look.
     grpc_port: int | None = None
+    # A tritonserver installed on the host (the Docker image's /opt/tritonserver/bin/tritonserver, with
+    # its TensorRT, onnxruntime and python backends) run as it is: its own backend directory and
+    # libraries. None: the nvidia-pytriton wheel's binary, prepared as described above.
+    binary: Path | None = None
 
     @property
     def resolved_log_path(self) -> Path:
@@ -117,6 +122,18 @@ def _pytriton_dir() -> Path:
     if not locations:
         raise TritonStartError(f"cannot locate the pytriton package directory; {INSTALL_HINT}")
     return Path(locations[0])
+
+
+def system_tritonserver(setting: str = "") -> Path | None:
+    """The host's ``tritonserver``: the ``TRITONSERVER`` setting when given (it must be an executable
+    file), else ``tritonserver`` on ``PATH``, else None (use the wheel's)."""
+    if setting:
+        path = Path(setting)
+        if not path.is_file() or not os.access(path, os.X_OK):
+            raise TritonStartError(f"TRITONSERVER={setting} is not an executable file")
+        return path
+    found = shutil.which("tritonserver")
+    return Path(found) if found else None
 
 
 def _tritonserver_dist_dir() -> Path:
@@ -244,18 +261,17 @@ def build_command(
     config: TritonLaunchConfig,
     *,
     binary: Path,
-    backend_directory: Path,
+    backend_directory: Path | None,
     http_port: int,
     grpc_port: int,
     metrics_port: int | None,
 ) -> list[str]:
-    """The ``tritonserver`` command line for ``config`` on the given ports."""
-    cmd = [
-        str(binary),
-        "--model-repository",
-        str(config.model_repository),
-        "--backend-directory",
-        str(backend_directory),
+    """The ``tritonserver`` command line for ``config`` on the given ports (``backend_directory``
+    None: the binary's own)."""
+    cmd = [str(binary), "--model-repository", str(config.model_repository)]
+    if backend_directory is not None:
+        cmd += ["--backend-directory", str(backend_directory)]
+    cmd += [
         "--http-address",
         HOST,
         "--http-port",
@@ -436,11 +452,15 @@ class BundledTriton:
         if not repository.is_dir():
             raise TritonStartError(f"the model repository {repository} is not a directory")
 
-        binary = tritonserver_binary()
         state_dir = Path(config.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        backend_directory = prepare_backend_directory(state_dir)
-        env = tritonserver_env()
+        backend_directory: Path | None = None
+        if config.binary is not None:
+            binary, env = config.binary, dict(os.environ)
+        else:
+            binary = tritonserver_binary()
+            backend_directory = prepare_backend_directory(state_dir)
+            env = tritonserver_env()
 
         ports = find_free_ports(3 if config.metrics else 2)
         http_port, grpc_port = ports[0], config.grpc_port or ports[1]

@@ -1,0 +1,121 @@
+"""The precision each exported graph computes in, and the torch wrapper that exports it.
+
+GPU targets export fp16 (or bf16) graphs; the CPU target (python-onnx) exports fp32. The graph's
+inputs and outputs stay float32 whatever the precision: the wrapper casts at the edges, so the
+specs, the Triton configs and the service are the same for every precision, and TensorRT keeps the
+casts (two tiny kernels next to a UNet step).
+
+SDXL's VAE decoder overflows in fp16 (its activations pass 65504); diffusers marks such a VAE with
+``force_upcast`` (true by default, false on the "fp16-fix" VAE, ``madebyollin/sdxl-vae-fp16-fix``)
+and its SDXL pipeline decodes in fp32 when it is set. The export follows the same flag, for SDXL
+only, as diffusers does. The safety checker always stays fp32: it runs once per image, and its
+verdict is a threshold that a rounding difference could flip.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from export import specs
+from export.source import ModelSource
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECISIONS: tuple[Precision, ...] = ("fp16", "bf16", "fp32")
+
+TORCH_DTYPES: dict[Precision, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+ONNX_TYPE_NAMES: dict[Precision, str] = {"fp32": "float", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``|graph - torch fp32| <= atol + rtol * max|torch fp32|`` on every output element."""
+
+    atol: float
+    rtol: float
+
+    def allowed(self, reference_max_abs: float) -> float:
+        return self.atol + self.rtol * reference_max_abs
+
+
+# fp32 graphs against fp32 torch: only the order of float32 sums differs.
+FP32_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-3)
+# fp16 keeps 11 significant bits: one rounding is 2**-11 ~ 4.9e-4 relative. A UNet step rounds each
+# activation some tens of times (every conv, matmul, norm and residual add of its ~20 blocks) and the
+# errors add up roughly like a random walk, so ~1e-3..5e-3 of the output's scale is what a correct fp16
+# graph shows (measured on the tiny models: see tests/test_precision.py); 1e-2 of the largest output
+# value (plus 1e-3 absolute for outputs near zero) leaves room for GPU kernels that accumulate in a
+# different order, and still catches a wrong graph (a wrong weight or op is off by O(1)).
+FP16_TOLERANCE = Tolerance(atol=1e-3, rtol=1e-2)
+# bf16 keeps 8 significant bits (2**-8 ~ 3.9e-3 per rounding): 8x fp16's rounding, same reasoning.
+BF16_TOLERANCE = Tolerance(atol=8e-3, rtol=8e-2)
+TOLERANCES: dict[Precision, Tolerance] = {
+    "fp32": FP32_TOLERANCE,
+    "fp16": FP16_TOLERANCE,
+    "bf16": BF16_TOLERANCE,
+}
+
+
+def default_precision(target: str) -> Precision:
+    """fp16 for the GPU targets, fp32 for the CPU one (python-onnx)."""
+    return "fp32" if target == "python-onnx" else "fp16"
+
+
+def component_precision(source: ModelSource | None, name: str, requested: Precision) -> tuple[Precision, str]:
+    """The precision model ``name`` is exported in, and why (for the export log)."""
+    if requested == "fp32":
+        return "fp32", "fp32 requested"
+    if name == specs.SAFETY_CHECKER:
+        return "fp32", "the safety checker stays fp32 (a threshold verdict, run once per image)"
+    if name == specs.VAE_DECODER and source is not None and source.is_sdxl:
+        force_upcast = bool(source.config("vae").get("force_upcast", True))
+        if force_upcast:
+            return "fp32", (
+                "SDXL's VAE decoder overflows in fp16 (vae/config.json force_upcast is true); "
+                "kept fp32 as diffusers does. An fp16-fix VAE (force_upcast false) would run in "
+                f"{requested}"
+            )
+        return requested, f"the VAE is marked fp16-safe (vae/config.json force_upcast is false): {requested}"
+    return requested, f"{requested} requested"
+
+
+def with_precision(module: nn.Module, precision: Precision) -> nn.Module:
+    """``module`` computing in ``precision``, with float32 inputs and outputs.
+
+    For fp16/bf16 the parameters and buffers are converted in place; hooks cast floating inputs on the
+    way in and every output back to float32 on the way out (integer inputs, the token ids, pass
+    unchanged). Hooks rather than a wrapper module, so the parameter names, hence the ONNX
+    initializer names that LoRA merges and TensorRT refits look up, stay those of the fp32 export.
+    """
+    if precision == "fp32":
+        return module
+    dtype = TORCH_DTYPES[precision]
+    module.to(dtype)
+
+    def cast_inputs(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(_cast(a, dtype) for a in args)
+
+    def cast_outputs(_: nn.Module, __: tuple[Any, ...], out: Any) -> Any:
+        if isinstance(out, torch.Tensor):
+            return out.float()
+        return tuple(o.float() for o in out)
+
+    module.register_forward_pre_hook(cast_inputs)
+    module.register_forward_hook(cast_outputs)
+    return module
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value

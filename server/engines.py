@@ -1,0 +1,121 @@
+"""What the service reads from a tensorrt repository: the sizes its engines serve, the host they need.
+
+``t2i-export --target tensorrt`` records both in the repository manifest (``t2i-repository.json``):
+``"resolutions": ["1024x576", "512x512"]`` (width x height, one optimisation profile each) and
+``"engine": {"gpu", "compute_capability", "tensorrt"}``. A request for another size is a 400 naming
+the served sizes; engines built on another GPU model or TensorRT version are refused at start with
+the command that rebuilds them (Triton itself would fail to deserialize them, or worse, run them
+slowly on a GPU they were not tuned for).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.repository import MANIFEST_FILE
+from export.tensorrt import EngineHost, Resolution, host_mismatch
+from server import hardware
+
+logger = logging.getLogger(__name__)
+
+
+class EngineHostMismatch(RuntimeError):
+    """The repository's engines were built for another GPU model or TensorRT version."""
+
+
+class NotExported(RuntimeError):
+    """The model repository holds no exported model: the message is the command that exports it."""
+
+
+def require_exported(repository: Path, model_id: str, gpu: bool) -> None:
+    """Raise :class:`NotExported` naming the exact export command when ``repository`` has no manifest
+    (``t2i-export`` writes it last, once every model is in place)."""
+    if (repository / MANIFEST_FILE).is_file():
+        return
+    target = "tensorrt" if gpu else "python-onnx"
+    raise NotExported(
+        f"no exported models in {repository} ({MANIFEST_FILE} is missing); build them first with: "
+        f"t2i-export {model_id} --target {target} --out {repository}"
+        + (
+            f" (with the Docker image: docker run --rm --gpus all -v <volume>:/models triton-t2i "
+            f"t2i-export {model_id} --target {target} --out {repository})"
+            if gpu
+            else ""
+        )
+    )
+
+
+@dataclass(frozen=True)
+class RepositoryEngines:
+    target: str = ""
+    # Sizes the engines serve; empty: any size the service's own rules allow.
+    resolutions: tuple[Resolution, ...] = ()
+    built_on: EngineHost | None = None
+
+    def serves(self, width: int, height: int) -> bool:
+        return not self.resolutions or Resolution(width, height) in self.resolutions
+
+    def served_sizes(self) -> str:
+        return ", ".join(str(r) for r in self.resolutions)
+
+
+def read_repository(repository: Path) -> RepositoryEngines:
+    """The manifest's target, buckets and build host (defaults where the manifest has none)."""
+    try:
+        manifest = json.loads((repository / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return RepositoryEngines()
+    if not isinstance(manifest, dict):
+        return RepositoryEngines()
+    resolutions = tuple(Resolution.parse(str(r)) for r in manifest.get("resolutions") or ())
+    engine = manifest.get("engine")
+    built_on = EngineHost.from_dict(engine) if isinstance(engine, dict) else None
+    return RepositoryEngines(str(manifest.get("target", "")), resolutions, built_on)
+
+
+def tensorrt_version() -> str:
+    """The TensorRT version of this host: the Python package's, else the NGC images' ``TRT_VERSION``
+    variable, else "" (unknown: not compared)."""
+    try:
+        trt = importlib.import_module("tensorrt")
+        version = str(getattr(trt, "__version__", ""))
+        if version:
+            return version
+    except Exception:  # not installed, or a stub without the libraries
+        pass
+    return os.environ.get("TRT_VERSION", "")
+
+
+def running_host(gpu: int = 0) -> EngineHost | None:
+    """This host's GPU ``gpu`` (NVML) and TensorRT version; None without a GPU."""
+    device = hardware.gpu_devices(stats=False).get(gpu)
+    if device is None:
+        return None
+    return EngineHost(str(device["name"]), f"{device['major']}.{device['minor']}", tensorrt_version())
+
+
+def check_engine_host(
+    engines: RepositoryEngines, running: EngineHost | None, repository: Path, model_id: str
+) -> None:
+    """Raise :class:`EngineHostMismatch` when ``running`` cannot run the repository's engines."""
+    if engines.built_on is None:
+        return
+    rebuild = f"re-export on this host: t2i-export {model_id} --target tensorrt --out {repository}"
+    if running is None:
+        raise EngineHostMismatch(
+            f"the TensorRT engines in {repository} need a GPU ({engines.built_on}) and NVML finds none "
+            "here; run the service on the GPU host they were built on, or " + rebuild
+        )
+    reason = host_mismatch(engines.built_on, running)
+    if reason is not None:
+        raise EngineHostMismatch(
+            f"the TensorRT engines in {repository} were built on {engines.built_on} and cannot run "
+            f"here ({reason}); {rebuild}"
+        )
+    if not running.tensorrt:
+        logger.info("TensorRT version of this host unknown: engines checked against the GPU model only")
