@@ -9,7 +9,7 @@ from typing import Any
 
 import diffusers
 import numpy as np
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5TokenizerFast
 
 from export.source import ModelSource
 from server.errors import BadRequest
@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prompts:
-    """One prompt per text encoder (SDXL: prompt, prompt_2), or None for a part that was not given."""
+    """One prompt per text encoder (SDXL and FLUX: prompt, prompt_2; SD3: also prompt_3), or None for a
+    part that was not given."""
 
     parts: tuple[str | None, ...]
 
@@ -44,7 +45,13 @@ class DiffusionModel:
         rule that requires its scheduler (SDXL-Lightning) takes precedence over both."""
         self.source = source
         self.rule = rule
-        self.tokenizers = [CLIPTokenizer.from_pretrained(source.path / name) for name in source.tokenizers]
+        t5 = {name.replace("text_encoder", "tokenizer") for name in source.t5_encoders}
+        self.tokenizers = [
+            (T5TokenizerFast if name in t5 else CLIPTokenizer).from_pretrained(source.path / name)
+            for name in source.tokenizers
+        ]
+        # T5 tokens per prompt: the rule's (FLUX.1-schnell 256, dev 512), else the pipeline's default.
+        self.max_sequence_length = rule.max_sequence_length or (512 if source.is_flux else 256)
         config = source.config("scheduler")
         name = scheduler or str(config["_class_name"])
         if rule.scheduler is not None:
@@ -54,8 +61,8 @@ class DiffusionModel:
         if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
             raise ValueError(f"unknown diffusers scheduler '{name}'")
         self._scheduler_template = cls.from_config(config)
-        unet = source.config("unet")
-        self.guidance_allowed = unet.get("time_cond_proj_dim") is None
+        denoiser = source.config(source.denoiser)
+        self.guidance_allowed = denoiser.get("time_cond_proj_dim") is None
         logger.info("model %s: %s with %s", source.path, source.pipeline_class, name)
 
     @property
@@ -66,16 +73,30 @@ class DiffusionModel:
     def vae_scale_factor(self) -> int:
         return self.source.vae_scale_factor
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (16 for SD3 and FLUX: 2x2 patches of the latents)."""
+        return self.source.size_multiple
+
+    @property
+    def max_side(self) -> int | None:
+        """The largest image side the denoiser takes, where it has one (SD3's position embedding)."""
+        if not self.source.is_sd3:
+            return None
+        size = self.source.config(self.source.denoiser).get("pos_embed_max_size")
+        return None if size is None else int(size) * self.size_multiple
+
     def new_scheduler(self) -> Any:
         """A fresh scheduler: they keep per-generation state (step index, multistep history)."""
         return copy.deepcopy(self._scheduler_template)
 
     def tokenize(self, encoder: int, texts: list[str]) -> np.ndarray:
         tokenizer = self.tokenizers[encoder]
+        t5 = isinstance(tokenizer, T5TokenizerFast)
         ids = tokenizer(
             texts,
             padding="max_length",
-            max_length=tokenizer.model_max_length,
+            max_length=self.max_sequence_length if t5 else tokenizer.model_max_length,
             truncation=True,
             return_tensors="np",
         ).input_ids
@@ -88,6 +109,16 @@ class DiffusionModel:
         parts = split_prompt(prompt, self.encoders)
         if not parts:
             raise BadRequest("Prompt must be provided.")
+        if self.source.is_transformer:
+            # More parts than encoders is a mistake here (FLUX ignores its negative prompt).
+            checked = {"prompt": prompt, **({"negative_prompt": negative_prompt} if self.source.is_sd3 else {})}
+            for field_name, text in checked.items():
+                count = sum(1 for p in text.split("|") if p.strip())
+                if count > self.encoders:
+                    raise BadRequest(
+                        f"{field_name} has {count} parts separated by '|'; this model takes at most "
+                        f"{self.encoders}, one per text encoder."
+                    )
         positive = tuple(parts[i] if i < len(parts) else parts[0] for i in range(self.encoders))
         negative_parts = split_prompt(negative_prompt, self.encoders)
         negative: tuple[str | None, ...] = tuple(
