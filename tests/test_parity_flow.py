@@ -145,3 +145,26 @@ def test_bad_input_is_a_clear_400(
     assert message in response.json()["detail"]["msg"]
     (image,) = generate(url, prompt="still serving", height=64, width=64, num_inference_steps=1, seed=1)
     assert image["seed"] == 1
+
+
+def test_flux_schnell_rule_no_guidance_four_steps(
+    service: Callable[..., str], tiny_model: Callable[[str], Path]
+) -> None:
+    """A FLUX.1-schnell-like model (no guidance embedding; its folder name matches the schnell rule):
+    the requested guidance is dropped, num_inference_steps < 1 means 4 steps, T5 pads to 256 tokens."""
+    url = service("flux-schnell")
+    (image,) = generate(
+        url, prompt="a photo of a cat", height=64, width=96, guidance_scale=7.5, num_inference_steps=0, seed=5
+    )
+    pipe = _pipeline(str(tiny_model("flux-schnell")))
+    out = pipe(
+        prompt="a photo of a cat",
+        height=64,
+        width=96,
+        guidance_scale=0.0,
+        num_inference_steps=4,
+        max_sequence_length=256,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="np",
+    ).images[0]
+    assert_close(decode(image["url"]), np.asarray((out * 255).round().astype(np.uint8)))
