@@ -119,7 +119,9 @@ class SD3TransformerModule(nn.Module):
         return out[0]  # type: ignore[no-any-return]
 
 
-def _traceable_rotary(x: torch.Tensor, freqs_cis: tuple[torch.Tensor, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+def _traceable_rotary(
+    x: torch.Tensor, freqs_cis: tuple[torch.Tensor, torch.Tensor], **kwargs: Any
+) -> torch.Tensor:
     """diffusers' ``apply_rotary_emb`` for FLUX (real cos/sin, pairs on the last axis, sequence axis 1)
     with ``unflatten`` for its ``reshape(*x.shape[:-1], -1, 2)``: the tracer records that reshape with
     the trace's fixed sizes, so the graph would take only the traced resolution.  Same arithmetic."""
@@ -135,7 +137,7 @@ def _flux_traceable_rotary() -> Iterator[None]:
     from diffusers.models.transformers import transformer_flux
 
     original = transformer_flux.apply_rotary_emb
-    transformer_flux.apply_rotary_emb = _traceable_rotary
+    transformer_flux.apply_rotary_emb = _traceable_rotary  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -288,7 +290,9 @@ def _t5_component(path: str, name: str, config: dict[str, Any]) -> Component:
     from transformers import T5EncoderModel
 
     def load() -> nn.Module:
-        return T5EncoderModule(T5EncoderModel.from_pretrained(path, subfolder=name, attn_implementation="eager"))
+        return T5EncoderModule(
+            T5EncoderModel.from_pretrained(path, subfolder=name, attn_implementation="eager")
+        )
 
     return Component(
         spec=specs.t5_encoder_spec(name, int(config["d_model"]), int(config["vocab_size"])),
@@ -304,11 +308,8 @@ def _transformer_component(source: ModelSource, lrange: specs.AxisRange) -> Comp
 
     path = str(source.path)
     config = source.config(specs.TRANSFORMER)
-    common = {
-        "joint_attention_dim": int(config["joint_attention_dim"]),
-        "pooled_projection_dim": int(config["pooled_projection_dim"]),
-        "latent_range": lrange,
-    }
+    joint_attention_dim = int(config["joint_attention_dim"])
+    pooled_projection_dim = int(config["pooled_projection_dim"])
     if source.is_sd3:
         patch = source.patch_size
         return Component(
@@ -316,7 +317,9 @@ def _transformer_component(source: ModelSource, lrange: specs.AxisRange) -> Comp
                 in_channels=int(config["in_channels"]),
                 out_channels=int(config.get("out_channels") or config["in_channels"]),
                 patch_size=patch,
-                **common,
+                joint_attention_dim=joint_attention_dim,
+                pooled_projection_dim=pooled_projection_dim,
+                latent_range=lrange,
             ),
             subfolders=(specs.TRANSFORMER,),
             load=lambda: SD3TransformerModule(
@@ -332,7 +335,11 @@ def _transformer_component(source: ModelSource, lrange: specs.AxisRange) -> Comp
     side = lrange.min // 2
     return Component(
         spec=specs.flux_transformer_spec(
-            in_channels=int(config["in_channels"]), guidance=bool(config.get("guidance_embeds")), **common
+            in_channels=int(config["in_channels"]),
+            guidance=bool(config.get("guidance_embeds")),
+            joint_attention_dim=joint_attention_dim,
+            pooled_projection_dim=pooled_projection_dim,
+            latent_range=lrange,
         ),
         subfolders=(specs.TRANSFORMER,),
         load=lambda: FluxTransformerModule(

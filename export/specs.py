@@ -200,7 +200,12 @@ def sd3_transformer_spec(
             TensorSpec("pooled_projections", "float32", ("batch", pooled_projection_dim)),
         ),
         outputs=(TensorSpec("noise_pred", "float32", ("batch", out_channels, "height", "width")),),
-        axes={"batch": AxisRange(1, 2, max_batch), "height": latent_range, "width": latent_range, "text_length": text},
+        axes={
+            "batch": AxisRange(1, 2, max_batch),
+            "height": latent_range,
+            "width": latent_range,
+            "text_length": text,
+        },
         check_sizes=(
             {"batch": 1, "height": small, "width": small, "text_length": TOKEN_LENGTH + 256},
             {"batch": 3, "height": tall, "width": wide, "text_length": TOKEN_LENGTH + 64},

@@ -1,4 +1,4 @@
-"""Tiny random-weight SD 1.5 / SDXL / SD3 / FLUX diffusers folders, built in code for tests (DESIGN.md section 4).
+"""Tiny random-weight SD 1.5 / SDXL / SD3 / FLUX diffusers folders, built in code for tests (DESIGN.md 4).
 
 Nothing is downloaded: the architectures are diffusers' test-size configs, weights are the default
 random initialisation under fixed seeds (``torch.manual_seed`` before each component), and the
@@ -325,7 +325,7 @@ def _build_sd3_pipeline(tmp: Path) -> _SavablePipeline:
     """
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Tokenizer
 
     from export.tokenizer import write_t5_tokenizer
 
@@ -360,7 +360,7 @@ def _build_sd3_pipeline(tmp: Path) -> _SavablePipeline:
         text_encoder_2=text_encoder_2,
         tokenizer_2=CLIPTokenizer.from_pretrained(tmp / "tokenizer_2"),
         text_encoder_3=text_encoder_3,
-        tokenizer_3=T5TokenizerFast.from_pretrained(tmp / "tokenizer_3"),
+        tokenizer_3=T5Tokenizer.from_pretrained(tmp / "tokenizer_3"),
     )
     return cast("_SavablePipeline", pipe)
 
@@ -374,7 +374,7 @@ def _build_flux_pipeline(tmp: Path, *, guidance_embeds: bool) -> _SavablePipelin
     """
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5TokenizerFast
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Tokenizer
 
     from export.tokenizer import write_t5_tokenizer
 
@@ -406,7 +406,7 @@ def _build_flux_pipeline(tmp: Path, *, guidance_embeds: bool) -> _SavablePipelin
         text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
         text_encoder_2=text_encoder_2,
-        tokenizer_2=T5TokenizerFast.from_pretrained(tmp / "tokenizer_2"),
+        tokenizer_2=T5Tokenizer.from_pretrained(tmp / "tokenizer_2"),
     )
     return cast("_SavablePipeline", pipe)
 
@@ -551,9 +551,9 @@ def generate_image(
     seed: int = 0,
 ) -> np.ndarray:
     """Run the diffusers pipeline on ``model_dir`` (CPU, fp32); returns float32 [size, size, 3] in [0, 1]."""
+    import diffusers
     import numpy as np
     import torch
-    import diffusers
 
     family = _check_family(family)
     pipe: Any

@@ -190,14 +190,15 @@ def _t5_corpus(lines: int = 4000, words_per_line: int = 12) -> list[str]:
 def write_t5_tokenizer(out_dir: Path, *, model_max_length: int = 512) -> None:
     """Train a SentencePiece unigram model in code and save it as a T5 tokenizer in ``out_dir``.
 
-    ``T5TokenizerFast.from_pretrained(out_dir)`` reads it (``tokenizer.json``);
+    ``T5TokenizerFast.from_pretrained(out_dir)`` reads it (``tokenizer.json``; in transformers 5
+    ``T5TokenizerFast`` is ``T5Tokenizer``, backed by the tokenizers library);
     "a photo of a cat" encodes to a few pieces followed by ``</s>`` (1), padding is ``<pad>`` (0).
     Training needs the ``sentencepiece`` package (the export extra); reading does not.
     """
     import io
 
     import sentencepiece as spm
-    from transformers import T5TokenizerFast
+    from transformers import T5Tokenizer
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -219,7 +220,7 @@ def write_t5_tokenizer(out_dir: Path, *, model_max_length: int = 512) -> None:
     processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
     vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(T5_EXTRA_IDS))]
-    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=T5_EXTRA_IDS, model_max_length=model_max_length)
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=T5_EXTRA_IDS, model_max_length=model_max_length)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)

@@ -120,7 +120,9 @@ class TextToImageService:
         multiple = size_multiple or vae_scale
         for name, value in (("height", params.height), ("width", params.width)):
             if value < min_side or value % multiple:
-                raise BadRequest(f"{name} must be a multiple of {multiple} of at least {min_side}, got {value}.")
+                raise BadRequest(
+                    f"{name} must be a multiple of {multiple} of at least {min_side}, got {value}."
+                )
             if max_side is not None and value > max_side:
                 raise BadRequest(f"{name} must be at most {max_side} for this model, got {value}.")
         if params.height * params.width > s.max_pixels:

@@ -59,7 +59,15 @@ def test_tiny_models_have_the_real_families_traits(family: str, tiny_model: Call
         ("sd3", ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"]),
         (
             "flux",
-            ["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids", "guidance"],
+            [
+                "hidden_states",
+                "timestep",
+                "encoder_hidden_states",
+                "pooled_projections",
+                "img_ids",
+                "txt_ids",
+                "guidance",
+            ],
         ),
     ],
 )
@@ -119,7 +127,9 @@ def test_t5_spec_check_inputs_stay_in_the_vocabulary() -> None:
     spec = specs.t5_encoder_spec("text_encoder_3", 64, vocab_size=1100)
     for sizes in spec.check_sizes:
         ids = example_inputs(spec, sizes)["input_ids"]
-        assert ids.shape == (sizes["batch"], sizes["sequence"]) and ids.max() < 1100 and (ids[:, -1] == 1).all()
+        assert (
+            ids.shape == (sizes["batch"], sizes["sequence"]) and ids.max() < 1100 and (ids[:, -1] == 1).all()
+        )
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,11 @@ MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
 def _pipeline(model_dir: str) -> Any:
     import diffusers
 
-    cls = diffusers.FluxPipeline if Path(model_dir).name.startswith("tiny-flux") else diffusers.StableDiffusion3Pipeline
+    cls = (
+        diffusers.FluxPipeline
+        if Path(model_dir).name.startswith("tiny-flux")
+        else diffusers.StableDiffusion3Pipeline
+    )
     pipe = cls.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -114,7 +118,13 @@ def test_prompt_parts_go_to_their_encoders(
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_images_per_prompt_equal_single_seeds(family: str, service: Callable[..., str]) -> None:
     url = service(family)
-    body = {"prompt": "a tree", "height": 64, "width": 64, "num_inference_steps": STEPS, "guidance_scale": 4.0}
+    body = {
+        "prompt": "a tree",
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": STEPS,
+        "guidance_scale": 4.0,
+    }
     images = generate(url, **body, seed=100, num_images_per_prompt=3)
     assert [i["seed"] for i in images] == [100, 101, 102]
     for image in images:

@@ -174,7 +174,7 @@ def _set_timesteps(
     if flux:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-        sigmas: np.ndarray | None = np.linspace(1.0, 1 / steps, steps)
+        sigmas: Any = np.linspace(1.0, 1 / steps, steps)
         if getattr(config, "use_flow_sigmas", False):
             sigmas = None
         mu = calculate_shift(

@@ -9,7 +9,7 @@ from typing import Any
 
 import diffusers
 import numpy as np
-from transformers import CLIPTokenizer, T5TokenizerFast
+from transformers import CLIPTokenizer, T5Tokenizer
 
 from export.source import ModelSource
 from server.errors import BadRequest
@@ -47,7 +47,7 @@ class DiffusionModel:
         self.rule = rule
         t5 = {name.replace("text_encoder", "tokenizer") for name in source.t5_encoders}
         self.tokenizers = [
-            (T5TokenizerFast if name in t5 else CLIPTokenizer).from_pretrained(source.path / name)
+            (T5Tokenizer if name in t5 else CLIPTokenizer).from_pretrained(source.path / name)
             for name in source.tokenizers
         ]
         # T5 tokens per prompt: the rule's (FLUX.1-schnell 256, dev 512), else the pipeline's default.
@@ -92,7 +92,7 @@ class DiffusionModel:
 
     def tokenize(self, encoder: int, texts: list[str]) -> np.ndarray:
         tokenizer = self.tokenizers[encoder]
-        t5 = isinstance(tokenizer, T5TokenizerFast)
+        t5 = isinstance(tokenizer, T5Tokenizer)
         ids = tokenizer(
             texts,
             padding="max_length",
@@ -111,7 +111,10 @@ class DiffusionModel:
             raise BadRequest("Prompt must be provided.")
         if self.source.is_transformer:
             # More parts than encoders is a mistake here (FLUX ignores its negative prompt).
-            checked = {"prompt": prompt, **({"negative_prompt": negative_prompt} if self.source.is_sd3 else {})}
+            checked = {
+                "prompt": prompt,
+                **({"negative_prompt": negative_prompt} if self.source.is_sd3 else {}),
+            }
             for field_name, text in checked.items():
                 count = sum(1 for p in text.split("|") if p.strip())
                 if count > self.encoders:
