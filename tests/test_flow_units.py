@@ -160,3 +160,11 @@ def test_prompt_parts_and_sequence_length(tiny_model: Callable[[str], Path]) -> 
     flux = DiffusionModel(ModelSource(tiny_model("flux")), rule=rule_for("FLUX.1-schnell"))
     assert flux.max_sequence_length == 256 and flux.tokenize(1, ["a"]).shape == (1, 256)
     assert flux.prompts("a", "x|y|z")[0].parts == ("a", "a")  # FLUX ignores its negative prompt
+
+
+def test_flow_models_refuse_a_non_flow_scheduler(tiny_model: Callable[[str], Path]) -> None:
+    with pytest.raises(ValueError, match="needs a flow-matching scheduler"):
+        DiffusionModel(ModelSource(tiny_model("sd3")), "EulerAncestralDiscreteScheduler")
+    with pytest.raises(ValueError, match="needs a flow-matching scheduler"):
+        DiffusionModel(ModelSource(tiny_model("flux")), "FlowMatchHeunDiscreteScheduler")  # takes no sigmas
+    assert DiffusionModel(ModelSource(tiny_model("sd3")), "FlowMatchHeunDiscreteScheduler").max_side == 1024

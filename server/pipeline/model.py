@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,8 @@ class DiffusionModel:
         cls = getattr(diffusers, name, None)
         if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
             raise ValueError(f"unknown diffusers scheduler '{name}'")
+        if source.is_transformer and not _flow_scheduler(cls, needs_sigmas=source.is_flux):
+            raise ValueError(f"{source.pipeline_class} needs a flow-matching scheduler, not '{name}'")
         self._scheduler_template = cls.from_config(config)
         denoiser = source.config(source.denoiser)
         self.guidance_allowed = denoiser.get("time_cond_proj_dim") is None
@@ -129,3 +132,9 @@ class DiffusionModel:
             for i in range(self.encoders)
         )
         return Prompts(positive), Prompts(negative)
+
+
+def _flow_scheduler(cls: type, *, needs_sigmas: bool) -> bool:
+    """A flow-matching scheduler the SD3 / FLUX loop can drive (FluxPipeline passes its own sigmas)."""
+    accepts_sigmas = "sigmas" in inspect.signature(cls.set_timesteps).parameters  # type: ignore[attr-defined]
+    return cls.__name__.startswith("FlowMatch") and (accepts_sigmas or not needs_sigmas)
