@@ -74,7 +74,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LoraComponent = Literal["unet", "text_encoder", "text_encoder_2"]
+LoraComponent = Literal["unet", "text_encoder", "text_encoder_2", "transformer"]
 COMPONENTS: Final[tuple[str, ...]] = get_args(LoraComponent)
 LoraFormat = Literal["diffusers", "kohya"]
 
@@ -88,6 +88,7 @@ ONNX_PREFIXES: Final[dict[str, str]] = {
     "unet": "unet.",
     "text_encoder": "encoder.",
     "text_encoder_2": "encoder.",
+    "transformer": "transformer.",  # SD3TransformerModule / FluxTransformerModule.transformer
 }
 
 
@@ -293,13 +294,68 @@ def _parse_kohya(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Lor
         else:
             raise LoraIncompatible(f"unsupported LoRA layer type '{key}' (only plain LoRA is supported)")
     result: dict[str, dict[str, LoraLayer]] = {}
+    flux = any(c == "unet" and _FLUX_BLOCK.match(layer) for c, layer in parts)
     for (component, layer), entry in parts.items():
         down, up = _pair(entry)
         # kohya: scale = alpha / rank, and a layer without alpha has alpha = rank.
         rank = int(down.shape[0])
         scale = 1.0 if entry.alpha is None else entry.alpha / rank
+        if flux and component == "unet":
+            # sd-scripts' FLUX LoRAs name BFL's modules under lora_unet_: the transformer's layers.
+            for name, part in _flux_layers(layer, up, entry.key):
+                result.setdefault("transformer", {})[name] = LoraLayer(down, part, scale, entry.key)
+            continue
         result.setdefault(component, {})[layer] = LoraLayer(down, up, scale, entry.key)
     return result
+
+
+# BFL's FLUX module names (what sd-scripts writes) -> diffusers' FluxTransformer2DModel modules, in
+# kohya's underscore spelling; a list splits a fused layer's up factor along its rows (the down
+# factor is shared), as diffusers' ``_convert_kohya_flux_lora_to_diffusers`` does.
+_FLUX_BLOCK: Final = re.compile(r"^(double_blocks|single_blocks)_(\d+)_(.+)$")
+_FLUX_DOUBLE: Final[dict[str, str | tuple[str, ...]]] = {
+    "img_attn_qkv": ("attn_to_q", "attn_to_k", "attn_to_v"),
+    "img_attn_proj": "attn_to_out_0",
+    "img_mlp_0": "ff_net_0_proj",
+    "img_mlp_2": "ff_net_2",
+    "img_mod_lin": "norm1_linear",
+    "txt_attn_qkv": ("attn_add_q_proj", "attn_add_k_proj", "attn_add_v_proj"),
+    "txt_attn_proj": "attn_to_add_out",
+    "txt_mlp_0": "ff_context_net_0_proj",
+    "txt_mlp_2": "ff_context_net_2",
+    "txt_mod_lin": "norm1_context_linear",
+}
+_FLUX_SINGLE: Final[dict[str, str | tuple[str, ...]]] = {
+    # linear1 fuses q, k, v (inner rows each) and the MLP input (4 x inner rows: FLUX's mlp_ratio).
+    "linear1": ("attn_to_q", "attn_to_k", "attn_to_v", "proj_mlp"),
+    "linear2": "proj_out",
+    "modulation_lin": "norm_linear",
+}
+
+
+def _flux_layers(layer: str, up: torch.Tensor, key: str) -> list[tuple[str, torch.Tensor]]:
+    """The diffusers modules (underscore names) and up-factor rows of one kohya FLUX layer."""
+    match = _FLUX_BLOCK.match(layer)
+    table = None if match is None else (_FLUX_DOUBLE if match.group(1) == "double_blocks" else _FLUX_SINGLE)
+    target = None if match is None or table is None else table.get(match.group(3))
+    if match is None or target is None:
+        raise LoraIncompatible(f"unsupported FLUX LoRA layer '{key}'")
+    block = ("transformer_blocks_" if match.group(1) == "double_blocks" else "single_transformer_blocks_") + (
+        match.group(2)
+    )
+    if isinstance(target, str):
+        return [(f"{block}_{target}", up)]
+    rows = int(up.shape[0])
+    if len(target) == 3:
+        sizes = [rows // 3] * 3
+    else:
+        inner = rows // 7
+        sizes = [inner, inner, inner, rows - 3 * inner]
+    if rows % (3 if len(target) == 3 else 7):
+        raise LoraIncompatible(
+            f"FLUX LoRA layer '{key}' has {rows} output rows; cannot split it into {target}"
+        )
+    return [(f"{block}_{name}", part) for name, part in zip(target, up.split(sizes), strict=True)]
 
 
 def _scalar(key: str, value: torch.Tensor) -> float:
@@ -346,7 +402,7 @@ def _parse_diffusers(
     parts: dict[tuple[str, str], _Parts] = {}
     for key, value in tensors.items():
         component, rest = "unet", key
-        for candidate in ("unet", "text_encoder_2", "text_encoder"):
+        for candidate in ("unet", "transformer", "text_encoder_2", "text_encoder"):
             if key.startswith(f"{candidate}."):
                 component, rest = candidate, key.removeprefix(f"{candidate}.")
                 break

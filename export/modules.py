@@ -6,7 +6,8 @@ numerical check and the repository writer all walk the same list (:func:`compone
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,124 @@ class UNetModule(nn.Module):
         return out[0]  # type: ignore[no-any-return]
 
 
+class T5EncoderModule(nn.Module):
+    """T5 encoder with int32 ids in and its last hidden state out (SD3's and FLUX's prompt embeddings)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids.to(torch.int64))[0]  # type: ignore[no-any-return]
+
+
+class ExplicitRMSNorm(nn.Module):
+    """``torch.nn.RMSNorm`` written out: the ONNX exporter at opset 17 has no ``aten::rms_norm``.
+
+    Keeps the original ``weight`` parameter (same name), so state-dict names are unchanged.
+    """
+
+    def __init__(self, norm: nn.RMSNorm) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return x if self.weight is None else x * self.weight
+
+
+def explicit_rms_norms(module: nn.Module) -> nn.Module:
+    """Replace every ``torch.nn.RMSNorm`` inside ``module`` (FLUX's and SD3.5's q/k norms) in place."""
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.RMSNorm) and name:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name), attr, ExplicitRMSNorm(child))
+    return module
+
+
+class SD3TransformerModule(nn.Module):
+    """SD3 transformer step with the scheduler's timestep, as ``StableDiffusion3Pipeline`` calls it."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = explicit_rms_norms(transformer)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+    ) -> torch.Tensor:
+        out = self.transformer(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            return_dict=False,
+        )
+        return out[0]  # type: ignore[no-any-return]
+
+
+def _traceable_rotary(
+    x: torch.Tensor, freqs_cis: tuple[torch.Tensor, torch.Tensor], **kwargs: Any
+) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb`` for FLUX (real cos/sin, pairs on the last axis, sequence axis 1)
+    with ``unflatten`` for its ``reshape(*x.shape[:-1], -1, 2)``: the tracer records that reshape with
+    the trace's fixed sizes, so the graph would take only the traced resolution.  Same arithmetic."""
+    cos, sin = freqs_cis
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _flux_traceable_rotary() -> Iterator[None]:
+    from diffusers.models.transformers import transformer_flux
+
+    original = transformer_flux.apply_rotary_emb
+    transformer_flux.apply_rotary_emb = _traceable_rotary  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        transformer_flux.apply_rotary_emb = original
+
+
+class FluxTransformerModule(nn.Module):
+    """FLUX transformer step as ``FluxPipeline`` calls it: the timestep divided by 1000, the position
+    ids of the first row (all rows of a batch share them), ``guidance`` for guidance-distilled models."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = explicit_rms_norms(transformer)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        with _flux_traceable_rotary():
+            out = self.transformer(
+                hidden_states=hidden_states,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=pooled_projections,
+                encoder_hidden_states=encoder_hidden_states,
+                txt_ids=txt_ids[0],
+                img_ids=img_ids[0],
+                return_dict=False,
+            )
+        return out[0]  # type: ignore[no-any-return]
+
+
 class VaeDecoderModule(nn.Module):
     """Latents straight from the denoising loop -> images in [0, 1], as diffusers' pipelines do it."""
 
@@ -73,12 +192,17 @@ class VaeDecoderModule(nn.Module):
         self.register_buffer("latents_mean", _channel_tensor(mean, channels), persistent=False)
         self.register_buffer("latents_std", _channel_tensor(std, channels), persistent=False)
         self.has_latents_stats = mean is not None and std is not None
+        # SD3 / FLUX: latents / scaling_factor + shift_factor.
+        shift = getattr(config, "shift_factor", None)
+        self.shift_factor = None if shift is None else float(shift)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         if self.has_latents_stats:
             latent = latent * self.latents_std / self.scaling_factor + self.latents_mean
         else:
             latent = latent / self.scaling_factor
+            if self.shift_factor is not None:
+                latent = latent + self.shift_factor
         image = self.vae.decode(latent, return_dict=False)[0]  # type: ignore[operator]
         return (image / 2 + 0.5).clamp(0, 1)  # type: ignore[no-any-return]
 
@@ -102,19 +226,29 @@ class Component:
 
 
 def latent_range(source: ModelSource) -> specs.AxisRange:
+    if source.is_sd3:
+        # The SD3 transformer crops its position embedding: at most pos_embed_max_size patches a side.
+        config = source.config(specs.TRANSFORMER)
+        top = int(config.get("pos_embed_max_size") or 96) * source.patch_size
+        return specs.AxisRange(8, min(int(config["sample_size"]), top), top)
+    if source.is_flux:
+        return specs.AxisRange(8, 128, 256)  # 64 to 2048 pixels, 1024 (FLUX's default) optimal
     sample = int(source.config("unet")["sample_size"])
     return specs.AxisRange(8, sample, max(2 * sample, 128))
 
 
 def components(source: ModelSource) -> list[Component]:
     """The Triton models of ``source`` in export order: text encoder(s), UNet, VAE decoder."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     path = str(source.path)
     result: list[Component] = []
     for name in source.text_encoders:
         config = source.config(name)
+        if name in source.t5_encoders:
+            result.append(_t5_component(path, name, config))
+            continue
         with_projection = "WithProjection" in "".join(config.get("architectures") or [])
         pooled = int(config["projection_dim"] if with_projection else config["hidden_size"])
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
@@ -132,29 +266,11 @@ def components(source: ModelSource) -> list[Component]:
             )
         )
 
-    unet_config = source.config("unet")
     lrange = latent_range(source)
-    text_embeds_dim = None
-    if source.is_sdxl:
-        text_embeds_dim = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(
-            unet_config["addition_time_embed_dim"]
-        )
-    result.append(
-        Component(
-            spec=specs.unet_spec(
-                in_channels=int(unet_config["in_channels"]),
-                out_channels=int(unet_config["out_channels"]),
-                cross_attention_dim=int(unet_config["cross_attention_dim"]),
-                latent_range=lrange,
-                text_embeds_dim=text_embeds_dim,
-            ),
-            subfolders=("unet",),
-            load=lambda: UNetModule(
-                UNet2DConditionModel.from_pretrained(path, subfolder="unet"), source.is_sdxl
-            ),
-            trace_sizes={"batch": 2, "height": lrange.min + 1, "width": lrange.min + 3},
-        )
-    )
+    if source.is_transformer:
+        result.append(_transformer_component(source, lrange))
+    else:
+        result.append(_unet_component(source, lrange))
     result.append(
         Component(
             spec=specs.vae_decoder_spec(
@@ -168,3 +284,90 @@ def components(source: ModelSource) -> list[Component]:
         )
     )
     return result
+
+
+def _t5_component(path: str, name: str, config: dict[str, Any]) -> Component:
+    from transformers import T5EncoderModel
+
+    def load() -> nn.Module:
+        return T5EncoderModule(
+            T5EncoderModel.from_pretrained(path, subfolder=name, attn_implementation="eager")
+        )
+
+    return Component(
+        spec=specs.t5_encoder_spec(name, int(config["d_model"]), int(config["vocab_size"])),
+        subfolders=(name,),
+        load=load,
+        trace_sizes={"batch": 2, "sequence": 7},
+    )
+
+
+def _transformer_component(source: ModelSource, lrange: specs.AxisRange) -> Component:
+    """SD3 or FLUX transformer, traced at a non-square size that is no multiple of 4 patches."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    path = str(source.path)
+    config = source.config(specs.TRANSFORMER)
+    joint_attention_dim = int(config["joint_attention_dim"])
+    pooled_projection_dim = int(config["pooled_projection_dim"])
+    if source.is_sd3:
+        patch = source.patch_size
+        return Component(
+            spec=specs.sd3_transformer_spec(
+                in_channels=int(config["in_channels"]),
+                out_channels=int(config.get("out_channels") or config["in_channels"]),
+                patch_size=patch,
+                joint_attention_dim=joint_attention_dim,
+                pooled_projection_dim=pooled_projection_dim,
+                latent_range=lrange,
+            ),
+            subfolders=(specs.TRANSFORMER,),
+            load=lambda: SD3TransformerModule(
+                SD3Transformer2DModel.from_pretrained(path, subfolder=specs.TRANSFORMER)
+            ),
+            trace_sizes={
+                "batch": 2,
+                "height": lrange.min + patch,
+                "width": lrange.min + 3 * patch,
+                "text_length": specs.TOKEN_LENGTH + 7,
+            },
+        )
+    side = lrange.min // 2
+    return Component(
+        spec=specs.flux_transformer_spec(
+            in_channels=int(config["in_channels"]),
+            guidance=bool(config.get("guidance_embeds")),
+            joint_attention_dim=joint_attention_dim,
+            pooled_projection_dim=pooled_projection_dim,
+            latent_range=lrange,
+        ),
+        subfolders=(specs.TRANSFORMER,),
+        load=lambda: FluxTransformerModule(
+            FluxTransformer2DModel.from_pretrained(path, subfolder=specs.TRANSFORMER)
+        ),
+        trace_sizes={"batch": 2, "image_tokens": (side + 1) * (side + 3), "text_length": 7},
+    )
+
+
+def _unet_component(source: ModelSource, lrange: specs.AxisRange) -> Component:
+    from diffusers import UNet2DConditionModel
+
+    path = str(source.path)
+    unet_config = source.config("unet")
+    text_embeds_dim = None
+    if source.is_sdxl:
+        text_embeds_dim = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(
+            unet_config["addition_time_embed_dim"]
+        )
+    return Component(
+        spec=specs.unet_spec(
+            in_channels=int(unet_config["in_channels"]),
+            out_channels=int(unet_config["out_channels"]),
+            cross_attention_dim=int(unet_config["cross_attention_dim"]),
+            latent_range=lrange,
+            text_embeds_dim=text_embeds_dim,
+        ),
+        subfolders=("unet",),
+        load=lambda: UNetModule(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), source.is_sdxl),
+        trace_sizes={"batch": 2, "height": lrange.min + 1, "width": lrange.min + 3},
+    )

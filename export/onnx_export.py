@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,12 +35,19 @@ def example_inputs(spec: ModelSpec, sizes: dict[str, int], seed: int = 0) -> dic
     feeds: dict[str, np.ndarray] = {}
     for t in spec.inputs:
         shape = t.concrete(sizes)
-        if t.name == "input_ids":
+        if t.name == "input_ids" and spec.vocab_size is not None:
+            # T5-style: ordinary pieces, then the end-of-sequence id 1.
+            ids = rng.integers(3, spec.vocab_size, size=shape)
+            ids[:, -1] = 1
+            feeds[t.name] = ids.astype(t.np_dtype)
+        elif t.name == "input_ids":
             ids = rng.integers(0, 49406, size=shape)
             ids[:, 0], ids[:, -1] = 49406, 49407
             feeds[t.name] = ids.astype(t.np_dtype)
         elif t.name == "timestep":
             feeds[t.name] = rng.uniform(0, 1000, size=shape).astype(t.np_dtype)
+        elif t.name == "guidance":
+            feeds[t.name] = rng.uniform(1, 10, size=shape).astype(t.np_dtype)
         else:
             feeds[t.name] = rng.standard_normal(shape).astype(t.np_dtype)
     return feeds
@@ -85,7 +93,46 @@ def _drop_initializer_inputs(path: Path) -> None:
     inputs = [i for i in model.graph.input if i.name not in weights]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-    onnx.save(model, str(path))
+    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
+        gather_external_data(model, path)
+    else:
+        onnx.save(model, str(path))
+
+
+EXTERNAL_DATA_SUFFIX = ".data"
+
+
+def gather_external_data(model: Any, path: Path) -> None:
+    """Save ``model`` (read from ``path`` without its external data) to ``path`` with all its weights
+    in one ``<name>.data`` file beside it.
+
+    Graphs past protobuf's 2 GB limit (a T5-XXL encoder, a FLUX transformer) are written by the
+    exporter with one external file per tensor; thousands of files in a model directory make copies
+    and refits slow. Initializer names stay as they are.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    folder = path.parent
+    old_files = {
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    load_external_data_for_model(model, str(folder))
+    location = path.name + EXTERNAL_DATA_SUFFIX
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=1024,
+    )
+    for name in old_files - {location}:
+        (folder / name).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from export.specs import TEXT_ENCODER, TEXT_ENCODER_2
+from export.specs import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, TRANSFORMER, UNET
 
 logger = logging.getLogger(__name__)
 
 SD_PIPELINES = frozenset({"StableDiffusionPipeline"})
 SDXL_PIPELINES = frozenset({"StableDiffusionXLPipeline"})
+# Transformer families with flow matching: SD3 (two CLIP encoders + T5), FLUX (CLIP + T5, packed latents).
+SD3_PIPELINES = frozenset({"StableDiffusion3Pipeline"})
+FLUX_PIPELINES = frozenset({"FluxPipeline"})
+SUPPORTED_PIPELINES = SD_PIPELINES | SDXL_PIPELINES | SD3_PIPELINES | FLUX_PIPELINES
 
 # What the service needs from a Hub repository without its weights.
 CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*")
@@ -56,10 +60,10 @@ class ModelSource:
     def __post_init__(self) -> None:
         if not (self.path / "model_index.json").is_file():
             raise ModelSourceError(f"{self.path} is not a diffusers folder: model_index.json is missing")
-        if self.pipeline_class not in SD_PIPELINES | SDXL_PIPELINES:
+        if self.pipeline_class not in SUPPORTED_PIPELINES:
             raise ModelSourceError(
                 f"{self.path}: pipeline '{self.pipeline_class}' is not supported "
-                f"(supported: {', '.join(sorted(SD_PIPELINES | SDXL_PIPELINES))})"
+                f"(supported: {', '.join(sorted(SUPPORTED_PIPELINES))})"
             )
 
     @cached_property
@@ -75,12 +79,37 @@ class ModelSource:
         return self.pipeline_class in SDXL_PIPELINES
 
     @property
+    def is_sd3(self) -> bool:
+        return self.pipeline_class in SD3_PIPELINES
+
+    @property
+    def is_flux(self) -> bool:
+        return self.pipeline_class in FLUX_PIPELINES
+
+    @property
+    def is_transformer(self) -> bool:
+        """A flow-matching transformer family (SD3, FLUX) rather than a UNet one."""
+        return self.is_sd3 or self.is_flux
+
+    @property
+    def denoiser(self) -> str:
+        """The diffusers subfolder (and Triton model) that denoises: ``unet`` or ``transformer``."""
+        return TRANSFORMER if self.is_transformer else UNET
+
+    @property
     def text_encoders(self) -> tuple[str, ...]:
-        return (TEXT_ENCODER, TEXT_ENCODER_2) if self.is_sdxl else (TEXT_ENCODER,)
+        if self.is_sd3:
+            return (TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3)
+        return (TEXT_ENCODER, TEXT_ENCODER_2) if self.is_sdxl or self.is_flux else (TEXT_ENCODER,)
+
+    @property
+    def t5_encoders(self) -> tuple[str, ...]:
+        """The text encoders that are T5 (the last one of SD3 and FLUX); the others are CLIP."""
+        return self.text_encoders[-1:] if self.is_transformer else ()
 
     @property
     def tokenizers(self) -> tuple[str, ...]:
-        return ("tokenizer", "tokenizer_2") if self.is_sdxl else ("tokenizer",)
+        return tuple(name.replace("text_encoder", "tokenizer") for name in self.text_encoders)
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
@@ -96,12 +125,29 @@ class ModelSource:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.config("unet")["in_channels"])
+        """Channels of the VAE latents the loop draws (FLUX's transformer sees them packed 2x2)."""
+        return int(self.config("vae")["latent_channels"]) if self.is_transformer else self.in_channels
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config(self.denoiser)["in_channels"])
+
+    @property
+    def patch_size(self) -> int:
+        """Latent pixels per transformer token side: SD3's patch size, FLUX's 2x2 packing; 1 for a UNet."""
+        if self.is_flux:
+            return 2
+        return int(self.config(self.denoiser).get("patch_size", 1)) if self.is_sd3 else 1
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE scale times the transformer's patch size."""
+        return self.vae_scale_factor * self.patch_size
 
     @property
     def default_size(self) -> int:
-        """The image side the UNet was trained at (``sample_size`` latents times the VAE scale)."""
-        return int(self.config("unet")["sample_size"]) * self.vae_scale_factor
+        """The image side the denoiser was trained at (``sample_size`` latents times the VAE scale)."""
+        return int(self.config(self.denoiser).get("sample_size", 128)) * self.vae_scale_factor
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

@@ -18,10 +18,15 @@ import numpy as np
 # Model names inside a generated Triton repository.
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
+TEXT_ENCODER_3 = "text_encoder_3"
 UNET = "unet"
+TRANSFORMER = "transformer"
 VAE_DECODER = "vae_decoder"
 
 TOKEN_LENGTH = 77
+# T5 encoders (SD3, FLUX) take a model-dependent number of tokens (max_sequence_length): 256 for SD3
+# and FLUX.1-schnell, 512 for FLUX.1-dev.
+T5_TOKEN_RANGE_MAX = 512
 
 Axis = int | str
 
@@ -62,6 +67,8 @@ class ModelSpec:
     axes: dict[str, AxisRange]
     # Sizes the export check runs at: two batch sizes and two resolutions per model.
     check_sizes: tuple[dict[str, int], ...]
+    # For models whose ``input_ids`` are not CLIP's: the size of their vocabulary (random check inputs).
+    vocab_size: int | None = None
 
     @property
     def max_batch_size(self) -> int:
@@ -152,13 +159,118 @@ def vae_decoder_spec(
     )
 
 
+def t5_encoder_spec(name: str, hidden_size: int, vocab_size: int, max_batch: int = 16) -> ModelSpec:
+    """T5 encoder (SD3's ``text_encoder_3``, FLUX's ``text_encoder_2``): ids -> ``last_hidden_state``.
+
+    The token axis is dynamic: each model pads to its own ``max_sequence_length``.
+    """
+    return ModelSpec(
+        name=name,
+        inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
+        outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "sequence", hidden_size)),),
+        axes={"batch": AxisRange(1, 2, max_batch), "sequence": AxisRange(1, 256, T5_TOKEN_RANGE_MAX)},
+        check_sizes=({"batch": 1, "sequence": 256}, {"batch": 3, "sequence": T5_TOKEN_RANGE_MAX}),
+        vocab_size=vocab_size,
+    )
+
+
+def sd3_transformer_spec(
+    *,
+    in_channels: int,
+    out_channels: int,
+    joint_attention_dim: int,
+    pooled_projection_dim: int,
+    latent_range: AxisRange,
+    patch_size: int,
+    max_batch: int = 16,
+) -> ModelSpec:
+    """SD3 transformer: one flow-matching step on [B, C, h, w] latents (sides multiples of ``patch_size``).
+
+    ``encoder_hidden_states`` is CLIP's 77 tokens (padded to the T5 width) followed by T5's tokens;
+    ``timestep`` is the scheduler's (sigma x 1000), one per row.
+    """
+    small, tall, wide = _check_sides(latent_range, patch_size)
+    text = AxisRange(TOKEN_LENGTH + 1, TOKEN_LENGTH + 256, TOKEN_LENGTH + T5_TOKEN_RANGE_MAX)
+    return ModelSpec(
+        name=TRANSFORMER,
+        inputs=(
+            TensorSpec("hidden_states", "float32", ("batch", in_channels, "height", "width")),
+            TensorSpec("timestep", "float32", ("batch",)),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "text_length", joint_attention_dim)),
+            TensorSpec("pooled_projections", "float32", ("batch", pooled_projection_dim)),
+        ),
+        outputs=(TensorSpec("noise_pred", "float32", ("batch", out_channels, "height", "width")),),
+        axes={
+            "batch": AxisRange(1, 2, max_batch),
+            "height": latent_range,
+            "width": latent_range,
+            "text_length": text,
+        },
+        check_sizes=(
+            {"batch": 1, "height": small, "width": small, "text_length": TOKEN_LENGTH + 256},
+            {"batch": 3, "height": tall, "width": wide, "text_length": TOKEN_LENGTH + 64},
+        ),
+    )
+
+
+def flux_transformer_spec(
+    *,
+    in_channels: int,
+    joint_attention_dim: int,
+    pooled_projection_dim: int,
+    latent_range: AxisRange,
+    guidance: bool,
+    max_batch: int = 16,
+) -> ModelSpec:
+    """FLUX transformer: one step on packed latents [B, tokens, 4 x channels] (2x2 latent patches).
+
+    ``img_ids`` / ``txt_ids`` are the rotary position ids of the image and text tokens, per row (the
+    model uses the first row's: every row of a batch has the same shape, hence the same ids);
+    ``timestep`` is the scheduler's (sigma x 1000); ``guidance`` (guidance-distilled models such as
+    FLUX.1-dev) is the guidance scale per row.
+    """
+    tokens = AxisRange(
+        (latent_range.min // 2) ** 2, (latent_range.opt // 2) ** 2, (latent_range.max // 2) ** 2
+    )
+    small, tall, wide = _check_sides(latent_range, 2)
+    inputs = [
+        TensorSpec("hidden_states", "float32", ("batch", "image_tokens", in_channels)),
+        TensorSpec("timestep", "float32", ("batch",)),
+        TensorSpec("encoder_hidden_states", "float32", ("batch", "text_length", joint_attention_dim)),
+        TensorSpec("pooled_projections", "float32", ("batch", pooled_projection_dim)),
+        TensorSpec("img_ids", "float32", ("batch", "image_tokens", 3)),
+        TensorSpec("txt_ids", "float32", ("batch", "text_length", 3)),
+    ]
+    if guidance:
+        inputs.append(TensorSpec("guidance", "float32", ("batch",)))
+    return ModelSpec(
+        name=TRANSFORMER,
+        inputs=tuple(inputs),
+        outputs=(TensorSpec("noise_pred", "float32", ("batch", "image_tokens", in_channels)),),
+        axes={
+            "batch": AxisRange(1, 2, max_batch),
+            "image_tokens": tokens,
+            "text_length": AxisRange(1, 256, T5_TOKEN_RANGE_MAX),
+        },
+        check_sizes=(
+            {"batch": 1, "image_tokens": (small // 2) ** 2, "text_length": T5_TOKEN_RANGE_MAX},
+            {"batch": 3, "image_tokens": (tall // 2) * (wide // 2), "text_length": 256},
+        ),
+    )
+
+
 def _scaled(r: AxisRange, factor: int) -> AxisRange:
     return AxisRange(r.min * factor, r.opt * factor, r.max * factor)
 
 
-def _check_sides(r: AxisRange) -> tuple[int, int, int]:
-    """The smallest side, and a non-square size whose sides are no multiple of the UNet's up factor."""
-    return r.min, min(r.max, r.min + 5), min(r.max, 2 * r.min + 3)
+def _check_sides(r: AxisRange, multiple: int = 1) -> tuple[int, int, int]:
+    """The smallest side, and a non-square size whose sides are no multiple of the UNet's up factor.
+
+    With ``multiple`` > 1 (a transformer's patch size) every side is a multiple of it, an odd one.
+    """
+    if multiple == 1:
+        return r.min, min(r.max, r.min + 5), min(r.max, 2 * r.min + 3)
+    return r.min, min(r.max, r.min + 3 * multiple), min(r.max, 2 * r.min + multiple)
 
 
 SAFETY_CHECKER = "safety_checker"

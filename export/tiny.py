@@ -1,4 +1,4 @@
-"""Tiny random-weight SD 1.5 / SDXL diffusers folders, built in code for tests (DESIGN.md section 4).
+"""Tiny random-weight SD 1.5 / SDXL / SD3 / FLUX diffusers folders, built in code for tests (DESIGN.md 4).
 
 Nothing is downloaded: the architectures are diffusers' test-size configs, weights are the default
 random initialisation under fixed seeds (``torch.manual_seed`` before each component), and the
@@ -47,24 +47,55 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["sd", "sdxl"]
+Family = Literal["sd", "sdxl", "sd3", "flux", "flux-schnell"]
 FAMILIES: Final[tuple[str, ...]] = get_args(Family)
 
 # Bump whenever anything below changes the saved files (configs, seeds, init, tokenizer layout):
 # build_tiny_model() rebuilds folders whose marker carries another version.
-TINY_MODEL_VERSION: Final = "2"
+TINY_MODEL_VERSION: Final = "3"
 MARKER_FILE: Final = "tiny_model.json"
 # One seed per component (torch.manual_seed before each). Distinct seeds keep SDXL's two text
 # encoders from sharing their weights, so code that swaps them gives visibly different outputs.
-SEEDS: Final[dict[str, int]] = {"unet": 0, "vae": 1, "text_encoder": 2, "text_encoder_2": 3}
+SEEDS: Final[dict[str, int]] = {
+    "unet": 0,
+    "vae": 1,
+    "text_encoder": 2,
+    "text_encoder_2": 3,
+    "text_encoder_3": 4,
+    "transformer": 5,
+}
 
 _SUBFOLDERS: Final[dict[str, tuple[str, ...]]] = {
     "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    "sd3": (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "tokenizer",
+        "tokenizer_2",
+        "tokenizer_3",
+        "scheduler",
+    ),
+    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+    "flux-schnell": (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    ),
 }
 _PIPELINE_CLASS: Final[dict[str, str]] = {
     "sd": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+    "flux-schnell": "FluxPipeline",
 }
 
 # Shared by both families: 4 blocks, so the VAE scale factor is 8 as in the real models.
@@ -124,6 +155,54 @@ _SDXL_SCHEDULER: Final[dict[str, Any]] = {
     "interpolation_type": "linear",
     "prediction_type": "epsilon",
     "use_karras_sigmas": False,
+}
+
+
+# SD3 / FLUX: a 16-channel VAE without quant convs, its latents scaled and shifted (the real models'
+# factors), 4 blocks so the scale factor is 8; with the transformers' 2x2 patches, sides are
+# multiples of 16 as in the real models.
+_VAE16_CONFIG: Final[dict[str, Any]] = {
+    **_VAE_CONFIG,
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+_VAE16_FACTORS: Final[dict[str, dict[str, float]]] = {
+    "sd3": {"scaling_factor": 1.5305, "shift_factor": 0.0609},
+    "flux": {"scaling_factor": 0.3611, "shift_factor": 0.1159},
+}
+# T5 v1.1 (gated GELU) as SD3 and FLUX use it, at test size; d_model is the transformer's
+# joint_attention_dim.
+_T5_CONFIG: Final[dict[str, Any]] = {
+    "d_ff": 37,
+    "d_kv": 8,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 32,
+    "feed_forward_proj": "gated-gelu",
+    "dropout_rate": 0.0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+    "is_encoder_decoder": False,
+    "tie_word_embeddings": False,
+}
+# SD3 medium's published scheduler config; FLUX.1-dev's (dynamic shifting) and schnell's.
+_SD3_SCHEDULER: Final[dict[str, Any]] = {"num_train_timesteps": 1000, "shift": 3.0}
+_FLUX_DEV_SCHEDULER: Final[dict[str, Any]] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+_FLUX_SCHNELL_SCHEDULER: Final[dict[str, Any]] = {
+    **_FLUX_DEV_SCHEDULER,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
 }
 
 
@@ -220,6 +299,127 @@ def _build_sdxl_pipeline(tmp: Path) -> _SavablePipeline:
     return cast("_SavablePipeline", pipe)
 
 
+def _t5_encoder(d_model: int) -> Any:
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    from export.tokenizer import T5_VOCAB_SIZE
+
+    torch.manual_seed(SEEDS["text_encoder_3"])
+    return T5EncoderModel(T5Config(**_T5_CONFIG, vocab_size=T5_VOCAB_SIZE, d_model=d_model))
+
+
+def _vae16(family: str) -> AutoencoderKL:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(SEEDS["vae"])
+    return AutoencoderKL(**_VAE16_CONFIG, **_VAE16_FACTORS[family], force_upcast=False)
+
+
+def _build_sd3_pipeline(tmp: Path) -> _SavablePipeline:
+    """diffusers' SD3 test transformer with real-model traits: 16 channels, 2x2 patches, 2 layers.
+
+    Two CLIP encoders with projection (pooled: 2 x 32 = 64), T5 with d_model 64 = joint_attention_dim
+    (CLIP's 2 x 32 hidden states are padded to it, as in the real model).
+    """
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Tokenizer
+
+    from export.tokenizer import write_t5_tokenizer
+
+    torch.manual_seed(SEEDS["transformer"])
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * _TEXT_CONFIG["projection_dim"],
+        out_channels=16,
+        pos_embed_max_size=64,
+    )
+    torch.manual_seed(SEEDS["text_encoder"])
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**_TEXT_CONFIG, hidden_act="gelu"))
+    torch.manual_seed(SEEDS["text_encoder_2"])
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_TEXT_CONFIG, hidden_act="gelu"))
+    text_encoder_3 = _t5_encoder(64)
+    write_clip_tokenizer(tmp / "tokenizer", pad_token=EOS_TOKEN)
+    write_clip_tokenizer(tmp / "tokenizer_2", pad_token="!")
+    write_t5_tokenizer(tmp / "tokenizer_3", model_max_length=256)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**_SD3_SCHEDULER),
+        vae=_vae16("sd3"),
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=CLIPTokenizer.from_pretrained(tmp / "tokenizer_2"),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=T5Tokenizer.from_pretrained(tmp / "tokenizer_3"),
+    )
+    return cast("_SavablePipeline", pipe)
+
+
+def _build_flux_pipeline(tmp: Path, *, guidance_embeds: bool) -> _SavablePipeline:
+    """diffusers' FLUX test transformer with real-model traits: 16 latent channels packed 2x2 (64 in).
+
+    ``guidance_embeds`` True is a FLUX.1-dev-like model (guidance through its embedding, dynamic
+    shifting), False a schnell-like one. CLIP without projection (pooled: its pooler output, 32),
+    T5 with d_model 32 = joint_attention_dim.
+    """
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Tokenizer
+
+    from export.tokenizer import write_t5_tokenizer
+
+    torch.manual_seed(SEEDS["transformer"])
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=_TEXT_CONFIG["hidden_size"],
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(SEEDS["text_encoder"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_TEXT_CONFIG, hidden_act="quick_gelu"))
+    text_encoder_2 = _t5_encoder(32)
+    write_clip_tokenizer(tmp / "tokenizer", pad_token=EOS_TOKEN)
+    write_t5_tokenizer(tmp / "tokenizer_2", model_max_length=512 if guidance_embeds else 256)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        **(_FLUX_DEV_SCHEDULER if guidance_embeds else _FLUX_SCHNELL_SCHEDULER)
+    )
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=_vae16("flux"),
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=T5Tokenizer.from_pretrained(tmp / "tokenizer_2"),
+    )
+    return cast("_SavablePipeline", pipe)
+
+
+_BUILDERS: Final[dict[str, Any]] = {
+    "sd": _build_sd_pipeline,
+    "sdxl": _build_sdxl_pipeline,
+    "sd3": _build_sd3_pipeline,
+    "flux": lambda tmp: _build_flux_pipeline(tmp, guidance_embeds=True),
+    "flux-schnell": lambda tmp: _build_flux_pipeline(tmp, guidance_embeds=False),
+}
+
+
 def _read_marker(model_dir: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((model_dir / MARKER_FILE).read_text(encoding="utf-8"))
@@ -241,7 +441,7 @@ def is_complete(model_dir: Path, family: Family) -> bool:
 
 def _versions() -> dict[str, str]:
     out: dict[str, str] = {}
-    for dist in ("torch", "diffusers", "transformers", "tokenizers", "open_clip_torch"):
+    for dist in ("torch", "diffusers", "transformers", "tokenizers", "open_clip_torch", "sentencepiece"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -287,7 +487,7 @@ def build_tiny_model(family: Family, out_dir: Path) -> Path:
     try:
         # Keep the caller's global RNG state: the build reseeds torch for every component.
         with torch.random.fork_rng(devices=[]):
-            pipe = _build_sd_pipeline(tmp) if family == "sd" else _build_sdxl_pipeline(tmp)
+            pipe = _BUILDERS[family](tmp)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if family == "sd":
             # SD 1.5 ships a safety checker; so does its tiny stand-in (never flags the tiny model's images).
@@ -351,16 +551,17 @@ def generate_image(
     seed: int = 0,
 ) -> np.ndarray:
     """Run the diffusers pipeline on ``model_dir`` (CPU, fp32); returns float32 [size, size, 3] in [0, 1]."""
+    import diffusers
     import numpy as np
     import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     family = _check_family(family)
     pipe: Any
+    cls = getattr(diffusers, _PIPELINE_CLASS[family])
     if family == "sd":
-        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+        pipe = cls.from_pretrained(model_dir, safety_checker=None)
     else:
-        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+        pipe = cls.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         prompt,
@@ -377,7 +578,7 @@ def generate_image(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="t2i-tiny",
-        description="Build a tiny random-weight SD 1.5 or SDXL diffusers folder (no downloads).",
+        description="Build a tiny random-weight SD 1.5, SDXL, SD3 or FLUX diffusers folder (no downloads).",
     )
     parser.add_argument("--family", choices=FAMILIES, required=True)
     parser.add_argument("--out", type=Path, required=True, help="output folder, e.g. models/tiny-sd")

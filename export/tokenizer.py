@@ -30,6 +30,7 @@ __all__ = [
     "bpe_vocab_path",
     "build_vocab_and_merges",
     "write_clip_tokenizer",
+    "write_t5_tokenizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -169,3 +170,60 @@ def write_clip_tokenizer(out_dir: Path, *, pad_token: str = EOS_TOKEN) -> None:
         {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": pad_token, "unk_token": EOS_TOKEN},
     )
     logger.debug("wrote CLIP tokenizer (%d tokens, pad %r) to %s", len(vocab), pad_token, out_dir)
+
+
+# The tiny T5 tokenizer (SD3's tokenizer_3, FLUX's tokenizer_2): a SentencePiece unigram model trained
+# here, in code, on words of the CLIP vocabulary, with T5's special ids (pad 0, eos 1, unk 2) and its
+# 100 sentinel tokens. Real T5 has 32100 entries; this one is small so the tiny T5 embedding is too.
+T5_PIECES: Final = 1000
+T5_EXTRA_IDS: Final = 100
+T5_VOCAB_SIZE: Final = T5_PIECES + T5_EXTRA_IDS
+
+
+def _t5_corpus(lines: int = 4000, words_per_line: int = 12) -> list[str]:
+    """Deterministic English-like text: whole words of the CLIP vocabulary, in vocabulary order."""
+    vocab, _ = build_vocab_and_merges()
+    words = [t[: -len("</w>")] for t in vocab if t.endswith("</w>") and t[:-4].isalpha() and len(t) > 6]
+    return [" ".join(words[i * words_per_line : (i + 1) * words_per_line]) for i in range(lines)]
+
+
+def write_t5_tokenizer(out_dir: Path, *, model_max_length: int = 512) -> None:
+    """Train a SentencePiece unigram model in code and save it as a T5 tokenizer in ``out_dir``.
+
+    ``T5TokenizerFast.from_pretrained(out_dir)`` reads it (``tokenizer.json``; in transformers 5
+    ``T5TokenizerFast`` is ``T5Tokenizer``, backed by the tokenizers library);
+    "a photo of a cat" encodes to a few pieces followed by ``</s>`` (1), padding is ``<pad>`` (0).
+    Training needs the ``sentencepiece`` package (the export extra); reading does not.
+    """
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_t5_corpus()),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=T5_PIECES,
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+        normalization_rule_name="identity",  # no precompiled normaliser to carry over
+    )
+    # The pieces and scores go straight into the tokenizers-backed T5 tokenizer (transformers'
+    # spiece.model conversion needs sentencepiece's protobuf module, which pins another protobuf).
+    processor = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(T5_EXTRA_IDS))]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=T5_EXTRA_IDS, model_max_length=model_max_length)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    if len(tokenizer) != T5_VOCAB_SIZE:
+        raise ValueError(f"T5 tokenizer has {len(tokenizer)} entries, expected {T5_VOCAB_SIZE}")
+    logger.debug("wrote T5 tokenizer (%d entries) to %s", len(tokenizer), out_dir)

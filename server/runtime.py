@@ -29,6 +29,7 @@ from server.engines import (
 )
 from server.errors import ServiceUnavailable
 from server.metrics import Metrics
+from server.pipeline.flow import pipeline_for
 from server.pipeline.generate import GenerationRequest, TextToImagePipeline
 from server.pipeline.model import DiffusionModel
 from server.pipeline.rules import rule_for
@@ -172,13 +173,13 @@ class Runtime:
         assert self.client is not None
         if not await self.client.is_live():
             raise ServiceUnavailable(f"Triton at {self.client.url} is not reachable")
-        names = [specs.UNET, specs.VAE_DECODER, *self.model.source.text_encoders]
+        names = [self.model.source.denoiser, specs.VAE_DECODER, *self.model.source.text_encoders]
         missing = [n for n in names if not await self.client.model_ready(n)]
         if missing:
             raise ServiceUnavailable(f"Triton at {self.client.url} has not loaded: {', '.join(missing)}")
         self.safety_checker = await self._safety_checker()
         if self._pipeline is None:
-            pipeline = TextToImagePipeline(self.model, self.client)
+            pipeline = pipeline_for(self.model, self.client)
             if self.settings.warmup:
                 await pipeline(_warmup_request(self.model, self.engines))
             self._pipeline = pipeline

@@ -39,7 +39,8 @@ class TextToImageService:
         self, params: TextToImageParams, client_gone: Callable[[], bool] = lambda: False
     ) -> ImageResponse:
         """Check the request, wait for a slot (bounded), run it; the deadline covers the wait too."""
-        request, loras = self._request(params, self.runtime.require_model().vae_scale_factor)
+        model = self.runtime.require_model()
+        request, loras = self._request(params, model.vae_scale_factor, model.size_multiple, model.max_side)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 async with self.runtime.variants.use(loras) as models, self.admission.slot():
@@ -97,7 +98,11 @@ class TextToImageService:
         return ImageResponse(images=media)
 
     def _request(
-        self, params: TextToImageParams, vae_scale: int
+        self,
+        params: TextToImageParams,
+        vae_scale: int,
+        size_multiple: int | None = None,
+        max_side: int | None = None,
     ) -> tuple[GenerationRequest, dict[str, float]]:
         """Apply the API's rules; every violation is a 400 with a message naming the field.
 
@@ -111,11 +116,15 @@ class TextToImageService:
             raise BadRequest("Prompt must be provided.")
         loras = parse_loras(params.loras, s.max_loras)
         min_side = MIN_LATENT_SIDE * vae_scale
+        # SD3 / FLUX: the transformer's 2x2 patches make sides multiples of 16, not 8.
+        multiple = size_multiple or vae_scale
         for name, value in (("height", params.height), ("width", params.width)):
-            if value < min_side or value % vae_scale:
+            if value < min_side or value % multiple:
                 raise BadRequest(
-                    f"{name} must be a multiple of {vae_scale} of at least {min_side}, got {value}."
+                    f"{name} must be a multiple of {multiple} of at least {min_side}, got {value}."
                 )
+            if max_side is not None and value > max_side:
+                raise BadRequest(f"{name} must be at most {max_side} for this model, got {value}.")
         if params.height * params.width > s.max_pixels:
             raise BadRequest(
                 f"Image size {params.width}x{params.height} is above this service's limit "

@@ -107,6 +107,6 @@ def test_cli_rejects_what_is_not_a_diffusers_model(tmp_path: Path, caplog: pytes
 
 
 def test_unsupported_pipeline_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableVideoDiffusionPipeline"}))
     with pytest.raises(ModelSourceError, match="not supported"):
         ModelSource(tmp_path)

@@ -176,4 +176,4 @@ def test_refuses_to_replace_foreign_folder(tmp_path: Path) -> None:
     assert tiny.main(["--family", "sd", "--out", str(out)]) == 1
     assert sorted(p.name for p in out.iterdir()) == ["model_index.json"]
     with pytest.raises(ValueError, match="unknown family"):
-        build_tiny_model("sd3", tmp_path / "x")  # type: ignore[arg-type]
+        build_tiny_model("sd4", tmp_path / "x")  # type: ignore[arg-type]

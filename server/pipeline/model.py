@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import diffusers
 import numpy as np
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5Tokenizer
 
 from export.source import ModelSource
 from server.errors import BadRequest
@@ -20,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prompts:
-    """One prompt per text encoder (SDXL: prompt, prompt_2), or None for a part that was not given."""
+    """One prompt per text encoder (SDXL and FLUX: prompt, prompt_2; SD3: also prompt_3), or None for a
+    part that was not given."""
 
     parts: tuple[str | None, ...]
 
@@ -75,7 +77,13 @@ class DiffusionModel:
         rule that requires its scheduler (SDXL-Lightning) takes precedence over both."""
         self.source = source
         self.rule = rule
-        self.tokenizers = [CLIPTokenizer.from_pretrained(source.path / name) for name in source.tokenizers]
+        t5 = {name.replace("text_encoder", "tokenizer") for name in source.t5_encoders}
+        self.tokenizers = [
+            (T5Tokenizer if name in t5 else CLIPTokenizer).from_pretrained(source.path / name)
+            for name in source.tokenizers
+        ]
+        # T5 tokens per prompt: the rule's (FLUX.1-schnell 256, dev 512), else the pipeline's default.
+        self.max_sequence_length = rule.max_sequence_length or (512 if source.is_flux else 256)
         config = source.config("scheduler")
         name = scheduler or str(config["_class_name"])
         if rule.scheduler is not None:
@@ -84,9 +92,11 @@ class DiffusionModel:
         cls = getattr(diffusers, name, None)
         if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
             raise ValueError(f"unknown diffusers scheduler '{name}'")
+        if source.is_transformer and not _flow_scheduler(cls, needs_sigmas=source.is_flux):
+            raise ValueError(f"{source.pipeline_class} needs a flow-matching scheduler, not '{name}'")
         self._scheduler_template = cls.from_config(config)
-        unet = source.config("unet")
-        self.guidance_allowed = unet.get("time_cond_proj_dim") is None
+        denoiser = source.config(source.denoiser)
+        self.guidance_allowed = denoiser.get("time_cond_proj_dim") is None
         logger.info("model %s: %s with %s", source.path, source.pipeline_class, name)
 
     @property
@@ -97,6 +107,19 @@ class DiffusionModel:
     def vae_scale_factor(self) -> int:
         return self.source.vae_scale_factor
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (16 for SD3 and FLUX: 2x2 patches of the latents)."""
+        return self.source.size_multiple
+
+    @property
+    def max_side(self) -> int | None:
+        """The largest image side the denoiser takes, where it has one (SD3's position embedding)."""
+        if not self.source.is_sd3:
+            return None
+        size = self.source.config(self.source.denoiser).get("pos_embed_max_size")
+        return None if size is None else int(size) * self.size_multiple
+
     def new_scheduler(self) -> Any:
         """A fresh scheduler: they keep per-generation state (step index, multistep history)."""
         return copy.deepcopy(self._scheduler_template)
@@ -105,7 +128,10 @@ class DiffusionModel:
         """Token ids [len(texts), max_length] as the tokenizer gives them for the whole texts (CPU
         work: callers on the event loop run it in a thread)."""
         tokenizer = self.tokenizers[encoder]
-        rows = [tokenize_truncated(tokenizer, text, tokenizer.model_max_length) for text in texts]
+        max_length = (
+            self.max_sequence_length if isinstance(tokenizer, T5Tokenizer) else tokenizer.model_max_length
+        )
+        rows = [tokenize_truncated(tokenizer, text, max_length) for text in texts]
         return np.stack(rows).astype(np.int32)
 
     def prompts(self, prompt: str, negative_prompt: str) -> tuple[Prompts, Prompts]:
@@ -115,6 +141,19 @@ class DiffusionModel:
         parts = split_prompt(prompt, self.encoders)
         if not parts:
             raise BadRequest("Prompt must be provided.")
+        if self.source.is_transformer:
+            # More parts than encoders is a mistake here (FLUX ignores its negative prompt).
+            checked = {
+                "prompt": prompt,
+                **({"negative_prompt": negative_prompt} if self.source.is_sd3 else {}),
+            }
+            for field_name, text in checked.items():
+                count = sum(1 for p in text.split("|") if p.strip())
+                if count > self.encoders:
+                    raise BadRequest(
+                        f"{field_name} has {count} parts separated by '|'; this model takes at most "
+                        f"{self.encoders}, one per text encoder."
+                    )
         positive = tuple(parts[i] if i < len(parts) else parts[0] for i in range(self.encoders))
         negative_parts = split_prompt(negative_prompt, self.encoders)
         negative: tuple[str | None, ...] = tuple(
@@ -122,3 +161,9 @@ class DiffusionModel:
             for i in range(self.encoders)
         )
         return Prompts(positive), Prompts(negative)
+
+
+def _flow_scheduler(cls: type, *, needs_sigmas: bool) -> bool:
+    """A flow-matching scheduler the SD3 / FLUX loop can drive (FluxPipeline passes its own sigmas)."""
+    accepts_sigmas = "sigmas" in inspect.signature(cls.set_timesteps).parameters  # type: ignore[attr-defined]
+    return cls.__name__.startswith("FlowMatch") and (accepts_sigmas or not needs_sigmas)

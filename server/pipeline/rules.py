@@ -21,6 +21,8 @@ class ModelRule:
     default_steps: int = DEFAULT_STEPS  # for num_inference_steps < 1
     scheduler: tuple[str, dict[str, Any]] | None = None  # class name and config overrides
     note: str = field(default="", compare=False)
+    # T5 tokens per prompt (SD3, FLUX); None: the pipeline's default (SD3 256, FLUX 512).
+    max_sequence_length: int | None = None
 
 
 MODEL_RULES: tuple[ModelRule, ...] = (
@@ -28,6 +30,11 @@ MODEL_RULES: tuple[ModelRule, ...] = (
     ModelRule(("lightning", "4step"), 0.0, 4, 4, _EULER_TRAILING, "SDXL-Lightning 4-step"),
     ModelRule(("lightning", "8step"), 0.0, 8, 8, _EULER_TRAILING, "SDXL-Lightning 8-step"),
     ModelRule(("lightning",), 0.0, 8, 8, _EULER_TRAILING, "SDXL-Lightning without a step count: 8"),
+    # FLUX.1-schnell is timestep-distilled: no guidance of any kind, 4 steps, 256 T5 tokens.
+    ModelRule(("flux", "schnell"), 0.0, None, 4, None, "FLUX.1-schnell", max_sequence_length=256),
+    # FLUX.1-dev is guidance-distilled: the guidance scale goes into its guidance embedding (never CFG).
+    ModelRule(("flux", "dev"), None, None, DEFAULT_STEPS, None, "FLUX.1-dev", max_sequence_length=512),
+    ModelRule(("3.5", "turbo"), 0.0, None, 4, None, "SD3.5-Large-Turbo: no guidance, 4 steps"),
     ModelRule(("turbo",), 0.0, None, 1, None, "SD/SDXL-Turbo: no guidance"),
 )
 DEFAULT_RULE = ModelRule(())
