@@ -30,6 +30,7 @@ from server.settings import Settings
 from server.triton.client import TritonClient
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 from server.variants import VariantManager
+from server.variants.setup import variant_manager
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class Runtime:
             await self.client.close()
         if self.triton is not None:
             await asyncio.to_thread(self.triton.stop)
+        if self._variants is not None:
+            self._variants.close()
 
     async def _supervise(self) -> None:
         started = time.perf_counter()
@@ -117,12 +120,8 @@ class Runtime:
             self.model = await asyncio.to_thread(
                 DiffusionModel, source, scheduler, rule_for(self.settings.model_id)
             )
-            self._variants = VariantManager(
-                self.settings,
-                self.settings.model_repository.resolve(),
-                source.text_encoders,
-                self._require_client,
-                self.metrics,
+            self._variants = await asyncio.to_thread(
+                variant_manager, self.settings, source.text_encoders, self._require_client, self.metrics
             )
         except Exception as e:
             self._fail(f"cannot load model '{self.settings.model_id}': {e}", permanent=True)
