@@ -13,9 +13,12 @@ import mmap
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # onnx.TensorProto.DataType -> numpy dtype, for the types exported weights use.
 _DTYPES: Final[dict[int, np.dtype]] = {
@@ -151,15 +154,17 @@ def read_initializers(refs: Iterable[InitializerRef]) -> dict[str, np.ndarray]:
     return out
 
 
-class LazyOnnxState(Mapping[str, "object"]):
+class LazyOnnxState(Mapping[str, "torch.Tensor"]):
     """A component's state dict read from its ONNX file on demand: keys are the torch parameter
     names (``initializer name - prefix``), each value a torch tensor read when first asked for."""
 
     def __init__(self, index: Mapping[str, InitializerRef], prefix: str) -> None:
-        self._refs = {name.removeprefix(prefix): ref for name, ref in index.items() if name.startswith(prefix)}
-        self._read: dict[str, object] = {}
+        self._refs = {
+            name.removeprefix(prefix): ref for name, ref in index.items() if name.startswith(prefix)
+        }
+        self._read: dict[str, torch.Tensor] = {}
 
-    def __getitem__(self, key: str) -> object:
+    def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._read:
             import torch
 

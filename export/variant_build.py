@@ -65,7 +65,9 @@ class BaseIndex:
 def merge_variant(
     base: BaseIndex, models: Sequence[str], loras: Sequence[LoraInput]
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """``{model: {param: merged tensor}}`` for the models some LoRA touches (LoraError if one does not fit)."""
+    """``{model: {param: merged tensor}}`` for the models some LoRA touches.
+
+    Raises :class:`export.lora.LoraError` when a LoRA does not fit the base."""
     weights: list[tuple[LoraWeights, float]] = [(load_lora(s.file, s.lora_id), s.weight) for s in loras]
     for lora, _ in weights:
         check_components(lora, models)
@@ -107,7 +109,11 @@ def write_variant(
 
 
 def build_variant(
-    repository: Path, key: str, models: Sequence[str], loras: Sequence[LoraInput], base: BaseIndex | None = None
+    repository: Path,
+    key: str,
+    models: Sequence[str],
+    loras: Sequence[LoraInput],
+    base: BaseIndex | None = None,
 ) -> dict[str, Path]:
     """LoRA files + base repository -> ``{model: override file}`` for variant ``key``."""
     merged = merge_variant(base or BaseIndex(repository), models, loras)

@@ -149,7 +149,11 @@ def test_a_restart_finds_the_cache_within_its_bound(tmp_path: Path) -> None:
     restarted.scan()
     assert restarted.used_bytes <= restarted.limit_bytes
     # the oldest variants went first; the download (newest) stayed
-    assert restarted.names() == [variant_entry(_key(4)), variant_entry(_key(5)), download_entry("owner--name")]
+    assert restarted.names() == [
+        variant_entry(_key(4)),
+        variant_entry(_key(5)),
+        download_entry("owner--name"),
+    ]
     left = sorted(p.name for p in (tmp_path / "unet" / "variants").iterdir())
     assert left == [f"{_key(4)}.safetensors", f"{_key(5)}.safetensors"]
     assert not (tmp_path / "dl" / ".owner--x.partial").exists()
@@ -350,7 +354,9 @@ def test_build_writes_only_the_touched_tensors(
 
     repo = tmp_path / "repo"
     shutil.copytree(repository("sd"), repo, symlinks=True)
-    lora = build_tiny_lora("sd", tmp_path / "lora", "diffusers", 3, model_dir=tiny_model("sd"), text_encoder=True)
+    lora = build_tiny_lora(
+        "sd", tmp_path / "lora", "diffusers", 3, model_dir=tiny_model("sd"), text_encoder=True
+    )
     inputs = [LoraInput(lora / "pytorch_lora_weights.safetensors", "x", 0.7)]
     merged = merge_variant(BaseIndex(repo), ("unet", "text_encoder"), inputs)
     files = build_variant(repo, "0123456789abcdef", ("unet", "text_encoder"), inputs)
@@ -387,7 +393,7 @@ def _model_module() -> types.ModuleType:
     return module
 
 
-def test_model_sessions_take_overrides_from_memory_and_keep_at_most_the_bound(tmp_path: Path) -> None:
+def test_model_serves_variants_from_one_overridable_session_within_the_bound(tmp_path: Path) -> None:
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
@@ -395,36 +401,47 @@ def test_model_sessions_take_overrides_from_memory_and_keep_at_most_the_bound(tm
 
     weight = np.eye(3, dtype=np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "unet.w"], ["y"])],
+        [helper.make_node("MatMul", ["x", "unet.lin.weight"], ["y"])],
         "g",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
-        [numpy_helper.from_array(weight, "unet.w")],
+        [numpy_helper.from_array(weight, "unet.lin.weight")],
     )
-    model_path = tmp_path / "model.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(model_path))
+    model_path = tmp_path / "1" / "model.onnx"
+    model_path.parent.mkdir()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(model_path))
     folder = tmp_path / "variants"
     folder.mkdir()
     for i in range(3):
-        save_file({"w": weight * (i + 2)}, str(folder / f"{_key(i)}.safetensors"), metadata={"onnx_prefix": "unet."})
+        save_file(
+            {"lin.weight": weight * (i + 2)},
+            str(folder / f"{_key(i)}.safetensors"),
+            metadata={"onnx_prefix": "unet."},
+        )
+    save_file(
+        {"nope.weight": weight}, str(folder / f"{_key(5)}.safetensors"), metadata={"onnx_prefix": "unet."}
+    )
     module = _model_module()
-    created: list[int] = []
-
-    def new_session(options: object) -> object:
-        created.append(1)
-        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-
-    sessions = module.VariantSessions(folder, ort.SessionOptions, new_session, 2)
+    variants = module.VariantOverrides(folder, model_path, ort.SessionOptions, 2)
+    base = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     x = np.ones((1, 3), dtype=np.float32)
+    sessions = set()
     for i in (0, 1, 0, 2, 1):
-        (y,) = sessions.session(_key(i)).run(["y"], {"x": x})
+        session, overrides = variants.get(_key(i))
+        sessions.add(id(session))
+        (y,) = session.run(["y"], {"x": x, **overrides})
         np.testing.assert_allclose(y, x * (i + 2))
-        assert len(sessions.open) <= 2
-    assert list(sessions.open) == [_key(2), _key(1)]
-    assert len(created) == 4  # 0, 1, 2 and 1 again (closed when 2 came)
-    assert os.listdir(folder) == os.listdir(folder)  # nothing written beside the overrides
+        assert len(variants.open) <= 2
+        (y,) = base.run(["y"], {"x": x})  # the base session is untouched
+        np.testing.assert_allclose(y, x)
+    assert len(sessions) == 1  # one session for every variant
+    assert list(variants.open) == [_key(2), _key(1)]
+    assert sorted(os.listdir(tmp_path / "1")) == ["model.onnx"]  # nothing written for inline weights
     with pytest.raises(FileNotFoundError):
-        sessions.session(_key(7))
+        variants.get(_key(7))
+    with pytest.raises(ValueError, match="not a weight of this model"):
+        variants.get(_key(5))
     assert module.requested_variant("{}") == ""
     assert module.requested_variant(json.dumps({"lora_variant": _key(1)})) == _key(1)
     for bad in ("../../etc", "ABCDEF0123456789", 5):

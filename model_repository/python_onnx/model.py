@@ -7,10 +7,12 @@ A request that fails gets its own error response; the others in the batch are an
 
 LoRA variants: a request may carry the parameter ``lora_variant`` = K (16-64 hex digits; absent or
 empty: the base model).  Variant K's overrides are ``<model>/variants/K.safetensors`` (merged tensors
-keyed by parameter name, the initializer prefix in the header's ``onnx_prefix``); its session is the
-base graph with those initializers given from memory at session creation, so nothing is copied on
-disk.  At most ``max_lora_variants`` (config parameter, env ``MAX_LORA_VARIANTS`` overrides) variant
-sessions stay open, least recently used closed first; each batch runs grouped by variant and shape.
+keyed by parameter name, the initializer prefix in the header's ``onnx_prefix``).  They run on one
+second session of the base graph whose weight initializers are overridable (also graph inputs), so
+a variant's batch is that session fed with its override tensors: no session, process or file per
+variant, and a new variant costs reading its overrides.  At most ``max_lora_variants`` (config
+parameter; env ``MAX_LORA_VARIANTS`` overrides) variants' overrides stay in memory, least recently
+used dropped first; each batch runs grouped by variant and shape.
 """
 
 from __future__ import annotations
@@ -47,14 +49,9 @@ class TritonPythonModel:
         model_dir = Path(args["model_repository"])
         path = model_dir / args["model_version"] / params.get("onnx_file", "model.onnx")
 
-        def new_session(options: ort.SessionOptions) -> ort.InferenceSession:
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-        self.session = new_session(session_options(params))
+        self.session = ort.InferenceSession(str(path), session_options(params), providers=["CPUExecutionProvider"])
         limit = int(os.environ.get("MAX_LORA_VARIANTS") or params.get("max_lora_variants") or 4)
-        self.variants = VariantSessions(
-            model_dir / "variants", lambda: session_options(params), new_session, limit
-        )
+        self.variants = VariantOverrides(model_dir / "variants", path, lambda: session_options(params), limit)
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
         self.output_dtypes = {
@@ -76,8 +73,12 @@ class TritonPythonModel:
         # grouped by variant: each variant's session is opened (or found) once per batch
         for (variant, _), members in sorted(groups.items(), key=lambda item: item[0][0]):
             try:
-                session = self.variants.session(variant) if variant else self.session
-                outputs = self._run(session, [inputs[i] for i in members])
+                batch = [inputs[i] for i in members]
+                if variant:
+                    session, overrides = self.variants.get(variant)
+                    outputs = self._run(session, batch, overrides)
+                else:
+                    outputs = self._run(self.session, batch)
             except Exception as e:  # onnxruntime raises its own exception types
                 error = pb_utils.TritonError(f"onnxruntime failed: {e}")
                 for i in members:
@@ -94,10 +95,12 @@ class TritonPythonModel:
     def _inputs(self, request) -> dict[str, np.ndarray]:
         return {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
 
-    def _run(self, session: Any, batch: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    def _run(
+        self, session: Any, batch: list[dict[str, np.ndarray]], overrides: dict[str, np.ndarray] | None = None
+    ) -> list[dict[str, np.ndarray]]:
         sizes = [len(feeds[self.input_names[0]]) for feeds in batch]
         joined = {n: np.concatenate([feeds[n] for feeds in batch]) for n in self.input_names}
-        outputs = session.run(self.output_names, joined)
+        outputs = session.run(self.output_names, {**joined, **(overrides or {})})
         bounds = np.cumsum(sizes)[:-1]
         per_output = [np.split(out, bounds) for out in outputs]
         return [dict(zip(self.output_names, parts)) for parts in zip(*per_output)]
@@ -112,45 +115,70 @@ def requested_variant(parameters: str | dict) -> str:
     return variant
 
 
-class VariantSessions:
-    """Open variant sessions, least recently used first; at most ``limit`` of them."""
+class VariantOverrides:
+    """The overridable session (opened on the first variant request) and the override tensors of at
+    most ``limit`` variants, least recently used first."""
 
-    def __init__(
-        self,
-        folder: Path,
-        options: Callable[[], Any],
-        new_session: Callable[[Any], Any],
-        limit: int,
-    ) -> None:
+    def __init__(self, folder: Path, onnx_path: Path, options: Callable[[], Any], limit: int) -> None:
         self.folder = folder
+        self.onnx_path = onnx_path
         self.options = options
-        self.new_session = new_session
         self.limit = max(1, limit)
-        self.open: OrderedDict[str, tuple[Any, list]] = OrderedDict()
+        self.session: Any = None
+        self.overridable: frozenset[str] = frozenset()
+        self.open: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
 
-    def session(self, key: str) -> Any:
+    def get(self, key: str) -> tuple[Any, dict[str, np.ndarray]]:
         if key in self.open:
             self.open.move_to_end(key)
-            return self.open[key][0]
+            return self.session, self.open[key]
+        overrides = self._read(key)  # before opening the session: a missing variant costs nothing
+        if self.session is None:
+            self.session = self._overridable_session()
+        unknown = sorted(set(overrides) - self.overridable)
+        if unknown:
+            raise ValueError(f"LoRA variant {key} overrides '{unknown[0]}', which is not a weight of this model")
         while len(self.open) >= self.limit:
             self.open.popitem(last=False)
-        session, keep = self._create(key)
-        self.open[key] = (session, keep)
-        return session
+        self.open[key] = overrides
+        return self.session, overrides
 
-    def _create(self, key: str) -> tuple[Any, list]:
+    def _read(self, key: str) -> dict[str, np.ndarray]:
         from safetensors import safe_open
 
         file = self.folder / f"{key}.safetensors"
         if not file.is_file():
             raise FileNotFoundError(f"LoRA variant {key} has no overrides for this model")
-        options = self.options()
-        keep: list = []  # onnxruntime uses these buffers without copying: they live as long as the session
         with safe_open(str(file), framework="np") as handle:
             prefix = (handle.metadata() or {}).get("onnx_prefix", "")
-            for name in handle.keys():  # noqa: SIM118
-                array = np.ascontiguousarray(handle.get_tensor(name))
-                value = ort.OrtValue.ortvalue_from_numpy(array)
-                keep.append((array, value))
-                options.add_initializer(prefix + name, value)
-        return self.new_session(options), keep
+            return {prefix + name: np.ascontiguousarray(handle.get_tensor(name)) for name in handle.keys()}  # noqa: SIM118
+
+    def _overridable_session(self) -> Any:
+        """The base graph with every weight initializer (a ``.weight`` of 2 or more dimensions, all a
+        LoRA can change) also listed as a graph input, which onnxruntime lets a run feed."""
+        import onnx
+        from onnx import external_data_helper, helper
+
+        model = onnx.load(str(self.onnx_path), load_external_data=False)
+        listed = {i.name for i in model.graph.input}
+        names = []
+        for init in model.graph.initializer:
+            if init.name.endswith(".weight") and len(init.dims) >= 2 and init.name not in listed:
+                model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+                names.append(init.name)
+        self.overridable = frozenset(names)
+        external = any(external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+        if external:
+            # weights stay in the base's data file; only this small graph is written, once, beside it
+            graph = self.onnx_path.with_name(f"{self.onnx_path.stem}.overridable.onnx")
+            partial = graph.with_name(f".{graph.name}.{os.getpid()}.partial")
+            onnx.save(model, str(partial))
+            partial.rename(graph)
+            source: Any = str(graph)
+        else:
+            onnx.load_external_data_for_model(model, str(self.onnx_path.parent))
+            source = model.SerializeToString()
+        del model
+        options = self.options()
+        options.log_severity_level = 3  # one warning per overridable weight otherwise
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -13,6 +13,7 @@ threads between :meth:`reserve` and :meth:`commit_variant` / :meth:`commit_downl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -109,10 +110,8 @@ class DiskCache:
         entry.last_used = time.time()
         marker = entry.record or (entry.paths[0] if entry.paths else None)
         if marker is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.utime(marker, (entry.last_used, entry.last_used))
-            except OSError:
-                pass
 
     def reserve(self, name: str, nbytes: int) -> None:
         """Make room for ``nbytes`` of ``name`` (deleting idle entries, least recently used first), or

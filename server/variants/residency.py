@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -213,7 +214,7 @@ class VariantManager:
                 self.cache.pin(name)
                 pinned.append(name)
                 try:
-                    lora = await self.sources.fetch(lora_id, lambda n, name=name: self.cache.reserve(name, n))
+                    lora = await self.sources.fetch(lora_id, functools.partial(self.cache.reserve, name))
                 except BaseException:
                     self.cache.release(name)
                     raise
@@ -353,4 +354,3 @@ class VariantManager:
                 await self.serving.unload(victim)
                 logger.info("unloaded LoRA variant %s (least recently used)", victim.key)
             await self.serving.load(models)
-

@@ -34,7 +34,9 @@ def variant_manager(
         endpoint=settings.hf_endpoint,
     )
     downloads = repository / DOWNLOADS_DIR
-    cache = DiskCache(repository, downloads, (specs.UNET, *text_encoders), int(settings.lora_cache_gb * 2**30))
+    cache = DiskCache(
+        repository, downloads, (specs.UNET, *text_encoders), int(settings.lora_cache_gb * 2**30)
+    )
     cache.scan()
     return VariantManager(
         repository,

@@ -130,7 +130,9 @@ class LoraSources:
         except Exception as e:  # unknown, gated, offline: the client learns only "not found"
             logger.info("LoRA %s not found on the Hub: %s", shown(lora_id), type(e).__name__)
             raise not_found(lora_id) from None
-        files = {s.rfilename: s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors")}
+        files = {
+            s.rfilename: s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors")
+        }
         top = [f for f in files if "/" not in f]
         name = DIFFUSERS_WEIGHT_NAME if DIFFUSERS_WEIGHT_NAME in top else (top[0] if len(top) == 1 else None)
         if name is None:
