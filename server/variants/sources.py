@@ -126,7 +126,9 @@ class LoraSources:
 
         api = HfApi(endpoint=self.hub.endpoint or None)
         try:
-            info = api.model_info(lora_id, files_metadata=True, timeout=self.hub.timeout_s)
+            # the thread's own timeout is longer than the request's wait: a Hub that does not answer
+            # is a 503 (the wait runs out), and the thread still ends by itself soon after
+            info = api.model_info(lora_id, files_metadata=True, timeout=2 * self.hub.timeout_s)
         except Exception as e:  # unknown, gated, offline: the client learns only "not found"
             logger.info("LoRA %s not found on the Hub: %s", shown(lora_id), type(e).__name__)
             raise not_found(lora_id) from None
@@ -159,7 +161,7 @@ class LoraSources:
                     filename,
                     local_dir=partial,
                     endpoint=self.hub.endpoint or None,
-                    etag_timeout=self.hub.timeout_s,
+                    etag_timeout=2 * self.hub.timeout_s,
                 )
             )
             if path.stat().st_size > self.hub.max_bytes:
