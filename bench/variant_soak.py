@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         f"at end {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}; total {elapsed:.0f} s",
         "",
         "| sets | LORA_CACHE_GB | max cache MB | MAX_LORA_VARIANTS | max resident | request s median (p95) "
-        "| service RSS MB sets 5-15 / last 10 | Triton+stubs RSS MB sets 5-15 / last 10 | images vs diffusers |",
+        "| service RSS MB sets 5-15 / last 10 | Triton+stubs RSS MB sets 5-15 / last 10 "
+        "| images vs diffusers |",
         "|---|---|---|---|---|---|---|---|---|",
         f"| {n} | {args.cache_gb:g} | {mb(max(r['cache_bytes'] for r in rows))} (bound {mb(limit)}) "
         f"| {args.max_variants} | {max(r['resident'] for r in rows):.0f} "
