@@ -86,6 +86,13 @@ def tensor_bytes(merged: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
     return sum(t.numel() * t.element_size() for tensors in merged.values() for t in tensors.values())
 
 
+def file_bytes_bound(merged: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[LoraInput]) -> int:
+    """An upper bound of the bytes :func:`write_variant` writes: the tensors plus their headers."""
+    header = 4096 + len(json.dumps([{"id": s.lora_id, "weight": s.weight} for s in loras]))
+    per_tensor = 512  # name, dtype, shape and offsets in the JSON header
+    return tensor_bytes(merged) + sum(header + per_tensor * len(t) for t in merged.values())
+
+
 def write_variant(
     repository: Path,
     key: str,

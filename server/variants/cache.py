@@ -116,15 +116,7 @@ class DiskCache:
     def reserve(self, name: str, nbytes: int) -> None:
         """Make room for ``nbytes`` of ``name`` (deleting idle entries, least recently used first), or
         503 when the pinned entries and reservations leave too little."""
-        needed = self.used_bytes + nbytes - self.limit_bytes
-        if needed > 0:
-            for victim in self.names():
-                if needed <= 0:
-                    break
-                if self._pins[victim] or victim == name:
-                    continue
-                needed -= self._entries[victim].nbytes
-                self._delete(victim)
+        self._trim(self.limit_bytes - nbytes, keep=name)
         if self.used_bytes + nbytes > self.limit_bytes:
             raise ServiceUnavailable(
                 "The LoRA cache is full of variants in use; try again shortly."
@@ -132,6 +124,14 @@ class DiskCache:
                 else "This LoRA set does not fit in the service's LoRA cache (LORA_CACHE_GB)."
             )
         self._reserved[name] = self._reserved.get(name, 0) + nbytes
+
+    def _trim(self, target: int, keep: str = "") -> None:
+        """Delete idle entries, least recently used first, until at most ``target`` bytes are used."""
+        for victim in self.names():
+            if self.used_bytes <= target:
+                break
+            if not self._pins[victim] and victim != keep:
+                self._delete(victim)
 
     def release(self, name: str) -> None:
         """A reservation whose build or download failed."""
@@ -148,6 +148,7 @@ class DiskCache:
         partial.write_text(json.dumps({"files": relative, "bytes": nbytes, "loras": loras}, indent=2) + "\n")
         partial.rename(record)  # written last: the variant is complete
         self._entries[name] = _Entry(tuple(files.values()), nbytes, time.time(), record)
+        self._trim(self.limit_bytes, keep=name)  # the files' headers may exceed the reservation
         return VariantRecord(key, files, nbytes)
 
     def commit_download(self, folder_name: str) -> None:
@@ -155,6 +156,7 @@ class DiskCache:
         self._reserved.pop(name, None)
         folder = self.downloads / folder_name
         self._entries[name] = _Entry((folder,), _tree_bytes(folder), time.time())
+        self._trim(self.limit_bytes, keep=name)
 
     # --- start -------------------------------------------------------------------------------
 
@@ -191,12 +193,7 @@ class DiskCache:
                 self._entries[download_entry(folder.name)] = _Entry(
                     (folder,), _tree_bytes(folder), folder.stat().st_mtime
                 )
-        over = self.used_bytes - self.limit_bytes
-        for victim in self.names():
-            if over <= 0:
-                break
-            over -= self._entries[victim].nbytes
-            self._delete(victim)
+        self._trim(self.limit_bytes)
         logger.info(
             "LoRA cache: %d entries, %.1f MB of %.1f MB",
             len(self._entries),

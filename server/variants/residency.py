@@ -35,7 +35,7 @@ from typing import Final, Protocol
 from export import specs
 from export.lora import LoraError
 from export.repository import FINGERPRINT_FILE
-from export.variant_build import BaseIndex, LoraInput, merge_variant, tensor_bytes, write_variant
+from export.variant_build import BaseIndex, LoraInput, file_bytes_bound, merge_variant, write_variant
 from server.errors import BadRequest, InferenceFailed
 from server.metrics import Metrics
 from server.variants.cache import DiskCache, VariantRecord, download_entry, variant_entry
@@ -298,7 +298,7 @@ class VariantManager:
                 merged = await asyncio.to_thread(merge_variant, self._base_index, models, lora_set.inputs)
             except LoraError as e:
                 raise BadRequest(str(e)) from None
-            self.cache.reserve(name, tensor_bytes(merged))
+            self.cache.reserve(name, file_bytes_bound(merged, lora_set.inputs))
             try:
                 files = await asyncio.to_thread(write_variant, self.repository, key, merged, lora_set.inputs)
                 described = [{"id": s.lora_id, "weight": s.weight} for s in lora_set.inputs]
