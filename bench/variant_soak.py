@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-gb", type=float, default=2.0, help="LORA_CACHE_GB for the run")
     parser.add_argument("--max-variants", type=int, default=4, help="MAX_LORA_VARIANTS for the run")
     parser.add_argument("--samples", type=int, default=4, help="sets compared with diffusers")
+    parser.add_argument(
+        "--formats",
+        default="diffusers,kohya",
+        help="LoRA layouts in each set (the first one's weight varies)",
+    )
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.setLevel(logging.INFO)
     os.environ["MAX_LORA_VARIANTS"] = str(args.max_variants)  # read by the Triton model it starts
     prepared = prepare(cast(Size, args.size), args.work)
-    names = {fmt: f"{args.size}-{fmt}" for fmt in FORMATS}
+    formats = [f for f in args.formats.split(",") if f in FORMATS]
+    names = {fmt: f"{args.size}-{fmt}" for fmt in formats}
     sample_at = set(np.linspace(0, args.sets - 1, args.samples).round().astype(int).tolist())
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -118,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         runtime = service.app.state.runtime
         variants = runtime.variants
         for i in range(args.sets):
-            weights = {names["diffusers"]: round(0.2 + 0.004 * i, 6), names["kohya"]: 0.5}
+            weights = {
+                names[fmt]: round(0.2 + 0.004 * i, 6) if j == 0 else 0.5 for j, fmt in enumerate(formats)
+            }
             request_started = time.perf_counter()
             import httpx
 
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             if i in sample_at:
                 image = decode(response.json()["images"][0]["url"])
                 expected = reference(
-                    prepared.model_dir, {prepared.loras[fmt]: weights[names[fmt]] for fmt in FORMATS}
+                    prepared.model_dir, {prepared.loras[fmt]: weights[names[fmt]] for fmt in formats}
                 )
                 row["max_diff"] = float(np.abs(image.astype(int) - expected.astype(int)).max())
                 worst = max(worst, int(row["max_diff"]))
