@@ -206,11 +206,11 @@ def test_many_distinct_lora_sets_stay_within_the_disk_and_resident_bounds(
     settings = _settings(
         tiny_model, triton, repository, lora_dir, lora_hub=False, max_lora_variants=2, lora_cache_gb=cache_gb
     )
-    a_dir, b_dir = lora_dir / "sd-diffusers-c", lora_dir / "sd-kohya-d"
+    a_dir, b_dir = lora_dir / "sd-diffusers-c", lora_dir / "sd-diffusers-d"
     with running_service(settings) as running:
         variants = running.app.state.runtime.variants
         for i in range(10):
-            loras = {"sd-diffusers-c": round(0.3 + 0.07 * i, 3), "sd-kohya-d": 0.5}
+            loras = {"sd-diffusers-c": round(0.3 + 0.07 * i, 3), "sd-diffusers-d": 0.5}
             response = post(running.url, json.dumps(loras), seed=11)
             assert response.status_code == 200, response.text
             assert variants.cache.used_bytes <= cache_gb * 2**30
