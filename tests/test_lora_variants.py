@@ -447,3 +447,40 @@ def test_model_serves_variants_from_one_overridable_session_within_the_bound(tmp
     for bad in ("../../etc", "ABCDEF0123456789", 5):
         with pytest.raises(ValueError):
             module.requested_variant(json.dumps({"lora_variant": bad}))
+
+
+def test_hub_downloads_are_one_safetensors_file_within_the_size_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LORA_MAX_MB and safetensors-only, decided from the Hub's file list before any download."""
+    from huggingface_hub import HfApi
+
+    listings = {
+        "o/big": [("pytorch_lora_weights.safetensors", 3 * MB)],
+        "o/pickle": [("adapter_model.bin", 10)],
+        "o/several": [("a.safetensors", 10), ("b.safetensors", 10)],
+        "o/ok": [("pytorch_lora_weights.safetensors", 10), ("extra.safetensors", 10), ("x.bin", 10)],
+    }
+
+    def model_info(self: object, repo_id: str, **kwargs: object) -> object:
+        if repo_id not in listings:
+            raise OSError("404")
+        siblings = [types.SimpleNamespace(rfilename=n, size=s) for n, s in listings[repo_id]]
+        return types.SimpleNamespace(siblings=siblings)
+
+    monkeypatch.setattr(HfApi, "model_info", model_info)
+    hub = HubPolicy(enabled=True, timeout_s=5, max_bytes=2 * MB, endpoint="http://127.0.0.1:9")
+    sources = LoraSources((), hub, tmp_path / "downloads")
+    assert sources._hub_file("o/ok") == (10, "pytorch_lora_weights.safetensors")
+    with pytest.raises(BadRequest, match=r"larger than this service's limit of 2 MB"):
+        sources._hub_file("o/big")
+    for repo in ("o/pickle", "o/several"):
+        with pytest.raises(BadRequest, match=r"holds no single \.safetensors"):
+            sources._hub_file(repo)
+    with pytest.raises(BadRequest, match=r"^LoRa repository 'o/missing' not found$"):
+        sources._hub_file("o/missing")
+    reserved: list[int] = []
+    with pytest.raises(BadRequest, match="larger than"):
+        asyncio.run(sources.fetch("o/big", reserved.append))
+    assert reserved == []  # refused before the disk cache was asked for room
+    sources.close()
