@@ -1,26 +1,28 @@
-"""LoRA variant build time: the service's merge-and-write against diffusers' load + fuse.
+"""LoRA variant cost: the service's build and first request against diffusers' load + fuse, same run.
 
 For each model size (``tiny``: :func:`export.tiny.build_tiny_model`; ``mid``: an SD 1.5 architecture
 at reduced width, random weights under fixed seeds) and each LoRA layout (diffusers/PEFT and kohya,
-from :func:`export.tiny_lora.build_tiny_lora`), this times:
+from :func:`export.tiny_lora.build_tiny_lora`), interleaved per repeat:
 
-- **variant build**: ``VariantManager._build(key, sources)``, what the service runs on the first
-  request for a LoRA set and reports as ``t2i_lora_variant_build_seconds``: read the LoRA, read the
-  base UNet / text-encoder ONNX graphs, merge, write the variant model folders. A fresh key per
-  repeat, so nothing is reused; the variant folders are deleted after each repeat. The time is also
-  split into phases by wrapping the functions ``_build`` calls (negligible overhead).
+- **variant build**: :func:`export.variant_build.merge_variant` + :func:`write_variant`, the pure build
+  the service runs on a LoRA set's first request: read the LoRA, read only the base tensors it
+  touches from the exported ONNX files, merge, write the override safetensors. A fresh key per
+  repeat; the files are deleted after each repeat. The base index (where each initializer's bytes
+  are) is built once per service and reported separately.
+- **read overrides**: what the python-onnx model does on a new variant's first batch: read its
+  override tensors (``model.py``'s ``VariantOverrides``). Its overridable sessions (the base graph
+  with weights as inputs, for the UNet and the text encoder) open once per model, timed apart; and
+  one UNet call on that session fed the overrides is timed against the base session.
 - **diffusers load + fuse**: the baseline a user would pick instead: ``pipe.load_lora_weights(path)``
-  + ``pipe.fuse_lora()`` on an already loaded ``StableDiffusionPipeline`` (then, untimed in that
-  figure, ``unfuse_lora`` + ``unload_lora_weights``, timed separately).
-- **Triton load** (unless ``--no-triton``): loading the variant's models into the bundled Triton
-  (explicit model control, base ``unet`` and ``text_encoder`` loaded) over gRPC ``load_model``, as
-  the service does after a build: a python-backend stub per model, which opens an onnxruntime
-  session on the merged graph. Timed after the builds, with variants built again for it, so that
-  Triton's loads and unloads (which use every core) never overlap the other measurements.
+  + ``pipe.fuse_lora()`` on a loaded ``StableDiffusionPipeline`` (then ``unfuse_lora`` +
+  ``unload_lora_weights``, untimed).
+- **first request through HTTP** (unless ``--no-http``): the service with its bundled Triton; per
+  repeat a new LoRA set (a new weight) is requested, then the same set again: the extra latency of
+  the first request is the difference. diffusers' load + fuse runs in the same loop (Triton idle).
 
-Models, repositories (exported with ``RepositoryOptions(check=False)``: no ONNX-vs-torch check) and
-LoRA files are cached in ``--work``, so a rerun only measures. One untimed warm-up run of each
-measurement precedes the repeats. Absolute figures hold only for the machine they ran on.
+Disk per variant is the override files' size against the bytes of the tensors they change.
+Models, repositories (exported with ``RepositoryOptions(check=False)``) and LoRA files are cached in
+``--work``, so a rerun only measures. Absolute figures hold only for the machine they ran on.
 
 ``python -m bench.variant_build --sizes tiny,mid --repeats 3``
 """
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import json
 import logging
@@ -40,8 +41,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -57,7 +56,6 @@ FORMATS: Final[tuple[Format, ...]] = ("diffusers", "kohya")
 DEFAULT_WORK: Final = Path(tempfile.gettempdir()) / "t2i-bench-variant-build"
 LORA_SEED: Final = 7
 TEXT_ENCODERS: Final = ("text_encoder",)
-VARIANT_PREFIX: Final = "bench"
 
 # The mid model: SD 1.5's UNet (block types, 2 layers per block, 8 heads, 768-wide cross attention)
 # at half its width, and SD 1.5's text encoder (CLIP ViT-L/14 text tower) at full size.
@@ -184,9 +182,10 @@ def prepare(size: Size, work: Path) -> Prepared:
 
 
 def remove_stale_variants(repository: Path) -> None:
-    """Variant folders an interrupted run left behind (they would otherwise pile up on disk)."""
+    """Whole-model variant folders (``unet__<key>``) of the earlier design; override files an
+    interrupted run left are removed by the service's cache scan (no record names them)."""
     for path in repository.iterdir():
-        if f"__{VARIANT_PREFIX}" in path.name:
+        if "__" in path.name and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -196,64 +195,6 @@ def dir_bytes(path: Path) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Measurements
-
-
-class Phases:
-    """Time spent in the functions ``VariantManager._build`` calls, by wrapping them while active."""
-
-    # (module, attribute, phase): server.variants' own references, export.lora's for _save.
-    TARGETS: Final = (
-        ("server.variants", "load_lora", "read LoRA"),
-        ("server.variants", "onnx_state", "ONNX load -> torch"),
-        ("server.variants", "merge_deltas", "merge"),
-        ("server.variants", "write_merged_onnx", "write"),
-        ("export.lora", "_save", "ONNX save"),
-    )
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.merged_params = 0
-
-    def _wrap(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                result = fn(*args, **kwargs)
-            finally:
-                self.seconds[phase] += time.perf_counter() - started
-            if phase == "merge":
-                self.merged_params += len(result)
-            return result
-
-        return timed
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[Phases]:
-        originals: list[tuple[Any, str, Any]] = []
-        try:
-            for module_name, attr, phase in self.TARGETS:
-                module = sys.modules[module_name]
-                original = getattr(module, attr)
-                originals.append((module, attr, original))
-                setattr(module, attr, self._wrap(phase, original))
-            yield self
-        finally:
-            for module, attr, original in reversed(originals):
-                setattr(module, attr, original)
-
-    def split(self, total: float) -> dict[str, float]:
-        """Disjoint phases: ``write`` less its save is the second ONNX load and the initializer swap."""
-        s = self.seconds
-        parts = {
-            "read LoRA": s["read LoRA"],
-            "ONNX load -> torch": s["ONNX load -> torch"],
-            "merge": s["merge"],
-            "ONNX reload + replace": s["write"] - s["ONNX save"],
-            "ONNX save": s["ONNX save"],
-        }
-        parts["other (copy, config, rename)"] = total - sum(parts.values())
-        return parts
 
 
 @dataclass
@@ -266,48 +207,136 @@ class Row:
     lora_bytes: int
     lora_layers: dict[str, int]
     merged_params: int = 0
+    changed_bytes: int = 0  # bytes of the tensors the variant changes
+    file_bytes: int = 0  # bytes of its override files
+    index_s: float = 0.0  # the base index, once per service
+    overridable_s: float = 0.0  # the overridable sessions, once per model
+    step_base: float = 0.0  # one UNet call, base session
+    step_variant: float = 0.0  # the same call on the overridable session with overrides
     build: list[float] = field(default_factory=list)
+    merge: list[float] = field(default_factory=list)
+    write: list[float] = field(default_factory=list)
+    session: list[float] = field(default_factory=list)
     load: list[float] = field(default_factory=list)
     fuse: list[float] = field(default_factory=list)
-    unfuse_unload: list[float] = field(default_factory=list)
-    triton_load: list[float] = field(default_factory=list)
-    phases: dict[str, list[float]] = field(default_factory=dict)
+    first_request: list[float] = field(default_factory=list)
+    loaded_request: list[float] = field(default_factory=list)
+    http_load_fuse: list[float] = field(default_factory=list)
 
     @property
     def load_fuse(self) -> list[float]:
         return [a + b for a, b in zip(self.load, self.fuse, strict=True)]
 
-
-def _no_client() -> Any:
-    raise RuntimeError("the benchmark times VariantManager._build only; it needs no Triton client")
+    @property
+    def extra(self) -> list[float]:
+        return [a - b for a, b in zip(self.first_request, self.loaded_request, strict=True)]
 
 
 class VariantBuilder:
-    """The service's variant build on one repository, as ``VariantManager`` runs it."""
+    """The service's pure variant build on one repository, with the python-onnx model's session."""
 
     def __init__(self, prepared: Prepared) -> None:
-        from server.metrics import Metrics
-        from server.settings import Settings
-        from server.variants import VariantManager
+        from export.variant_build import BaseIndex
 
-        settings = Settings(model_id=str(prepared.model_dir), model_repository=prepared.repository)
-        self.manager = VariantManager(settings, prepared.repository, TEXT_ENCODERS, _no_client, Metrics())
+        self.repository = prepared.repository
+        self.base = BaseIndex(prepared.repository)
+        started = time.perf_counter()
+        for model in ("unet", *TEXT_ENCODERS):
+            self.base.state(model)
+        self.index_s = time.perf_counter() - started
+        self._model = _model_module()
 
-    def build(self, lora_id: str, path: Path, phases: Phases | None = None) -> tuple[float, list[str]]:
-        """Seconds for one ``_build`` with a fresh key, and the model folders it wrote."""
-        from server.variants import _Source
+    def build(self, lora_id: str, path: Path) -> tuple[str, float, float, int, int, int]:
+        """(key, merge s, write s, merged params, changed bytes, file bytes) for a fresh key."""
+        from export.variant_build import LoraInput, merge_variant, tensor_bytes, write_variant
 
-        key = f"{VARIANT_PREFIX}{uuid.uuid4().hex[:12]}"
-        sources = [_Source(lora_id, path, 1.0)]
-        with phases.active() if phases is not None else contextlib.nullcontext():
-            started = time.perf_counter()
-            models = self.manager._build(key, sources)
-            seconds = time.perf_counter() - started
-        return seconds, [n for n in models.names if n not in self.manager.base.names]
+        key = uuid.uuid4().hex[:16]
+        inputs = [LoraInput(_lora_file(path), lora_id, 1.0)]
+        started = time.perf_counter()
+        merged = merge_variant(self.base, ("unet", *TEXT_ENCODERS), inputs)
+        merged_at = time.perf_counter()
+        files = write_variant(self.repository, key, merged, inputs)
+        written = time.perf_counter()
+        params = sum(len(t) for t in merged.values())
+        on_disk = sum(f.stat().st_size for f in files.values())
+        return key, merged_at - started, written - merged_at, params, tensor_bytes(merged), on_disk
 
-    def remove(self, names: list[str]) -> None:
-        for name in names:
-            shutil.rmtree(self.manager.repository / name, ignore_errors=True)
+    def open_overridable(self) -> float:
+        """Seconds to open the overridable sessions (UNet + text encoder): once per model, on the
+        first variant request the model serves."""
+        import onnxruntime as ort
+
+        started = time.perf_counter()
+        self.variants = {
+            model: self._model.VariantOverrides(
+                self.repository / model / "variants",
+                self.repository / model / "1" / "model.onnx",
+                ort.SessionOptions,
+                1,
+            )
+            for model in ("unet", *TEXT_ENCODERS)
+        }
+        for variants in self.variants.values():
+            variants.session = variants._overridable_session()
+        return time.perf_counter() - started
+
+    def session(self, key: str) -> float:
+        """Seconds for what ``model.py`` does on a new variant's first batch: read its overrides."""
+        started = time.perf_counter()
+        for model, variants in self.variants.items():
+            if (self.repository / model / "variants" / f"{key}.safetensors").is_file():
+                variants.get(key)
+        return time.perf_counter() - started
+
+    def step_seconds(self, key: str, repeats: int) -> tuple[float, float]:
+        """Median seconds of one UNet call (batch 2, 64x64 latents) on the base session and on the
+        overridable one fed the variant's overrides."""
+        import numpy as np
+        import onnxruntime as ort
+
+        unet = self.variants["unet"]
+        session, overrides = unet.get(key)
+        base = ort.InferenceSession(str(unet.onnx_path), providers=["CPUExecutionProvider"])
+        hidden = base.get_inputs()[2].shape[2]
+        rng = np.random.default_rng(0)
+        feeds = {
+            "sample": rng.standard_normal((2, 4, 64, 64), dtype=np.float32),
+            "timestep": np.array([500.0, 500.0], dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, hidden), dtype=np.float32),
+        }
+        times: dict[str, list[float]] = {"base": [], "variant": []}
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, run in (
+                ("base", lambda: base.run(None, feeds)),
+                ("variant", lambda: session.run(None, {**feeds, **overrides})),
+            ):
+                started = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - started)
+        return statistics.median(times["base"][1:]), statistics.median(times["variant"][1:])
+
+    def remove(self, key: str) -> None:
+        for model in ("unet", *TEXT_ENCODERS):
+            (self.repository / model / "variants" / f"{key}.safetensors").unlink(missing_ok=True)
+
+
+def _lora_file(path: Path) -> Path:
+    return path if path.is_file() else next(path.glob("*.safetensors"))
+
+
+def _model_module() -> Any:
+    """The python-onnx ``model.py`` with a stand-in for Triton's utilities (only its sessions are used)."""
+    import importlib.util
+    import types
+
+    sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    from export.repository import PYTHON_ONNX_MODEL
+
+    spec = importlib.util.spec_from_file_location("t2i_python_onnx_model", PYTHON_ONNX_MODEL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class DiffusersBaseline:
@@ -342,62 +371,94 @@ class DiffusersBaseline:
         return loaded - started, fused - loaded, time.perf_counter() - fused
 
 
-class TritonLoader:
-    """The bundled Triton on the repository (explicit model control, base models loaded)."""
+class HttpService:
+    """The service on uvicorn (in this process, a thread) with its bundled Triton on the repository."""
 
     def __init__(self, prepared: Prepared, work: Path) -> None:
-        from server.triton.launcher import BundledTriton, TritonLaunchConfig
+        from server.settings import Settings
 
-        config = TritonLaunchConfig(
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.settings = Settings(
+            model_id=str(prepared.model_dir),
             model_repository=prepared.repository,
             state_dir=work / f"state-{prepared.size}",
-            explicit_model_control=True,
-            load_models=("unet", *TEXT_ENCODERS),
-            startup_timeout_s=600.0,
+            lora_dir=work / "loras",
+            lora_hub=False,
+            host="127.0.0.1",
+            port=port,
+            startup_timeout_s=900.0,
+            request_timeout_s=900.0,
         )
-        self.server = BundledTriton(config)
 
-    def __enter__(self) -> TritonLoader:
-        import tritonclient.grpc as grpcclient
+    def __enter__(self) -> HttpService:
+        import threading
 
-        started = time.perf_counter()
-        self.server.start()
-        logger.info("Triton up with the base models in %.1f s", time.perf_counter() - started)
-        self.client = grpcclient.InferenceServerClient(url=self.server.grpc_url)
-        return self
+        import httpx
+        import uvicorn
+
+        from server.app import create_app
+
+        self.app = create_app(self.settings)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/health", timeout=5).json()["status"] == "OK":
+                    return self
+            time.sleep(0.5)
+        raise TimeoutError("the service did not become ready")
 
     def __exit__(self, *exc: object) -> None:
-        self.client.close()
-        self.server.stop()
+        self.server.should_exit = True
+        self.thread.join(timeout=120)
 
-    def load(self, names: list[str]) -> float:
-        """Seconds to load ``names`` (one after the other, as the service does); then unloads them."""
+    def request(self, loras: dict[str, float]) -> float:
+        import httpx
+
+        body = {**HTTP_BODY, "loras": json.dumps(loras)}
         started = time.perf_counter()
-        for name in names:
-            self.client.load_model(name, client_timeout=600)
+        response = httpx.post(f"{self.url}/text-to-image", json=body, timeout=900)
         seconds = time.perf_counter() - started
-        for name in names:
-            self.client.unload_model(name)
-        # Unloading is asynchronous: wait until the models are gone before the next measurement.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and any(self.client.is_model_ready(n) for n in names):
-            time.sleep(0.1)
+        response.raise_for_status()
         return seconds
 
 
-def measure(prepared: Prepared, repeats: int, work: Path, triton: bool) -> list[Row]:
-    """Variant builds interleaved with diffusers' load + fuse, then (Triton up) the variants' loads.
+# A small request: the first request's extra latency is what is measured, not the generation.
+HTTP_BODY: Final = {
+    "prompt": "a photo of a cat",
+    "height": 64,
+    "width": 64,
+    "num_inference_steps": 2,
+    "guidance_scale": 7.5,
+    "seed": 1,
+    "safety_check": False,
+}
 
-    Triton runs only in the second part, so its model loads (which use every core) never overlap
-    the timed builds or the diffusers calls.
-    """
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure(prepared: Prepared, repeats: int, work: Path, http: bool) -> list[Row]:
+    """Builds, sessions and diffusers' load + fuse interleaved; then (service up) first requests
+    interleaved with diffusers' load + fuse again."""
     from export.lora import load_lora
 
     builder = VariantBuilder(prepared)
+    overridable_s = builder.open_overridable()
     baseline = DiffusersBaseline(prepared.model_dir)
     unet_params, te_params = baseline.params()
     onnx_bytes = sum(
-        (prepared.repository / n / "1" / "model.onnx").stat().st_size for n in ("unet", "text_encoder")
+        (prepared.repository / n / "1" / "model.onnx").stat().st_size for n in ("unet", *TEXT_ENCODERS)
     )
     rows: list[Row] = []
     for fmt in FORMATS:
@@ -411,50 +472,68 @@ def measure(prepared: Prepared, repeats: int, work: Path, triton: bool) -> list[
             onnx_bytes=onnx_bytes,
             lora_bytes=dir_bytes(path),
             lora_layers={c: len(lora.layers[c]) for c in lora.components},
+            index_s=builder.index_s,
+            overridable_s=overridable_s,
         )
         lora_id = f"bench/{prepared.size}-{fmt}"
         # Warm-up (untimed): first-call imports and allocations, page cache.
-        _, names = builder.build(lora_id, path)
-        builder.remove(names)
+        key, *_ = builder.build(lora_id, path)
+        builder.session(key)
+        builder.remove(key)
         baseline.run(path)
         for i in range(repeats):
-            phases = Phases()
-            seconds, names = builder.build(lora_id, path, phases)
-            builder.remove(names)
-            row.build.append(seconds)
-            row.merged_params = phases.merged_params
-            for phase, value in phases.split(seconds).items():
-                row.phases.setdefault(phase, []).append(value)
+            key, merge_s, write_s, row.merged_params, row.changed_bytes, row.file_bytes = builder.build(
+                lora_id, path
+            )
+            row.merge.append(merge_s)
+            row.write.append(write_s)
+            row.build.append(merge_s + write_s)
             gc.collect()
-            load, fuse, unfuse = baseline.run(path)
+            row.session.append(builder.session(key))
+            if i == repeats - 1:
+                row.step_base, row.step_variant = builder.step_seconds(key, 3)
+            builder.remove(key)
+            gc.collect()
+            load, fuse, _ = baseline.run(path)
             row.load.append(load)
             row.fuse.append(fuse)
-            row.unfuse_unload.append(unfuse)
             gc.collect()
             logger.info(
-                "%s %s repeat %d/%d: variant build %.3f s, diffusers load %.3f + fuse %.3f s",
+                "%s %s repeat %d/%d: build %.3f s, session %.3f s, diffusers load %.3f + fuse %.3f s",
                 prepared.size,
                 fmt,
                 i + 1,
                 repeats,
-                seconds,
+                merge_s + write_s,
+                row.session[-1],
                 load,
                 fuse,
             )
         rows.append(row)
+    if http:
+        with HttpService(prepared, work) as service:
+            for row in rows:
+                name = f"{prepared.size}-{row.fmt}"
+                path = prepared.loras[cast(Format, row.fmt)]
+                service.request({name: 0.25})  # warm-up: this LoRA's first use
+                for i in range(repeats):
+                    loras = {name: round(0.3 + 0.01 * i + 0.001 * len(rows), 4)}  # a new set each time
+                    row.first_request.append(service.request(loras))
+                    row.loaded_request.append(service.request(loras))
+                    load, fuse, _ = baseline.run(path)
+                    row.http_load_fuse.append(load + fuse)
+                    logger.info(
+                        "%s %s HTTP %d/%d: first %.3f s, loaded %.3f s, diffusers load+fuse %.3f s",
+                        row.size,
+                        row.fmt,
+                        i + 1,
+                        repeats,
+                        row.first_request[-1],
+                        row.loaded_request[-1],
+                        load + fuse,
+                    )
     del baseline
     gc.collect()
-    if triton:
-        with TritonLoader(prepared, work) as loader:
-            for row in rows:
-                path = prepared.loras[cast(Format, row.fmt)]
-                for i in range(repeats + 1):  # the first one is a warm-up
-                    _, names = builder.build(f"bench/{prepared.size}-{row.fmt}", path)
-                    seconds = loader.load(names)
-                    builder.remove(names)
-                    if i:
-                        row.triton_load.append(seconds)
-                        logger.info("%s %s: Triton load of %s in %.2f s", row.size, row.fmt, names, seconds)
     return rows
 
 
@@ -480,51 +559,52 @@ def _mb(n: int) -> str:
 
 def report(rows: list[Row], repeats: str) -> str:
     lines = [
-        f"Seconds, median (min) over {repeats} repeats after 1 warm-up; ratio = median variant build / "
-        "median diffusers load+fuse; ratio w/ Triton = (median build + median Triton load) / median "
-        "diffusers load+fuse: the service's extra latency on a LoRA set's first request against diffusers'.",
+        f"Seconds, median (min) over {repeats} repeats after 1 warm-up. build = merge + write of the "
+        "override files; read overrides = what the model does on a new variant's first batch (its "
+        "overridable sessions, opened once per model, are a separate column); first-request extra = "
+        "(first request with a new LoRA set) - (the same request again), through HTTP; ratios against "
+        "diffusers' load+fuse timed in the same loop.",
         "",
-        "| size | LoRA | UNet / TE params | LoRA layers unet/te (MB) | merged params | variant build s "
-        "| diffusers load+fuse s | ratio | load / fuse / unfuse+unload s | Triton load s | ratio w/ Triton "
-        "| base ONNX unet+te MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| size | LoRA | UNet / TE params | LoRA layers unet/te (MB) | merged params | base index s (once) "
+        "| overridable sessions s (once) | build s | read overrides s | diffusers load+fuse s "
+        "| (build+read) / diffusers "
+        "| first-request extra s | diffusers load+fuse s (HTTP loop) | extra / diffusers "
+        "| changed MB | file MB | file / changed | base ONNX unet+te MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         layers = "/".join(str(r.lora_layers.get(c, 0)) for c in ("unet", "text_encoder"))
-        ratio = statistics.median(r.build) / statistics.median(r.load_fuse)
-        split = " / ".join(_s(statistics.median(v)) for v in (r.load, r.fuse, r.unfuse_unload))
-        with_triton = "-"
-        if r.triton_load:
-            total = statistics.median(r.build) + statistics.median(r.triton_load)
-            with_triton = f"{total / statistics.median(r.load_fuse):.1f}x"
+        ratio = (statistics.median(r.build) + statistics.median(r.session)) / statistics.median(r.load_fuse)
+        extra = http_ratio = "-"
+        if r.first_request:
+            extra = _med_min(r.extra)
+            http_ratio = f"{statistics.median(r.extra) / statistics.median(r.http_load_fuse):.2f}x"
         lines.append(
             f"| {r.size} | {r.fmt} | {_params(r.unet_params)} / {_params(r.text_encoder_params)} "
-            f"| {layers} ({_mb(r.lora_bytes)}) | {r.merged_params} | {_med_min(r.build)} "
-            f"| {_med_min(r.load_fuse)} | {ratio:.1f}x | {split} | {_med_min(r.triton_load)} "
-            f"| {with_triton} | {_mb(r.onnx_bytes)} |"
+            f"| {layers} ({_mb(r.lora_bytes)}) | {r.merged_params} | {_s(r.index_s)} | {_s(r.overridable_s)} "
+            f"| {_med_min(r.build)} "
+            f"| {_med_min(r.session)} | {_med_min(r.load_fuse)} | {ratio:.2f}x | {extra} "
+            f"| {_med_min(r.http_load_fuse)} | {http_ratio} | {_mb(r.changed_bytes)} | {_mb(r.file_bytes)} "
+            f"| {r.file_bytes / max(1, r.changed_bytes):.3f} | {_mb(r.onnx_bytes)} |"
         )
-    phases = list(rows[0].phases) if rows else []
     lines += [
         "",
-        "Where the variant build goes (median seconds per phase, share of the median build):",
+        "One UNet call (batch 2, 64x64 latents), median of 3: the base session against the overridable "
+        "session fed a variant's overrides (what a variant's step costs).",
         "",
-        "| size | LoRA | " + " | ".join(phases) + " |",
-        "|---|---|" + "---|" * len(phases),
+        "| size | LoRA | base s | variant s | variant / base |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
-        total = statistics.median(r.build)
-        cells = [
-            f"{_s(statistics.median(r.phases[p]))} ({100 * statistics.median(r.phases[p]) / total:.0f}%)"
-            for p in phases
-        ]
-        lines.append(f"| {r.size} | {r.fmt} | " + " | ".join(cells) + " |")
+        ratio = r.step_variant / r.step_base if r.step_base else 0.0
+        lines.append(f"| {r.size} | {r.fmt} | {_s(r.step_base)} | {_s(r.step_variant)} | {ratio:.2f}x |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.variant_build",
-        description="Time LoRA variant builds (merge + write of ONNX graphs) against diffusers' load+fuse.",
+        description="Time LoRA variants (build, session, first request) against diffusers' load+fuse.",
     )
     parser.add_argument("--sizes", default="tiny,mid", help="comma-separated, of: " + ", ".join(SIZES))
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per size and LoRA layout")
@@ -534,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work", type=Path, default=DEFAULT_WORK, help="cache of models, repositories, LoRAs"
     )
-    parser.add_argument("--no-triton", action="store_true", help="skip timing the variant's load into Triton")
+    parser.add_argument("--no-http", action="store_true", help="skip the first requests through HTTP")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -556,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in cast(list[Size], sizes):
         repeats = args.mid_repeats if size == "mid" and args.mid_repeats is not None else args.repeats
         prepared = prepare(size, args.work)
-        rows += measure(prepared, repeats, args.work, triton=not args.no_triton)
+        rows += measure(prepared, repeats, args.work, http=not args.no_http)
     load_after = os.getloadavg()
     elapsed = time.perf_counter() - started
 

@@ -38,6 +38,7 @@ from server.settings import Settings
 from server.triton.client import TritonClient
 from server.triton.launcher import BundledTriton, TritonLaunchConfig, system_tritonserver
 from server.variants import VariantManager
+from server.variants.setup import variant_manager
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class Runtime:
             await self.client.close()
         if self.triton is not None:
             await asyncio.to_thread(self.triton.stop)
+        if self._variants is not None:
+            self._variants.close()
 
     async def _supervise(self) -> None:
         started = time.perf_counter()
@@ -127,12 +130,13 @@ class Runtime:
             self.model = await asyncio.to_thread(
                 DiffusionModel, source, scheduler, rule_for(self.settings.model_id)
             )
-            self._variants = VariantManager(
+            self._variants = await asyncio.to_thread(
+                variant_manager,
                 self.settings,
-                self.settings.model_repository.resolve(),
                 source.text_encoders,
                 self._require_client,
                 self.metrics,
+                source.denoiser,
             )
             repository = self.settings.model_repository.resolve()
             running = await asyncio.to_thread(running_host)

@@ -43,8 +43,14 @@ class TextToImageService:
         request, loras = self._request(params, model.vae_scale_factor, model.size_multiple, model.max_side)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                async with self.runtime.variants.use(loras) as models, self.admission.slot():
-                    request = replace(request, unet=models.unet, text_encoders=models.text_encoders)
+                # admission first: a full service answers 503 before resolving or building anything
+                async with self.admission.slot(), self.runtime.variants.use(loras) as models:
+                    request = replace(
+                        request,
+                        unet=models.unet,
+                        text_encoders=models.text_encoders,
+                        model_parameters=models.parameters,
+                    )
                     return await self._run(request, params.safety_check, client_gone)
         except TimeoutError:
             self.metrics.cancelled.labels("deadline").inc()

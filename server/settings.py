@@ -35,6 +35,13 @@ ENV_NAMES: dict[str, str] = {
     "SAFETY_CHECKER": "safety_checker",
     "LORA_DIR": "lora_dir",
     "MAX_LORA_VARIANTS": "max_lora_variants",
+    "LORA_EXTRA_DIRS": "lora_extra_dirs",
+    "LORA_HUB": "lora_hub",
+    "LORA_HUB_TIMEOUT_S": "lora_hub_timeout_s",
+    "HF_ENDPOINT": "hf_endpoint",
+    "LORA_MAX_MB": "lora_max_mb",
+    "LORA_CACHE_GB": "lora_cache_gb",
+    "LORA_BUILD_CONCURRENCY": "lora_build_concurrency",
     "WARMUP": "warmup",
     "TORCH_THREADS": "torch_threads",
     "MAX_BODY_BYTES": "max_body_bytes",
@@ -73,8 +80,22 @@ class Settings:
     health_interval_s: float = 1.0
     # Where LoRA names are looked up (besides local paths and Hub ids).
     lora_dir: Path | None = None
-    # Merged LoRA variants kept loaded in Triton; the least recently used idle one goes first.
+    # LoRA variants in use / resident at once; the least recently used idle one goes first.
     max_lora_variants: int = 4
+    # More folders LoRA names are looked up in, after LORA_DIR (separated by ':').
+    lora_extra_dirs: str = ""
+    # Whether LoRA ids may name Hugging Face Hub repositories; off: only the folders above.
+    lora_hub: bool = True
+    # Longest wait for the Hub per lookup and per download; past it: 503.
+    lora_hub_timeout_s: float = 20.0
+    # The Hub's address ("" = huggingface_hub's default, https://huggingface.co).
+    hf_endpoint: str = ""
+    # Largest LoRA file fetched from the Hub (safetensors only).
+    lora_max_mb: float = 512.0
+    # Disk for LoRA variants and downloaded LoRAs; least recently used idle entries are deleted first.
+    lora_cache_gb: float = 20.0
+    # Variant builds running at once.
+    lora_build_concurrency: int = 1
     # "auto": use Triton's safety_checker model when the repository has one; "off": never.
     safety_checker: str = "auto"
     triton_timeout_s: float = 300.0
@@ -100,6 +121,7 @@ class Settings:
             "max_steps",
             "max_in_flight",
             "max_lora_variants",
+            "lora_build_concurrency",
             "torch_threads",
             "max_body_bytes",
         ):
@@ -107,6 +129,8 @@ class Settings:
                 raise SettingsError(f"{name} must be at least 1")
         if self.max_queue < 0 or self.request_timeout_s <= 0 or self.health_interval_s <= 0:
             raise SettingsError("max_queue must be >= 0; request_timeout_s and health_interval_s > 0")
+        if self.lora_hub_timeout_s <= 0 or self.lora_max_mb <= 0 or self.lora_cache_gb <= 0:
+            raise SettingsError("lora_hub_timeout_s, lora_max_mb and lora_cache_gb must be > 0")
         if self.safety_checker not in ("auto", "off"):
             raise SettingsError(f"safety_checker must be 'auto' or 'off', got '{self.safety_checker}'")
         if not 0 < self.port < 65536:

@@ -23,6 +23,7 @@ from litestar import Litestar
 
 from export.repository import RepositoryOptions, export_repository
 from export.tiny import build_tiny_model
+from export.tiny_lora import build_tiny_lora
 from server.app import create_app
 from server.runtime import repository_models
 from server.settings import Settings
@@ -30,6 +31,7 @@ from server.triton.launcher import BundledTriton, TritonLaunchConfig
 
 FAMILIES = ("sd", "sdxl")
 DEFAULT_TARGET = "python-onnx"
+LORA_CASES = [("sd", "diffusers"), ("sd", "kohya"), ("sdxl", "diffusers"), ("sdxl", "kohya")]
 
 # For tests that only need the bundled tritonserver; the project always installs it.
 needs_triton = pytest.mark.skipif(
@@ -179,3 +181,15 @@ def service(
 
     with stack:
         yield get
+
+
+@pytest.fixture(scope="session")
+def lora_dir(work_dir: Path, tiny_model: Callable[[str], Path]) -> Path:
+    """LoRAs per family and format: ``a`` with text-encoder layers too, ``b`` for the UNet only."""
+    root = work_dir / "loras"
+    for family, fmt in LORA_CASES:
+        for name, seed, text in (("a", 1, True), ("b", 2, False), ("c", 3, False), ("d", 4, False)):
+            out = root / f"{family}-{fmt}-{name}"
+            if not out.exists():
+                build_tiny_lora(family, out, fmt, seed, model_dir=tiny_model(family), text_encoder=text)  # type: ignore[arg-type]
+    return root

@@ -14,10 +14,9 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from export.tiny_lora import build_tiny_lora
 from server.settings import Settings
 from server.triton.launcher import BundledTriton
-from tests.conftest import running_service
+from tests.conftest import LORA_CASES, running_service
 from tests.test_operations import metric
 from tests.test_parity import assert_close, decode, generate
 
@@ -29,19 +28,7 @@ BODY = {
     "num_inference_steps": 6,
     "guidance_scale": 7.5,
 }
-CASES = [("sd", "diffusers"), ("sd", "kohya"), ("sdxl", "diffusers"), ("sdxl", "kohya")]
-
-
-@pytest.fixture(scope="module")
-def lora_dir(work_dir: Path, tiny_model: Callable[[str], Path]) -> Path:
-    """LoRAs per family and format: ``a`` with text-encoder layers too, ``b`` for the UNet only."""
-    root = work_dir / "loras"
-    for family, fmt in CASES:
-        for name, seed, text in (("a", 1, True), ("b", 2, False), ("c", 3, False), ("d", 4, False)):
-            out = root / f"{family}-{fmt}-{name}"
-            if not out.exists():
-                build_tiny_lora(family, out, fmt, seed, model_dir=tiny_model(family), text_encoder=text)  # type: ignore[arg-type]
-    return root
+CASES = LORA_CASES
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +36,7 @@ def lora_service(
     service: Callable[..., str], repository: Callable[[str], Path], lora_dir: Path
 ) -> Callable[[str], str]:
     def get(family: str) -> str:
-        return service(family, model_repository=repository(family), lora_dir=lora_dir)
+        return service(family, model_repository=repository(family), lora_dir=lora_dir, lora_hub=False)
 
     return get
 
@@ -92,10 +79,11 @@ def test_one_and_two_loras_match_diffusers(
 ) -> None:
     url = lora_service(family)
     a, b = lora_dir / f"{family}-{fmt}-a", lora_dir / f"{family}-{fmt}-b"
-    # by name under LORA_DIR, and by local path
+    # by name under LORA_DIR (a folder), and by the file's name in it
+    b_file = next(b.glob("*.safetensors")).relative_to(lora_dir).with_suffix("")
     for request, paths in (
         ({f"{family}-{fmt}-a": 0.8}, {str(a): 0.8}),
-        ({f"{family}-{fmt}-a": 0.5, str(b): 1.2}, {str(a): 0.5, str(b): 1.2}),
+        ({f"{family}-{fmt}-a": 0.5, str(b_file): 1.2}, {str(a): 0.5, str(b): 1.2}),
     ):
         (image,) = generate(url, **BODY, loras=_json(request), seed=21)
         assert_close(decode(image["url"]), reference(tiny_model(family), paths, seed=21))
@@ -115,6 +103,7 @@ def test_concurrent_first_requests_build_once_and_a_restart_reuses_the_variant(
         triton_url=triton("sd").grpc_url,
         model_repository=repository("sd"),
         lora_dir=lora_dir,
+        lora_hub=False,
     )
     loras = _json({"sd-diffusers-c": 0.7, "sd-kohya-c": 0.3})
     with running_service(settings) as running:
@@ -139,18 +128,21 @@ def test_concurrent_first_requests_build_once_and_a_restart_reuses_the_variant(
         assert metric(restarted.url, "t2i_lora_variant_builds_total") == 0
 
 
-def test_lru_bound_unloads_the_least_recently_used_variant(
+def test_lru_bound_keeps_the_most_recently_used_variants(
     lora_dir: Path,
     tiny_model: Callable[[str], Path],
     triton: Callable[[str], BundledTriton],
     repository: Callable[[str], Path],
 ) -> None:
+    """python-onnx: variants are served by the base models (no model per variant in Triton); the
+    service keeps at most MAX_LORA_VARIANTS resident and finds an evicted one on disk again."""
     server = triton("sd")
     settings = Settings(
         model_id=str(tiny_model("sd")),
         triton_url=server.grpc_url,
         model_repository=repository("sd"),
         lora_dir=lora_dir,
+        lora_hub=False,
         max_lora_variants=1,
     )
     with (
@@ -158,18 +150,22 @@ def test_lru_bound_unloads_the_least_recently_used_variant(
         grpcclient.InferenceServerClient(server.grpc_url) as triton_client,
     ):
         variants = running.app.state.runtime.variants
-        assert post(running.url, _json({"sd-diffusers-d": 1.0})).status_code == 200
+        models_before = _models(triton_client)
+        first_image = post(running.url, _json({"sd-diffusers-d": 1.0}), seed=3).json()["images"][0]["url"]
         (first,) = variants.loaded()
-        assert triton_client.is_model_ready(first.unet)
+        assert first.unet == "unet" and first.parameters["unet"] == {"lora_variant": first.key}
         assert post(running.url, _json({"sd-kohya-d": 1.0})).status_code == 200
         (second,) = variants.loaded()
-        assert second.unet != first.unet
-        assert triton_client.is_model_ready(second.unet)
-        assert not triton_client.is_model_ready(first.unet)
+        assert second.key != first.key
         assert metric(running.url, "t2i_lora_variants_loaded") == 1
-        assert post(running.url, _json({"sd-diffusers-d": 1.0})).status_code == 200  # loaded again from disk
-        assert triton_client.is_model_ready(first.unet)
-        assert not triton_client.is_model_ready(second.unet)
+        builds = metric(running.url, "t2i_lora_variant_builds_total")
+        again = post(running.url, _json({"sd-diffusers-d": 1.0}), seed=3).json()["images"][0]["url"]
+        assert again == first_image  # the model reopened its session from the override file
+        assert metric(running.url, "t2i_lora_variant_builds_total") == builds  # found on disk
+        models_after = _models(triton_client)
+        assert models_after == models_before  # no model (no process) per variant
+        overrides = sorted((repository("sd") / "unet" / "variants").glob("*.safetensors"))
+        assert {f.stem for f in overrides} >= {first.key, second.key}
 
 
 @pytest.mark.parametrize(
@@ -198,3 +194,8 @@ def _json(loras: dict[str, float]) -> str:
     import json
 
     return json.dumps(loras)
+
+
+def _models(client: grpcclient.InferenceServerClient) -> set[str]:
+    index = client.get_model_repository_index(as_json=True).get("models", [])
+    return {m["name"] for m in index if not m["name"].startswith(".")}

@@ -4,30 +4,54 @@ The exporter copies this file into ``<repository>/<model>/1/model.py`` beside ``
 dynamic batcher hands ``execute`` several requests at once; requests whose non-batch shapes agree are
 concatenated along the batch axis and run as one onnxruntime call, then split back per request.
 A request that fails gets its own error response; the others in the batch are answered normally.
+
+LoRA variants: a request may carry the parameter ``lora_variant`` = K (16-64 hex digits; absent or
+empty: the base model).  Variant K's overrides are ``<model>/variants/K.safetensors`` (merged tensors
+keyed by parameter name, the initializer prefix in the header's ``onnx_prefix``).  They run on one
+second session of the base graph whose weight initializers are overridable (also graph inputs), so
+a variant's batch is that session fed with its override tensors: no session, process or file per
+variant, and a new variant costs reading its overrides.  At most ``max_lora_variants`` (config
+parameter; env ``MAX_LORA_VARIANTS`` overrides) variants' overrides stay in memory, least recently
+used dropped first; each batch runs grouped by variant and shape.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
+import re
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+VARIANT_PARAMETER = "lora_variant"
+_VARIANT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+def session_options(params: dict[str, str]) -> ort.SessionOptions:
+    """A fresh onnxruntime ``SessionOptions`` for this model (one per session: variants add to it)."""
+    options = ort.SessionOptions()
+    threads = int(params.get("intra_op_threads", "0") or 0) or int(os.environ.get("T2I_ORT_THREADS", "0"))
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_file", "model.onnx")
-        options = ort.SessionOptions()
-        threads = int(params.get("intra_op_threads", "0") or 0) or int(os.environ.get("T2I_ORT_THREADS", "0"))
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        model_dir = Path(args["model_repository"])
+        path = model_dir / args["model_version"] / params.get("onnx_file", "model.onnx")
+
+        self.session = ort.InferenceSession(str(path), session_options(params), providers=["CPUExecutionProvider"])
+        limit = int(os.environ.get("MAX_LORA_VARIANTS") or params.get("max_lora_variants") or 4)
+        self.variants = VariantOverrides(model_dir / "variants", path, lambda: session_options(params), limit)
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
         self.output_dtypes = {
@@ -37,12 +61,24 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         inputs = [self._inputs(r) for r in requests]
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, feeds in enumerate(inputs):
-            groups[tuple(feeds[n].shape[1:] for n in self.input_names)].append(i)
         responses: list = [None] * len(requests)
-        for members in groups.values():
+        for i, (request, feeds) in enumerate(zip(requests, inputs)):
+            shapes = tuple(feeds[n].shape[1:] for n in self.input_names)
             try:
-                outputs = self._run([inputs[i] for i in members])
+                variant = requested_variant(request.parameters())
+            except ValueError as e:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+                continue
+            groups[(variant, shapes)].append(i)
+        # grouped by variant: each variant's session is opened (or found) once per batch
+        for (variant, _), members in sorted(groups.items(), key=lambda item: item[0][0]):
+            try:
+                batch = [inputs[i] for i in members]
+                if variant:
+                    session, overrides = self.variants.get(variant)
+                    outputs = self._run(session, batch, overrides)
+                else:
+                    outputs = self._run(self.session, batch)
             except Exception as e:  # onnxruntime raises its own exception types
                 error = pb_utils.TritonError(f"onnxruntime failed: {e}")
                 for i in members:
@@ -59,10 +95,90 @@ class TritonPythonModel:
     def _inputs(self, request) -> dict[str, np.ndarray]:
         return {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
 
-    def _run(self, batch: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    def _run(
+        self, session: Any, batch: list[dict[str, np.ndarray]], overrides: dict[str, np.ndarray] | None = None
+    ) -> list[dict[str, np.ndarray]]:
         sizes = [len(feeds[self.input_names[0]]) for feeds in batch]
         joined = {n: np.concatenate([feeds[n] for feeds in batch]) for n in self.input_names}
-        outputs = self.session.run(self.output_names, joined)
+        outputs = session.run(self.output_names, {**joined, **(overrides or {})})
         bounds = np.cumsum(sizes)[:-1]
         per_output = [np.split(out, bounds) for out in outputs]
         return [dict(zip(self.output_names, parts)) for parts in zip(*per_output)]
+
+
+def requested_variant(parameters: str | dict) -> str:
+    """The request's ``lora_variant`` ('' for the base model); a malformed value is an error."""
+    values = json.loads(parameters) if isinstance(parameters, str) else parameters
+    variant = (values or {}).get(VARIANT_PARAMETER, "")
+    if not isinstance(variant, str) or (variant and not _VARIANT_KEY.match(variant)):
+        raise ValueError(f"{VARIANT_PARAMETER} must be 16-64 lowercase hex digits")
+    return variant
+
+
+class VariantOverrides:
+    """The overridable session (opened on the first variant request) and the override tensors of at
+    most ``limit`` variants, least recently used first."""
+
+    def __init__(self, folder: Path, onnx_path: Path, options: Callable[[], Any], limit: int) -> None:
+        self.folder = folder
+        self.onnx_path = onnx_path
+        self.options = options
+        self.limit = max(1, limit)
+        self.session: Any = None
+        self.overridable: frozenset[str] = frozenset()
+        self.open: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[Any, dict[str, np.ndarray]]:
+        if key in self.open:
+            self.open.move_to_end(key)
+            return self.session, self.open[key]
+        overrides = self._read(key)  # before opening the session: a missing variant costs nothing
+        if self.session is None:
+            self.session = self._overridable_session()
+        unknown = sorted(set(overrides) - self.overridable)
+        if unknown:
+            raise ValueError(f"LoRA variant {key} overrides '{unknown[0]}', which is not a weight of this model")
+        while len(self.open) >= self.limit:
+            self.open.popitem(last=False)
+        self.open[key] = overrides
+        return self.session, overrides
+
+    def _read(self, key: str) -> dict[str, np.ndarray]:
+        from safetensors import safe_open
+
+        file = self.folder / f"{key}.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"LoRA variant {key} has no overrides for this model")
+        with safe_open(str(file), framework="np") as handle:
+            prefix = (handle.metadata() or {}).get("onnx_prefix", "")
+            return {prefix + name: np.ascontiguousarray(handle.get_tensor(name)) for name in handle.keys()}  # noqa: SIM118
+
+    def _overridable_session(self) -> Any:
+        """The base graph with every weight initializer (a ``.weight`` of 2 or more dimensions, all a
+        LoRA can change) also listed as a graph input, which onnxruntime lets a run feed."""
+        import onnx
+        from onnx import external_data_helper, helper
+
+        model = onnx.load(str(self.onnx_path), load_external_data=False)
+        listed = {i.name for i in model.graph.input}
+        names = []
+        for init in model.graph.initializer:
+            if init.name.endswith(".weight") and len(init.dims) >= 2 and init.name not in listed:
+                model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+                names.append(init.name)
+        self.overridable = frozenset(names)
+        external = any(external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+        if external:
+            # weights stay in the base's data file; only this small graph is written, once, beside it
+            graph = self.onnx_path.with_name(f"{self.onnx_path.stem}.overridable.onnx")
+            partial = graph.with_name(f".{graph.name}.{os.getpid()}.partial")
+            onnx.save(model, str(partial))
+            partial.rename(graph)
+            source: Any = str(graph)
+        else:
+            onnx.load_external_data_for_model(model, str(self.onnx_path.parent))
+            source = model.SerializeToString()
+        del model
+        options = self.options()
+        options.log_severity_level = 3  # one warning per overridable weight otherwise
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

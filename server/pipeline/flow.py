@@ -94,6 +94,7 @@ class FlowMatchPipeline(TextToImagePipeline):
                 denoiser,
                 {"hidden_states": model_input.numpy(), "timestep": timestep, **cond},
                 "noise_pred",
+                request.model_parameters.get(denoiser),
             )
             latents = await asyncio.to_thread(
                 _flow_step, scheduler, torch.from_numpy(out), t, latents, request.guidance_scale, do_cfg
@@ -127,7 +128,9 @@ class FlowMatchPipeline(TextToImagePipeline):
             ids = await asyncio.to_thread(self.model.tokenize, i, texts)
             t5 = i == len(encoders) - 1  # SD3's and FLUX's last encoder
             outputs = ["last_hidden_state"] if t5 else ["penultimate_hidden_state", "pooled"]
-            calls.append(self.client.infer(name, {"input_ids": ids}, outputs))
+            calls.append(
+                self.client.infer(name, {"input_ids": ids}, outputs, request.model_parameters.get(name))
+            )
         results = await asyncio.gather(*calls)
 
         t5_hidden = results[-1]["last_hidden_state"]

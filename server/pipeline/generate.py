@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,7 +33,11 @@ class InferenceClient(Protocol):
     """What the pipeline needs from the inference server (the Triton adapter implements it)."""
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        parameters: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]: ...
 
     async def max_batch_size(self, name: str) -> int: ...
@@ -52,6 +56,8 @@ class GenerationRequest:
     # Triton models to run: the base ones, or the merged variants of a LoRA set.
     unet: str = specs.UNET
     text_encoders: tuple[str, ...] = ()  # empty: the model's own
+    # Request parameters per Triton model (a LoRA variant: {"unet": {"lora_variant": key}}).
+    model_parameters: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,7 @@ class TextToImagePipeline:
                 request.unet,
                 {"sample": model_input.numpy(), "timestep": timestep, **cond},
                 "noise_pred",
+                request.model_parameters.get(request.unet),
             )
             latents = await asyncio.to_thread(
                 _scheduler_step,
@@ -151,7 +158,8 @@ class TextToImagePipeline:
                 texts.append(negative.parts[i] or "")
             outputs = ["last_hidden_state", "penultimate_hidden_state", "pooled"]
             input_ids = await asyncio.to_thread(self.model.tokenize, i, texts)
-            calls.append(self.client.infer(name, {"input_ids": input_ids}, outputs))
+            parameters = request.model_parameters.get(name)
+            calls.append(self.client.infer(name, {"input_ids": input_ids}, outputs, parameters))
         results = await asyncio.gather(*calls)
 
         if self.source.is_sdxl:
@@ -184,13 +192,17 @@ class TextToImagePipeline:
 
 
 async def infer_rows(
-    client: InferenceClient, model: str, inputs: dict[str, np.ndarray], output: str
+    client: InferenceClient,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    output: str,
+    parameters: Mapping[str, str] | None = None,
 ) -> np.ndarray:
     """Infer ``inputs`` in chunks of at most the model's max batch size; chunks go out concurrently."""
     rows = len(next(iter(inputs.values())))
     limit = await client.max_batch_size(model) or rows
     chunks = [
-        client.infer(model, {k: v[s : s + limit] for k, v in inputs.items()}, [output])
+        client.infer(model, {k: v[s : s + limit] for k, v in inputs.items()}, [output], parameters)
         for s in range(0, rows, limit)
     ]
     results = await asyncio.gather(*chunks)

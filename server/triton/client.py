@@ -67,10 +67,15 @@ class TritonClient:
         return self._max_batch[name]
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        parameters: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]:
         """One request: ``inputs`` share their batch axis.  A 1-D input is sent as [batch, 1]
-        (Triton's shape for per-row scalars; the model config reshapes it back to [batch])."""
+        (Triton's shape for per-row scalars; the model config reshapes it back to [batch]).
+        ``parameters`` are the request's parameters (e.g. ``lora_variant``)."""
         infer_inputs = []
         for name, array in inputs.items():
             data = np.ascontiguousarray(array.reshape(-1, 1) if array.ndim == 1 else array)
@@ -80,7 +85,11 @@ class TritonClient:
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
         try:
             result = await self._client.infer(
-                model, infer_inputs, outputs=requested, client_timeout=self.timeout_s
+                model,
+                infer_inputs,
+                outputs=requested,
+                client_timeout=self.timeout_s,
+                parameters=dict(parameters) if parameters else None,
             )
         except InferenceServerException as e:
             raise _translate(model, e) from e
