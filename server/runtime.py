@@ -20,7 +20,7 @@ import torch
 from export import specs
 from export.repository import MANIFEST_FILE
 from export.source import ModelSource, resolve_model
-from server.errors import ServiceUnavailable
+from server.errors import ModelUnavailable, ServiceError, ServiceUnavailable, TritonUnavailable
 from server.metrics import Metrics
 from server.pipeline.generate import GenerationRequest, TextToImagePipeline
 from server.pipeline.model import DiffusionModel
@@ -46,7 +46,10 @@ class Runtime:
 
     A supervisor task checks Triton every ``health_interval_s``: while it (or one of the models) is
     unreachable the status is ``ERROR`` and generations get 503 at once; a bundled Triton that died is
-    started again.  Once every model answers and a warm-up generation has run, the status is ``OK``.
+    started again, and a base model that stopped serving (not ready, its python-backend stub gone, or
+    a request told so) is loaded again through the repository API.  Once every model answers and a
+    warm-up generation has run, the status is ``OK``.  One failed call (a deadline, a variant that is
+    not loaded) changes nothing here: only Triton or a base model gone is ``ERROR``.
     """
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
@@ -63,6 +66,8 @@ class Runtime:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._wake = asyncio.Event()
+        # Base models a request found not serving; the supervisor loads them again.
+        self._suspects: set[str] = set()
 
     @property
     def pipeline(self) -> TextToImagePipeline:
@@ -85,10 +90,15 @@ class Runtime:
             raise ServiceUnavailable("LoRA variants are not available yet; try again shortly.")
         return self._variants
 
-    def report_unavailable(self, reason: str) -> None:
-        """A request found Triton gone: report ERROR now and have the supervisor check at once."""
-        self._fail(reason)
-        self._wake.set()
+    def report_failure(self, error: ServiceError) -> None:
+        """A request's call failed: Triton gone is ERROR now; a base model not serving (or a failure
+        that could mean so) has the supervisor check at once.  Anything else concerns that request."""
+        if isinstance(error, TritonUnavailable):
+            self._fail(error.message)
+            self._wake.set()
+        elif isinstance(error, ModelUnavailable) and error.model in self._base_models():
+            self._suspects.add(error.model)
+            self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name="t2i-supervisor")
@@ -147,26 +157,65 @@ class Runtime:
             logger.error("unhealthy: %s%s", reason, " (not retrying)" if permanent else "")
         self.status, self.error = Health.ERROR, reason
         self._pipeline = None
+
+    def _forget_variants(self) -> None:
         if self._variants is not None:
             self._variants.forget_loaded()  # a restarted Triton holds only the base models
 
+    def _base_models(self) -> list[str]:
+        if self.model is None:
+            return []
+        return [specs.UNET, specs.VAE_DECODER, *self.model.source.text_encoders]
+
     async def _check(self) -> None:
-        """Raise unless Triton and every model answer; (re)start the bundled Triton and warm up as needed."""
+        """Raise unless Triton and every model answer; (re)start the bundled Triton, reload a base model
+        that stopped serving, and warm up as needed."""
         assert self.model is not None
         await self._connect()
         assert self.client is not None
         if not await self.client.is_live():
-            raise ServiceUnavailable(f"Triton at {self.client.url} is not reachable")
-        names = [specs.UNET, specs.VAE_DECODER, *self.model.source.text_encoders]
-        missing = [n for n in names if not await self.client.model_ready(n)]
-        if missing:
-            raise ServiceUnavailable(f"Triton at {self.client.url} has not loaded: {', '.join(missing)}")
+            self._forget_variants()  # when it answers again it may be a new server
+            raise TritonUnavailable(f"Triton at {self.client.url} is not reachable")
+        names = self._base_models()
+        broken = await self._not_serving(names)
+        if broken:
+            await self._reload(broken)
         self.safety_checker = await self._safety_checker()
         if self._pipeline is None:
             pipeline = TextToImagePipeline(self.model, self.client)
             if self.settings.warmup:
                 await pipeline(_warmup_request(self.model))
             self._pipeline = pipeline
+
+    async def _not_serving(self, names: list[str]) -> list[str]:
+        """The base models that do not serve: not ready, a request found them broken, or (bundled
+        Triton) without a live python-backend stub, which Triton itself does not notice."""
+        assert self.client is not None
+        stubs = await asyncio.to_thread(self.triton.model_stubs) if self.triton is not None else None
+        suspects, self._suspects = self._suspects, set()
+        broken = []
+        for name in names:
+            dead_stub = stubs is not None and not stubs.get(name)
+            if name in suspects or dead_stub or not await self.client.model_ready(name):
+                broken.append(name)
+        return broken
+
+    async def _reload(self, names: list[str]) -> None:
+        """ERROR while the base models ``names`` load again; raise if they do not come back."""
+        assert self.client is not None
+        self._fail(f"Triton at {self.client.url} does not serve {', '.join(names)}; loading it again")
+        for name in names:
+            started = time.perf_counter()
+            try:
+                await self.client.load_model(name)
+            except ServiceError as e:
+                raise ServiceUnavailable(f"model '{name}' could not be loaded again: {e.message}") from e
+            logger.warning("model %s loaded again in %.1f s", name, time.perf_counter() - started)
+        if self.triton is not None:
+            await asyncio.to_thread(self.triton.remove_orphaned_regions)
+        missing = [n for n in names if not await self.client.model_ready(n)]
+        if missing:
+            raise ServiceUnavailable(f"Triton at {self.client.url} has not loaded: {', '.join(missing)}")
 
     def _require_client(self) -> TritonClient:
         if self.client is None:
@@ -200,6 +249,7 @@ class Runtime:
             await self.client.close()
             self.client = None
         self._pipeline = None
+        self._forget_variants()
         repository = self.settings.model_repository.resolve()
         config = TritonLaunchConfig(
             model_repository=repository,

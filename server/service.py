@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from server.admission import Admission
 from server.api.schemas import ImageResponse, Media, TextToImageParams
-from server.errors import BadRequest, ClientGone, ServiceUnavailable
+from server.errors import BadRequest, ClientGone, InferenceFailed, ServiceUnavailable
 from server.loras import parse_loras
 from server.metrics import Metrics
 from server.pipeline.generate import GenerationRequest
@@ -71,8 +71,8 @@ class TextToImageService:
         started = time.perf_counter()
         try:
             result = await pipeline(request, between_steps, observe)
-        except ServiceUnavailable as e:
-            self.runtime.report_unavailable(e.message)
+        except (ServiceUnavailable, InferenceFailed) as e:
+            self.runtime.report_failure(e)
             raise
         nsfw = [False] * len(result.images)
         safety = self.runtime.safety_checker
