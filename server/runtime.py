@@ -236,6 +236,7 @@ class Runtime:
         return await asyncio.to_thread(SafetyChecker.from_folders, self.client, *folders)
 
     async def _connect(self) -> None:
+        assert self.model is not None
         if self.settings.triton_url:
             if self.client is None:
                 self.client = TritonClient(self.settings.triton_url, self.settings.triton_timeout_s)
@@ -258,6 +259,12 @@ class Runtime:
             # Explicit control: the base models load at start; LoRA variants load and unload on demand.
             explicit_model_control=True,
             load_models=repository_models(repository),
+            # model.py runs a bigger dynamic batch in chunks (it sees latents, not images).
+            environment={
+                "T2I_MAX_BATCH_LATENT_PIXELS": str(
+                    max(1, self.settings.max_batch_pixels // self.model.vae_scale_factor**2)
+                )
+            },
         )
         self.triton = BundledTriton(config)
         await asyncio.to_thread(self.triton.start)

@@ -132,6 +132,13 @@ class TextToImageService:
         guidance_scale, steps = apply_rule(self.rule, params.guidance_scale, params.num_inference_steps)
         if steps > s.max_steps:
             raise BadRequest(f"num_inference_steps must be at most {s.max_steps}, got {steps}.")
+        rows = n * (2 if guidance_scale > 1 and self.runtime.require_model().guidance_allowed else 1)
+        if rows * params.height * params.width > s.max_batch_pixels:
+            raise BadRequest(
+                f"{n} image(s) of {params.width}x{params.height}"
+                f"{' with guidance' if rows > n else ''} are above this service's limit of "
+                f"{s.max_batch_pixels} pixels per batch; ask for fewer images or a smaller size."
+            )
         request = GenerationRequest(
             prompt=params.prompt,
             negative_prompt=params.negative_prompt,

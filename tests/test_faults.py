@@ -23,7 +23,7 @@ import pytest
 from server.errors import InferenceFailed, ModelUnavailable, ServiceUnavailable, TritonUnavailable
 from server.settings import Settings
 from server.triton.client import TritonClient
-from server.triton.launcher import BundledTriton
+from server.triton.launcher import BundledTriton, TritonLaunchConfig
 from tests.conftest import free_port, running_service
 from tests.test_operations import health, wait_until
 
@@ -247,3 +247,82 @@ def test_killed_service_leaves_nothing_running_and_starts_again(
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
+
+
+# -- worker memory and the per-batch pixel cap --------------------------------------------------------
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of a process, in MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def unet_inputs(rows: int, side: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "sample": rng.standard_normal((rows, 4, side, side), dtype=np.float32),
+        "timestep": np.full(rows, 500.0, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((rows, 77, 32), dtype=np.float32),
+    }
+
+
+@pytest.mark.slow
+def test_worker_memory_returns_after_a_large_batch_which_runs_in_chunks(
+    work_dir: Path, repository: Callable[[str], Path]
+) -> None:
+    """~40 s: the UNet's stub under a cap of one 64x64 latent per chunk (MAX_BATCH_PIXELS=512*512)."""
+    config = TritonLaunchConfig(
+        model_repository=repository("sd"),
+        state_dir=work_dir / "state-memory",
+        explicit_model_control=True,
+        load_models=("unet",),
+        environment={"T2I_MAX_BATCH_LATENT_PIXELS": str(64 * 64)},
+    )
+    with BundledTriton(config) as server:
+        pid = stubs(server.backend_directory)["unet"][0]
+
+        async def scenario() -> None:
+            client = TritonClient(server.grpc_url, timeout_s=300)
+            try:
+                await client.infer("unet", unet_inputs(1, 8, 0), ["noise_pred"])
+                baseline = memory_mb(pid)["VmRSS"]
+                batch = unet_inputs(4, 64, 1)
+                (one_row,) = [
+                    (await client.infer("unet", {k: v[:1] for k, v in batch.items()}, ["noise_pred"]))[
+                        "noise_pred"
+                    ]
+                ]
+                one_row_peak = memory_mb(pid)["VmHWM"]
+                four_rows = (await client.infer("unet", batch, ["noise_pred"]))["noise_pred"]
+                after = memory_mb(pid)
+            finally:
+                await client.close()
+            # the cap: four rows ran one at a time (the same numbers as alone), so no higher peak
+            assert four_rows.shape == (4, 4, 64, 64)
+            np.testing.assert_allclose(four_rows[:1], one_row, rtol=1e-4, atol=1e-5)
+            assert after["VmHWM"] - baseline < 1.5 * (one_row_peak - baseline) + 20, (
+                baseline,
+                one_row_peak,
+                after,
+            )
+            # the arena is off: the memory of the large batch went back (with it on, it stays at the peak)
+            assert after["VmRSS"] - baseline < 0.25 * (after["VmHWM"] - baseline) + 30, (baseline, after)
+
+        asyncio.run(scenario())
+
+
+def test_request_whose_own_rows_exceed_the_batch_cap_is_400(service: Callable[..., str]) -> None:
+    url = service("sd", max_batch_pixels=2 * 128 * 128)
+    response = post(url, height=128, width=128, num_images_per_prompt=2, guidance_scale=7.5)
+    assert response.status_code == 400
+    assert response.json()["detail"]["msg"] == (
+        "2 image(s) of 128x128 with guidance are above this service's limit of 32768 pixels per batch; "
+        "ask for fewer images or a smaller size."
+    )
+    assert post(url, height=128, width=128, num_images_per_prompt=2, guidance_scale=0).status_code == 200
+    assert post(url, height=128, width=128, guidance_scale=7.5).status_code == 200
