@@ -10,6 +10,7 @@ export never leaves a half-written model that Triton would try to load.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import logging
 import shutil
@@ -37,7 +38,22 @@ TARGETS: tuple[Target, ...] = ("python-onnx",)
 EXPORT_VERSION = "2"
 FINGERPRINT_FILE = ".export.json"
 MANIFEST_FILE = "t2i-repository.json"
-PYTHON_ONNX_MODEL = Path(__file__).resolve().parents[1] / "model_repository" / "python_onnx" / "model.py"
+
+
+def model_source(target_dir: str) -> Path:
+    """The python-backend ``model.py`` kept in git under ``model_repository/<target_dir>/``.
+
+    Found as package data of the ``model_repository`` package (a namespace package holding only
+    ``model_repository/python_*``, see pyproject.toml), so a wheel or non-editable install finds
+    the installed copy and a checkout finds its own.
+    """
+    path = Path(str(importlib.resources.files("model_repository").joinpath(target_dir).joinpath("model.py")))
+    if not path.is_file():
+        raise FileNotFoundError(f"the Triton model source {target_dir}/model.py is not installed ({path})")
+    return path
+
+
+PYTHON_ONNX_MODEL = model_source("python_onnx")
 
 _DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64}
 
