@@ -10,7 +10,7 @@ export never leaves a half-written model that Triton would try to load.
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
+import importlib.util
 import json
 import logging
 import shutil
@@ -43,14 +43,18 @@ MANIFEST_FILE = "t2i-repository.json"
 def model_source(target_dir: str) -> Path:
     """The python-backend ``model.py`` kept in git under ``model_repository/<target_dir>/``.
 
-    Found as package data of the ``model_repository`` package (a namespace package holding only
+    Found in the ``model_repository`` package (a namespace package holding only
     ``model_repository/python_*``, see pyproject.toml), so a wheel or non-editable install finds
-    the installed copy and a checkout finds its own.
+    the installed copy and a checkout (or editable install) finds its own.  (Its search locations
+    are read directly: importlib.resources.files fails on an editable install's namespace path.)
     """
-    path = Path(str(importlib.resources.files("model_repository").joinpath(target_dir).joinpath("model.py")))
-    if not path.is_file():
-        raise FileNotFoundError(f"the Triton model source {target_dir}/model.py is not installed ({path})")
-    return path
+    spec = importlib.util.find_spec("model_repository")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / target_dir / "model.py"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the Triton model source model_repository/{target_dir}/model.py is missing")
 
 
 PYTHON_ONNX_MODEL = model_source("python_onnx")
