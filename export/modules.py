@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from export import specs
-from export.source import ModelSource
+from export.source import ModelSource, ModelSourceError
 
 
 class TextEncoderModule(nn.Module):
@@ -133,6 +133,15 @@ def components(source: ModelSource) -> list[Component]:
         )
 
     unet_config = source.config("unet")
+    if unet_config.get("time_cond_proj_dim") is not None:
+        # Its UNet takes the guidance scale as an embedding (``timestep_cond``, as diffusers'
+        # LatentConsistencyModelPipeline computes it); a graph traced without it gives wrong images.
+        raise ModelSourceError(
+            f"{source.path}: the UNet has time_cond_proj_dim={unet_config['time_cond_proj_dim']} "
+            "(a guidance-distilled model such as LCM, whose UNet takes a guidance-scale embedding "
+            "as its timestep_cond input); such models are not supported yet, and exporting the UNet "
+            "without that input would give wrong images"
+        )
     lrange = latent_range(source)
     text_embeds_dim = None
     if source.is_sdxl:
