@@ -189,14 +189,16 @@ class Runtime:
 
     async def _not_serving(self, names: list[str]) -> list[str]:
         """The base models that do not serve: not ready, a request found them broken, or (bundled
-        Triton) without a live python-backend stub, which Triton itself does not notice."""
+        Triton) a python-backend model without a live stub, which Triton itself does not notice."""
         assert self.client is not None
         stubs = await asyncio.to_thread(self.triton.model_stubs) if self.triton is not None else None
         suspects, self._suspects = self._suspects, set()
         broken = []
         for name in names:
-            dead_stub = stubs is not None and not stubs.get(name)
-            if name in suspects or dead_stub or not await self.client.model_ready(name):
+            ready = name not in suspects and await self.client.model_ready(name)
+            if ready and stubs is not None and not stubs.get(name):
+                ready = await self.client.backend(name) != "python"
+            if not ready:
                 broken.append(name)
         return broken
 

@@ -42,6 +42,7 @@ class TritonClient:
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url=url)
         self._max_batch: dict[str, int] = {}
+        self._backend: dict[str, str] = {}
 
     async def close(self) -> None:
         await self._client.close()
@@ -73,15 +74,27 @@ class TritonClient:
         except InferenceServerException as e:
             raise await self._translate(name, e) from e
         self._max_batch.pop(name, None)
+        self._backend.pop(name, None)
 
     async def max_batch_size(self, name: str) -> int:
         if name not in self._max_batch:
-            try:
-                config = await self._client.get_model_config(name, as_json=True, client_timeout=10)
-            except InferenceServerException as e:
-                raise await self._translate(name, e) from e
-            self._max_batch[name] = int(config["config"].get("max_batch_size", 0))
+            config = await self._config(name)
+            self._max_batch[name] = int(config.get("max_batch_size", 0))
         return self._max_batch[name]
+
+    async def backend(self, name: str) -> str:
+        """The backend that runs ``name`` ("python" for the python-onnx / python-torch targets)."""
+        if name not in self._backend:
+            config = await self._config(name)
+            self._backend[name] = str(config.get("backend") or config.get("platform") or "")
+        return self._backend[name]
+
+    async def _config(self, name: str) -> dict:  # type: ignore[type-arg]
+        try:
+            config = await self._client.get_model_config(name, as_json=True, client_timeout=10)
+        except InferenceServerException as e:
+            raise await self._translate(name, e) from e
+        return dict(config["config"])
 
     async def infer(
         self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
