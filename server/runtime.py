@@ -209,9 +209,15 @@ class Runtime:
         for name in names:
             started = time.perf_counter()
             try:
-                await self.client.load_model(name)
-            except ServiceError as e:
-                raise ServiceUnavailable(f"model '{name}' could not be loaded again: {e.message}") from e
+                async with asyncio.timeout(self.settings.startup_timeout_s):
+                    await self.client.load_model(name)
+            except (ServiceError, TimeoutError) as e:
+                reason = e.message if isinstance(e, ServiceError) else "timed out"
+                if self.triton is not None:
+                    # A bundled Triton that cannot load it again is restarted on the next check.
+                    logger.error("model %s could not be loaded again (%s): restarting Triton", name, reason)
+                    await asyncio.to_thread(self.triton.stop)
+                raise ServiceUnavailable(f"model '{name}' could not be loaded again: {reason}") from e
             logger.warning("model %s loaded again in %.1f s", name, time.perf_counter() - started)
         if self.triton is not None:
             await asyncio.to_thread(self.triton.remove_orphaned_regions)

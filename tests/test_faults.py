@@ -141,6 +141,7 @@ def test_killed_stub_then_killed_triton_each_end_serving_with_no_region_left(
         model_repository=repository("sd"),
         state_dir=work_dir / "state-faults",
         health_interval_s=0.2,
+        startup_timeout_s=60,
     )
     with running_service(settings) as running:
         url, triton = running.url, running.app.state.runtime.triton
@@ -158,7 +159,8 @@ def test_killed_stub_then_killed_triton_each_end_serving_with_no_region_left(
                 first = await client.post(f"{url}/text-to-image", json={"prompt": "x", **SMALL})
             started = time.monotonic()
             while log.seen[-1] != "OK" or "ERROR" not in log.seen:
-                assert time.monotonic() - started < 90, f"not serving again: {log.seen}"
+                runtime = running.app.state.runtime
+                assert time.monotonic() - started < 180, f"not serving again: {log.seen}, {runtime.error}"
                 await asyncio.sleep(0.1)
             task.cancel()
             return log.seen, first.status_code
@@ -169,12 +171,14 @@ def test_killed_stub_then_killed_triton_each_end_serving_with_no_region_left(
         assert seen[0] == "OK" and "ERROR" in seen and seen[-1] == "OK", seen
         assert first == 503, "a request meeting the dead worker is 503 (retry), not 500"
         assert post(url).status_code == 200
-        assert triton.shm_region_prefix == prefix, "the model was reloaded, Triton was not restarted"
         assert stubs(backend_directory)["unet"][0] != unet_pid
+        if running.app.state.runtime.triton is triton:  # reloaded (the fallback restarts Triton)
+            assert triton.shm_region_prefix == prefix
         wait_until(lambda: unet_region not in regions(prefix), 30, "the dead stub's region to be removed")
 
         # 2. tritonserver itself: started again under a new prefix, the old launch's regions removed
-        old_pid = triton.pid
+        triton = running.app.state.runtime.triton
+        old_pid, prefix = triton.pid, triton.shm_region_prefix
         seen, _ = asyncio.run(scenario(lambda: os.kill(old_pid, signal.SIGKILL)))
         assert seen[0] == "OK" and "ERROR" in seen and seen[-1] == "OK", seen
         new_triton = running.app.state.runtime.triton
