@@ -210,6 +210,9 @@ class Runtime:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.settings.startup_timeout_s):
+                    # Loading a model whose files did not change is a no-op for Triton (its dead stub
+                    # stays): unload it first, so it really loads again.
+                    await self.client.unload_model(name)
                     await self.client.load_model(name)
             except (ServiceError, TimeoutError) as e:
                 reason = e.message if isinstance(e, ServiceError) else "timed out"
