@@ -180,6 +180,8 @@ class Runtime:
         broken = await self._not_serving(names)
         if broken:
             await self._reload(broken)
+        if self.triton is not None:
+            await asyncio.to_thread(self.triton.remove_orphaned_regions)  # of stubs that were killed
         self.safety_checker = await self._safety_checker()
         if self._pipeline is None:
             pipeline = TextToImagePipeline(self.model, self.client)
@@ -195,8 +197,10 @@ class Runtime:
         suspects, self._suspects = self._suspects, set()
         broken = []
         for name in names:
-            ready = name not in suspects and await self.client.model_ready(name)
-            if ready and stubs is not None and not stubs.get(name):
+            ready = await self.client.model_ready(name)
+            if ready and stubs is None:
+                ready = name not in suspects  # a remote Triton: what a request found is all we know
+            elif ready and stubs is not None and not stubs.get(name):  # the bundled one: its stubs tell
                 ready = await self.client.backend(name) != "python"
             if not ready:
                 broken.append(name)
@@ -222,8 +226,6 @@ class Runtime:
                     await asyncio.to_thread(self.triton.stop)
                 raise ServiceUnavailable(f"model '{name}' could not be loaded again: {reason}") from e
             logger.warning("model %s loaded again in %.1f s", name, time.perf_counter() - started)
-        if self.triton is not None:
-            await asyncio.to_thread(self.triton.remove_orphaned_regions)
         missing = [n for n in names if not await self.client.model_ready(n)]
         if missing:
             raise ServiceUnavailable(f"Triton at {self.client.url} has not loaded: {', '.join(missing)}")

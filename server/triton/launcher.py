@@ -76,8 +76,8 @@ _GROUP_KILL_WAIT_S = 5.0
 _SHM_DIR = Path("/dev/shm")
 # The python backend's regions are named <prefix><uuid>; ours get a prefix unique to one launch.
 _SHM_PREFIX_STEM = "t2i_triton_"
-# Regions younger than this are never taken for orphans (a model may be loading and not map it yet).
-_ORPHAN_REGION_MIN_AGE_S = 10.0
+# Regions younger than this are never taken for orphans (Triton makes one just before its stub).
+_ORPHAN_REGION_MIN_AGE_S = 2.0
 # Where a running server is recorded, so a later start can end it if its owner died.
 PID_FILE = "tritonserver.json"
 _PR_SET_PDEATHSIG = 1
@@ -362,6 +362,13 @@ def _start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _pids() -> list[int]:
     return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
@@ -383,21 +390,6 @@ def _stubs_of(backend_directory: Path) -> dict[int, list[str]]:
         if args and args[0] == stub:
             stubs[pid] = args
     return stubs
-
-
-def _mapped_regions(pids: list[int], prefix: str) -> set[str]:
-    """Names of the /dev/shm regions starting with ``prefix`` that any of ``pids`` maps."""
-    mapped = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
-                for line in maps:
-                    path = line.split(maxsplit=5)[-1].strip()
-                    if path.startswith(f"{_SHM_DIR}/{prefix}"):
-                        mapped.add(path.removeprefix(f"{_SHM_DIR}/").split(" ")[0])
-        except OSError:
-            continue
-    return mapped
 
 
 def remove_shm_regions(prefix: str, keep: Collection[str] = (), min_age_s: float = 0.0) -> list[Path]:
@@ -549,21 +541,23 @@ class BundledTriton:
         """Live python-backend stub processes of this server per model name (a stub that was killed
         is gone from here while Triton still calls its model ready)."""
         counts: dict[str, int] = {}
-        if not self.is_running():
+        if self._process is None or not self.is_running():
             return counts
-        for args in _stubs_of(self.backend_directory).values():
-            if len(args) > 1:
+        for pid in _pids():
+            args = _cmdline(pid)  # by parent, whatever backend directory the binary was given
+            if len(args) > 1 and Path(args[0]).name == _STUB_NAME and _parent(pid) == self._process.pid:
                 model = Path(args[1]).parent.parent.name  # <repository>/<model>/<version>/model.py
                 counts[model] = counts.get(model, 0) + 1
         return counts
 
     def remove_orphaned_regions(self) -> list[Path]:
-        """Unlink this launch's shared-memory regions that no live process of it maps any more (the
-        region of a stub that was killed and whose model was reloaded)."""
+        """Unlink this launch's shared-memory regions whose stub is gone (a stub that was killed:
+        Triton keeps the region, mapped, after the model is loaded again).  A region is in use while
+        a live stub of this server names it on its command line; a region younger than a second is
+        left alone (Triton creates it just before it starts the stub)."""
         if self._shm_prefix is None or self._process is None or not self.is_running():
             return []
-        pids = [self._process.pid, *_stubs_of(self.backend_directory)]
-        in_use = _mapped_regions(pids, self._shm_prefix)
+        in_use = {args[2] for args in _stubs_of(self.backend_directory).values() if len(args) > 2}
         return remove_shm_regions(self._shm_prefix, keep=in_use, min_age_s=_ORPHAN_REGION_MIN_AGE_S)
 
     # -- lifecycle -----------------------------------------------------------------------------
