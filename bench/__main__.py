@@ -1,12 +1,14 @@
-"""``python -m bench [variant_build|load] [args]``: runs a benchmark (default: the LoRA variant build one)."""
+"""``python -m bench [variant_build|load|worker_memory] [args]``: runs a benchmark.
+
+The default is the LoRA variant build one."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import load, variant_build
+from bench import load, variant_build, worker_memory
 
-BENCHMARKS = {"variant_build": variant_build.main, "load": load.main}
+BENCHMARKS = {"variant_build": variant_build.main, "load": load.main, "worker_memory": worker_memory.main}
 
 
 def main(argv: list[str] | None = None) -> int:

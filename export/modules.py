@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from export import specs
-from export.source import ModelSource
+from export.source import ModelSource, ModelSourceError
 
 
 class TextEncoderModule(nn.Module):
@@ -266,6 +266,8 @@ def components(source: ModelSource) -> list[Component]:
             )
         )
 
+    if not source.is_transformer:
+        _refuse_guidance_embedding(source)
     lrange = latent_range(source)
     if source.is_transformer:
         result.append(_transformer_component(source, lrange))
@@ -371,3 +373,17 @@ def _unet_component(source: ModelSource, lrange: specs.AxisRange) -> Component:
         load=lambda: UNetModule(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), source.is_sdxl),
         trace_sizes={"batch": 2, "height": lrange.min + 1, "width": lrange.min + 3},
     )
+
+
+def _refuse_guidance_embedding(source: ModelSource) -> None:
+    """A UNet with ``time_cond_proj_dim`` (LCM-distilled) takes the guidance scale as an embedding
+    (``timestep_cond``, as diffusers' LatentConsistencyModelPipeline computes it); a graph traced
+    without it gives wrong images, so such a model is refused at export."""
+    dim = source.config("unet").get("time_cond_proj_dim")
+    if dim is not None:
+        raise ModelSourceError(
+            f"{source.path}: the UNet has time_cond_proj_dim={dim} "
+            "(a guidance-distilled model such as LCM, whose UNet takes a guidance-scale embedding "
+            "as its timestep_cond input); such models are not supported yet, and exporting the UNet "
+            "without that input would give wrong images"
+        )

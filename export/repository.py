@@ -10,6 +10,7 @@ export never leaves a half-written model that Triton would try to load.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -40,8 +41,27 @@ TARGETS: tuple[Target, ...] = ("python-onnx", "python-torch", "tensorrt")
 EXPORT_VERSION = "2"
 FINGERPRINT_FILE = ".export.json"
 MANIFEST_FILE = "t2i-repository.json"
-PYTHON_ONNX_MODEL = Path(__file__).resolve().parents[1] / "model_repository" / "python_onnx" / "model.py"
-PYTHON_TORCH_MODEL = Path(__file__).resolve().parents[1] / "model_repository" / "python_torch" / "model.py"
+
+
+def model_source(target_dir: str) -> Path:
+    """The python-backend ``model.py`` kept in git under ``model_repository/<target_dir>/``.
+
+    Found in the ``model_repository`` package (a namespace package holding only
+    ``model_repository/python_*``, see pyproject.toml), so a wheel or non-editable install finds
+    the installed copy and a checkout (or editable install) finds its own.  (Its search locations
+    are read directly: importlib.resources.files fails on an editable install's namespace path.)
+    """
+    spec = importlib.util.find_spec("model_repository")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / target_dir / "model.py"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the Triton model source model_repository/{target_dir}/model.py is missing")
+
+
+PYTHON_ONNX_MODEL = model_source("python_onnx")
+PYTHON_TORCH_MODEL = model_source("python_torch")
 # The python-backend model.py each target copies into every model directory.
 PYTHON_MODELS: dict[str, Path] = {"python-onnx": PYTHON_ONNX_MODEL, "python-torch": PYTHON_TORCH_MODEL}
 

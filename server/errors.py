@@ -42,6 +42,20 @@ class ServiceUnavailable(ServiceError):
     status_code = 503
 
 
+class TritonUnavailable(ServiceUnavailable):
+    """Triton itself does not answer (gone, restarting): the service is unhealthy until it is back."""
+
+
+class ModelUnavailable(ServiceUnavailable):
+    """Triton answers but does not serve ``model`` now: not loaded, or its worker process died
+    (``worker_dead``); the service reloads a base model that is in this state."""
+
+    def __init__(self, message: str, model: str, worker_dead: bool = False) -> None:
+        super().__init__(message)
+        self.model = model
+        self.worker_dead = worker_dead
+
+
 class ClientGone(ServiceError):
     """The client disconnected; the generation stopped and nobody reads the answer."""
 

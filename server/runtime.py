@@ -27,7 +27,7 @@ from server.engines import (
     require_exported,
     running_host,
 )
-from server.errors import ServiceUnavailable
+from server.errors import ModelUnavailable, ServiceError, ServiceUnavailable, TritonUnavailable
 from server.metrics import Metrics
 from server.pipeline.flow import pipeline_for
 from server.pipeline.generate import GenerationRequest, TextToImagePipeline
@@ -55,7 +55,10 @@ class Runtime:
 
     A supervisor task checks Triton every ``health_interval_s``: while it (or one of the models) is
     unreachable the status is ``ERROR`` and generations get 503 at once; a bundled Triton that died is
-    started again.  Once every model answers and a warm-up generation has run, the status is ``OK``.
+    started again, and a base model that stopped serving (not ready, its python-backend stub gone, or
+    a request told so) is loaded again through the repository API.  Once every model answers and a
+    warm-up generation has run, the status is ``OK``.  One failed call (a deadline, a variant that is
+    not loaded) changes nothing here: only Triton or a base model gone is ``ERROR``.
     """
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
@@ -74,6 +77,8 @@ class Runtime:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._wake = asyncio.Event()
+        # Base models a request found not serving; the supervisor loads them again.
+        self._suspects: set[str] = set()
 
     @property
     def pipeline(self) -> TextToImagePipeline:
@@ -96,10 +101,15 @@ class Runtime:
             raise ServiceUnavailable("LoRA variants are not available yet; try again shortly.")
         return self._variants
 
-    def report_unavailable(self, reason: str) -> None:
-        """A request found Triton gone: report ERROR now and have the supervisor check at once."""
-        self._fail(reason)
-        self._wake.set()
+    def report_failure(self, error: ServiceError) -> None:
+        """A request's call failed: Triton gone is ERROR now; a base model not serving (or a failure
+        that could mean so) has the supervisor check at once.  Anything else concerns that request."""
+        if isinstance(error, TritonUnavailable):
+            self._fail(error.message)
+            self._wake.set()
+        elif isinstance(error, ModelUnavailable) and error.model in self._base_models():
+            self._suspects.add(error.model)
+            self._wake.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name="t2i-supervisor")
@@ -167,26 +177,78 @@ class Runtime:
             logger.error("unhealthy: %s%s", reason, " (not retrying)" if permanent else "")
         self.status, self.error = Health.ERROR, reason
         self._pipeline = None
+
+    def _forget_variants(self) -> None:
         if self._variants is not None:
             self._variants.forget_loaded()  # a restarted Triton holds only the base models
 
+    def _base_models(self) -> list[str]:
+        if self.model is None:
+            return []
+        return [self.model.source.denoiser, specs.VAE_DECODER, *self.model.source.text_encoders]
+
     async def _check(self) -> None:
-        """Raise unless Triton and every model answer; (re)start the bundled Triton and warm up as needed."""
+        """Raise unless Triton and every model answer; (re)start the bundled Triton, reload a base model
+        that stopped serving, and warm up as needed."""
         assert self.model is not None
         await self._connect()
         assert self.client is not None
         if not await self.client.is_live():
-            raise ServiceUnavailable(f"Triton at {self.client.url} is not reachable")
-        names = [self.model.source.denoiser, specs.VAE_DECODER, *self.model.source.text_encoders]
-        missing = [n for n in names if not await self.client.model_ready(n)]
-        if missing:
-            raise ServiceUnavailable(f"Triton at {self.client.url} has not loaded: {', '.join(missing)}")
+            self._forget_variants()  # when it answers again it may be a new server
+            raise TritonUnavailable(f"Triton at {self.client.url} is not reachable")
+        names = self._base_models()
+        broken = await self._not_serving(names)
+        if broken:
+            await self._reload(broken)
+        if self.triton is not None:
+            await asyncio.to_thread(self.triton.remove_orphaned_regions)  # of stubs that were killed
         self.safety_checker = await self._safety_checker()
         if self._pipeline is None:
             pipeline = pipeline_for(self.model, self.client)
             if self.settings.warmup:
                 await pipeline(_warmup_request(self.model, self.engines))
             self._pipeline = pipeline
+
+    async def _not_serving(self, names: list[str]) -> list[str]:
+        """The base models that do not serve: not ready, a request found them broken, or (bundled
+        Triton) a python-backend model without a live stub, which Triton itself does not notice."""
+        assert self.client is not None
+        stubs = await asyncio.to_thread(self.triton.model_stubs) if self.triton is not None else None
+        suspects, self._suspects = self._suspects, set()
+        broken = []
+        for name in names:
+            ready = await self.client.model_ready(name)
+            if ready and stubs is None:
+                ready = name not in suspects  # a remote Triton: what a request found is all we know
+            elif ready and stubs is not None and not stubs.get(name):  # the bundled one: its stubs tell
+                ready = await self.client.backend(name) != "python"
+            if not ready:
+                broken.append(name)
+        return broken
+
+    async def _reload(self, names: list[str]) -> None:
+        """ERROR while the base models ``names`` load again; raise if they do not come back."""
+        assert self.client is not None
+        self._fail(f"Triton at {self.client.url} does not serve {', '.join(names)}; loading it again")
+        for name in names:
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(self.settings.startup_timeout_s):
+                    # Loading a model whose files did not change is a no-op for Triton (its dead stub
+                    # stays): unload it first, so it really loads again.
+                    await self.client.unload_model(name)
+                    await self.client.load_model(name)
+            except (ServiceError, TimeoutError) as e:
+                reason = e.message if isinstance(e, ServiceError) else "timed out"
+                if self.triton is not None:
+                    # A bundled Triton that cannot load it again is restarted on the next check.
+                    logger.error("model %s could not be loaded again (%s): restarting Triton", name, reason)
+                    await asyncio.to_thread(self.triton.stop)
+                raise ServiceUnavailable(f"model '{name}' could not be loaded again: {reason}") from e
+            logger.warning("model %s loaded again in %.1f s", name, time.perf_counter() - started)
+        missing = [n for n in names if not await self.client.model_ready(n)]
+        if missing:
+            raise ServiceUnavailable(f"Triton at {self.client.url} has not loaded: {', '.join(missing)}")
 
     def _require_client(self) -> TritonClient:
         if self.client is None:
@@ -207,6 +269,7 @@ class Runtime:
         return await asyncio.to_thread(SafetyChecker.from_folders, self.client, *folders)
 
     async def _connect(self) -> None:
+        assert self.model is not None
         if self.settings.triton_url:
             if self.client is None:
                 self.client = TritonClient(self.settings.triton_url, self.settings.triton_timeout_s)
@@ -220,6 +283,7 @@ class Runtime:
             await self.client.close()
             self.client = None
         self._pipeline = None
+        self._forget_variants()
         repository = self.settings.model_repository.resolve()
         config = TritonLaunchConfig(
             model_repository=repository,
@@ -229,6 +293,12 @@ class Runtime:
             explicit_model_control=True,
             load_models=repository_models(repository),
             binary=system_tritonserver(self.settings.tritonserver),
+            # model.py runs a bigger dynamic batch in chunks (it sees latents, not images).
+            environment={
+                "T2I_MAX_BATCH_LATENT_PIXELS": str(
+                    max(1, self.settings.max_batch_pixels // self.model.vae_scale_factor**2)
+                )
+            },
         )
         self.triton = BundledTriton(config)
         await asyncio.to_thread(self.triton.start)

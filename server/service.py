@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from server.admission import Admission
 from server.api.schemas import ImageResponse, Media, TextToImageParams
-from server.errors import BadRequest, ClientGone, ServiceUnavailable
+from server.errors import BadRequest, ClientGone, InferenceFailed, ServiceUnavailable
 from server.loras import parse_loras
 from server.metrics import Metrics
 from server.pipeline.generate import GenerationRequest
@@ -78,8 +78,8 @@ class TextToImageService:
         started = time.perf_counter()
         try:
             result = await pipeline(request, between_steps, observe)
-        except ServiceUnavailable as e:
-            self.runtime.report_unavailable(e.message)
+        except (ServiceUnavailable, InferenceFailed) as e:
+            self.runtime.report_failure(e)
             raise
         nsfw = [False] * len(result.images)
         safety = self.runtime.safety_checker
@@ -153,6 +153,13 @@ class TextToImageService:
         guidance_scale, steps = apply_rule(self.rule, params.guidance_scale, params.num_inference_steps)
         if steps > s.max_steps:
             raise BadRequest(f"num_inference_steps must be at most {s.max_steps}, got {steps}.")
+        rows = n * (2 if guidance_scale > 1 and self.runtime.require_model().guidance_allowed else 1)
+        if rows * params.height * params.width > s.max_batch_pixels:
+            raise BadRequest(
+                f"{n} image(s) of {params.width}x{params.height}"
+                f"{' with guidance' if rows > n else ''} are above this service's limit of "
+                f"{s.max_batch_pixels} pixels per batch; ask for fewer images or a smaller size."
+            )
         request = GenerationRequest(
             prompt=params.prompt,
             negative_prompt=params.negative_prompt,

@@ -25,6 +25,7 @@ ENV_NAMES: dict[str, str] = {
     "MAX_LORAS": "max_loras",
     "MAX_IMAGES": "max_images",
     "MAX_PIXELS": "max_pixels",
+    "MAX_BATCH_PIXELS": "max_batch_pixels",
     "TRITON_TIMEOUT_S": "triton_timeout_s",
     "STARTUP_TIMEOUT_S": "startup_timeout_s",
     "MAX_STEPS": "max_steps",
@@ -71,6 +72,10 @@ class Settings:
     max_loras: int = 4
     max_images: int = 4
     max_pixels: int = 1024 * 1024
+    # Image pixels (rows x height x width, CFG rows included) one UNet / VAE batch of the bundled
+    # Triton's python-onnx models runs at once; a bigger dynamic batch runs in chunks, and a request
+    # whose own rows exceed it is a 400.  The default admits MAX_IMAGES images of MAX_PIXELS with CFG.
+    max_batch_pixels: int = 8 * 1024 * 1024
     max_steps: int = 200
     # Generations running at once (their UNet steps batch together in Triton), and waiting beyond them.
     max_in_flight: int = 8
@@ -118,6 +123,7 @@ class Settings:
             "max_loras",
             "max_images",
             "max_pixels",
+            "max_batch_pixels",
             "max_steps",
             "max_in_flight",
             "max_lora_variants",

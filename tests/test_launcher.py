@@ -7,14 +7,17 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import stat
+import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -446,3 +449,181 @@ def test_explicit_model_control_loads_only_named_models(
     data = np.array([[41.0]], dtype=np.float32)
     np.testing.assert_array_equal(infer_add_one(server.http_url, "add_one", data), data + 1)
     server.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults: shared memory of one launch, death with the parent, stale servers of a state dir
+# --------------------------------------------------------------------------------------------------
+
+SHM = Path("/dev/shm")
+
+
+def regions(prefix: str) -> list[str]:
+    return sorted(p.name for p in SHM.glob(f"{prefix}*"))
+
+
+def stub_pids(server: BundledTriton) -> dict[str, int]:
+    """Model name -> pid of its python-backend stub (the command line names the model's file)."""
+    stub = str(server.backend_directory / "python" / "triton_python_backend_stub")
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if args[0].decode() == stub:
+                found[Path(args[1].decode()).parent.parent.name] = int(entry.name)
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def foreign_region() -> Iterator[Path]:
+    """A region named like the python backend's default, made by this test: no cleanup may touch it."""
+    region = SHM / f"triton_python_backend_shm_region_t2i-test-{os.getpid()}-{time.monotonic_ns()}"
+    region.write_bytes(b"\0" * 16)
+    yield region
+    region.unlink(missing_ok=True)
+
+
+@needs_triton
+def test_regions_carry_a_launch_prefix_and_all_go_with_the_server_even_a_killed_stubs(
+    repository: Path, state_dir: Path, launch: list[BundledTriton], foreign_region: Path
+) -> None:
+    write_model(repository, "add_one", ADD_ONE_MODEL_PY)
+    write_model(repository, "add_two", ADD_ONE_MODEL_PY)
+    server = BundledTriton(TritonLaunchConfig(repository, state_dir, startup_timeout_s=60))
+    launch.append(server)
+    server.start()
+    prefix = server.shm_region_prefix
+    assert prefix is not None and prefix.startswith("t2i_triton_")
+    assert len(regions(prefix)) >= 2  # one per stub at least
+    stubs = stub_pids(server)
+    assert set(stubs) == {"add_one", "add_two"}
+    assert server.model_stubs() == {"add_one": 1, "add_two": 1}
+    os.kill(stubs["add_one"], signal.SIGKILL)
+    wait_for(lambda: "add_one" not in server.model_stubs(), 10, "the killed stub to be gone")
+    server.stop()
+    assert regions(prefix) == [], "a region of the stopped server is left in /dev/shm"
+    assert foreign_region.exists(), "a region that is not this launch's was removed"
+    assert not (state_dir / "tritonserver.json").exists()
+
+
+@needs_triton
+def test_killed_server_leaves_no_region_or_stub(
+    repository: Path, state_dir: Path, launch: list[BundledTriton], foreign_region: Path
+) -> None:
+    write_model(repository, "add_one", ADD_ONE_MODEL_PY)
+    server = BundledTriton(TritonLaunchConfig(repository, state_dir, startup_timeout_s=60))
+    launch.append(server)
+    server.start()
+    prefix, pid = server.shm_region_prefix, server.pid
+    assert prefix is not None and pid is not None and regions(prefix)
+    stub = stub_pids(server)["add_one"]
+    os.kill(pid, signal.SIGKILL)  # the server only: its stub outlives it for a while
+    wait_for(lambda: not server.is_running(), 10, "the server to die")
+    server.stop()  # what the service does once it sees the server gone
+    assert gone(stub)
+    assert regions(prefix) == []
+    assert foreign_region.exists()
+
+
+OWNER_SCRIPT = textwrap.dedent(
+    """\
+    import sys, time
+    from pathlib import Path
+    from server.triton.launcher import BundledTriton, TritonLaunchConfig
+    server = BundledTriton(TritonLaunchConfig(Path(sys.argv[1]), Path(sys.argv[2]), startup_timeout_s=60))
+    server.start()
+    print(server.pid, server.shm_region_prefix, server.http_port, server.grpc_port, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def start_owner(repository: Path, state_dir: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    """A process that starts a server on ``state_dir`` and would keep it for 10 minutes."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER_SCRIPT, str(repository), str(state_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert owner.stdout is not None
+    line = owner.stdout.readline().split()
+    if len(line) != 4:
+        owner.kill()
+        owner.wait()
+        raise AssertionError(f"the owner process did not start its server: {line}")
+    return owner, line
+
+
+@needs_triton
+def test_server_dies_with_its_owner_and_leaves_nothing(
+    repository: Path, state_dir: Path, launch: list[BundledTriton]
+) -> None:
+    write_model(repository, "add_one", ADD_ONE_MODEL_PY)
+    owner, (pid, prefix, http_port, grpc_port) = start_owner(repository, state_dir)
+    stubs = [p for p in stub_pids(BundledTriton(TritonLaunchConfig(repository, state_dir))).values()]
+    assert stubs and regions(prefix)
+    owner.kill()  # kill -9: no cleanup code of the owner runs
+    owner.wait()
+    wait_for(lambda: gone(int(pid)) and all(gone(s) for s in stubs), 30, "tritonserver and its stub to exit")
+    assert regions(prefix) == []
+    assert not port_answers(int(http_port)) and not port_answers(int(grpc_port))
+    server = BundledTriton(TritonLaunchConfig(repository, state_dir, startup_timeout_s=60))
+    launch.append(server)
+    server.start()  # the same state dir starts again
+    data = np.ones((1, 2), dtype=np.float32)
+    np.testing.assert_array_equal(infer_add_one(server.http_url, "add_one", data), data + 1)
+
+
+@needs_triton
+def test_start_ends_a_stale_server_of_its_state_dir_but_not_a_recycled_pid(
+    repository: Path, state_dir: Path, launch: list[BundledTriton], tmp_path: Path
+) -> None:
+    write_model(repository, "add_one", ADD_ONE_MODEL_PY)
+    owner, (pid, prefix, _, _) = start_owner(repository, state_dir)
+    helper = BundledTriton(TritonLaunchConfig(repository, state_dir))
+    stubs = list(stub_pids(helper).values())
+    # A live owner: its state dir is in use, and nothing of it is touched.
+    with pytest.raises(TritonStartError, match="in use by process"):
+        BundledTriton(TritonLaunchConfig(repository, state_dir, startup_timeout_s=60)).start()
+    assert not gone(int(pid))
+    # The owner dies without its server going with it (as if PR_SET_PDEATHSIG had not been set): the
+    # server is stopped from running on by SIGSTOP, so only the next start can end it.
+    os.kill(int(pid), signal.SIGSTOP)
+    owner.kill()
+    owner.wait()
+    assert not gone(int(pid)) and regions(prefix)
+    server = BundledTriton(TritonLaunchConfig(repository, state_dir, startup_timeout_s=60))
+    launch.append(server)
+    server.start()
+    assert gone(int(pid)) and all(gone(s) for s in stubs)
+    assert regions(prefix) == []
+    server.stop()
+    # A recorded pid that now belongs to another program is never killed.
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        record = {"pid": stranger.pid, "owner_pid": 2**22 + 1, "shm_region_prefix": "t2i_triton_0123_"}
+        (state_dir / "tritonserver.json").write_text(json.dumps(record))
+        server.start()
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -33,7 +33,10 @@ class TritonPythonModel:
         else:
             device = torch.device("cpu")
         self.model = TorchModel.load(
-            Path(args["model_repository"]), args["model_version"], device, TorchOptions.from_parameters(params)
+            Path(args["model_repository"]),
+            args["model_version"],
+            device,
+            TorchOptions.from_parameters(params),
         )
         self.device = device
 

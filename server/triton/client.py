@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from server.errors import InferenceFailed, OutOfMemory, ServiceUnavailable
+from server.errors import (
+    InferenceFailed,
+    ModelUnavailable,
+    OutOfMemory,
+    ServiceError,
+    ServiceUnavailable,
+    TritonUnavailable,
+)
 from server.triton.oom import is_out_of_memory
 
 logger = logging.getLogger(__name__)
 
-_UNAVAILABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED")
+# gRPC status codes as tritonclient reports them (InferenceServerException.status()).
+UNAVAILABLE = "StatusCode.UNAVAILABLE"  # nothing answers (or the server is shutting down)
+NOT_FOUND = "StatusCode.NOT_FOUND"  # "Request for unknown model": not loaded, or no ready version
+DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"
+CANCELLED = "StatusCode.CANCELLED"
+INTERNAL = "StatusCode.INTERNAL"
+# The python backend's answer (INTERNAL) once the model's stub process has died; Triton still calls
+# the model ready, and it stays broken until it is loaded again.
+_DEAD_STUB = re.compile(r"Stub process '[^']*' is not healthy")
 
 
 class TritonClient:
@@ -25,6 +41,7 @@ class TritonClient:
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url=url)
         self._max_batch: dict[str, int] = {}
+        self._backend: dict[str, str] = {}
 
     async def close(self) -> None:
         await self._client.close()
@@ -48,23 +65,35 @@ class TritonClient:
         try:
             await self._client.load_model(name, client_timeout=self.timeout_s)
         except InferenceServerException as e:
-            raise _translate(name, e) from e
+            raise await self._translate(name, e) from e
 
     async def unload_model(self, name: str) -> None:
         try:
             await self._client.unload_model(name, client_timeout=30)
         except InferenceServerException as e:
-            raise _translate(name, e) from e
+            raise await self._translate(name, e) from e
         self._max_batch.pop(name, None)
+        self._backend.pop(name, None)
 
     async def max_batch_size(self, name: str) -> int:
         if name not in self._max_batch:
-            try:
-                config = await self._client.get_model_config(name, as_json=True, client_timeout=10)
-            except InferenceServerException as e:
-                raise _translate(name, e) from e
-            self._max_batch[name] = int(config["config"].get("max_batch_size", 0))
+            config = await self._config(name)
+            self._max_batch[name] = int(config.get("max_batch_size", 0))
         return self._max_batch[name]
+
+    async def backend(self, name: str) -> str:
+        """The backend that runs ``name`` ("python" for the python-onnx / python-torch targets)."""
+        if name not in self._backend:
+            config = await self._config(name)
+            self._backend[name] = str(config.get("backend") or config.get("platform") or "")
+        return self._backend[name]
+
+    async def _config(self, name: str) -> dict:  # type: ignore[type-arg]
+        try:
+            config = await self._client.get_model_config(name, as_json=True, client_timeout=10)
+        except InferenceServerException as e:
+            raise await self._translate(name, e) from e
+        return dict(config["config"])
 
     async def infer(
         self,
@@ -92,19 +121,43 @@ class TritonClient:
                 parameters=dict(parameters) if parameters else None,
             )
         except InferenceServerException as e:
-            raise _translate(model, e) from e
+            raise await self._translate(model, e) from e
         # as_numpy views the response buffer read-only; callers (torch) need arrays they own
         return {name: np.array(result.as_numpy(name)) for name in outputs}
 
+    async def _translate(self, model: str, e: InferenceServerException) -> ServiceError:
+        """The service's error for a failed call on ``model``, from the gRPC status code.
 
-def _translate(model: str, e: InferenceServerException) -> Exception:
-    text = str(e.message() or e)
-    status = str(e.status() or "")
-    logger.warning("Triton %s failed: %s %s", model, status, text)
+        UNAVAILABLE is the server gone only when the server is not live any more; a live server that
+        answers UNAVAILABLE does not serve the model now.  Only ``TritonUnavailable`` means Triton is
+        gone; ``ModelUnavailable`` names the model; deadlines and cancellations concern one call.
+        """
+        status = str(e.status() or "")
+        text = str(e.message() or e)
+        logger.warning("Triton %s failed: %s %s", model, status or "(no status)", text)
+        if status == UNAVAILABLE and not await self.is_live():
+            return TritonUnavailable(
+                f"Triton Inference Server at {self.url} is unavailable; try again shortly."
+            )
+        return classify(model, status, text, self.timeout_s)
+
+
+def classify(model: str, status: str, text: str, timeout_s: float) -> ServiceError:
+    """The service's error for a call on ``model`` that a live server failed with ``status``."""
+    if status in (UNAVAILABLE, NOT_FOUND):
+        return ModelUnavailable(f"Model '{model}' is not loaded in Triton; try again shortly.", model)
+    if status == DEADLINE_EXCEEDED:
+        return ServiceUnavailable(
+            f"Model '{model}' did not answer within {timeout_s:g} s; try again shortly."
+        )
+    if status == CANCELLED:
+        return ServiceUnavailable(f"The call to model '{model}' was cancelled; try again shortly.")
+    if status == INTERNAL and _DEAD_STUB.search(text):
+        return ModelUnavailable(
+            f"Model '{model}' lost its worker process and is being reloaded; try again shortly.",
+            model,
+            worker_dead=True,
+        )
     if is_out_of_memory(text):
         return OutOfMemory()
-    if status in _UNAVAILABLE or "failed to connect" in text.lower() or "unavailable" in text.lower():
-        return ServiceUnavailable("Triton Inference Server is unavailable; try again shortly.")
-    if "is not ready" in text or "unknown model" in text.lower() or "unavailable model" in text.lower():
-        return ServiceUnavailable(f"Model '{model}' is not loaded in Triton; try again shortly.")
     return InferenceFailed(f"Inference failed in model '{model}'.")

@@ -10,17 +10,27 @@ stub per Python version.  This module runs that binary directly on one of our mo
 - a backend directory under ``state_dir`` holds ``python/`` with ``libtriton_python.so``,
   ``triton_python_backend_utils.py`` and the stub for the running Python;
 - the server listens on 127.0.0.1 only, on free ports, in its own process group; ``start()`` waits
-  on ``/v2/health/ready`` and ``stop()`` sends SIGTERM, then SIGKILL.
+  on ``/v2/health/ready`` and ``stop()`` sends SIGTERM, then SIGKILL;
+- it dies with the process that started it (``PR_SET_PDEATHSIG``), and ``state_dir/tritonserver.json``
+  records it, so a service started after a ``kill -9`` ends a stale Triton of the same state dir (and
+  its stubs, verified by their command lines so a recycled pid is never hit) before starting;
+- every python-backend shared-memory region of one launch carries a prefix unique to that launch
+  (``--backend-config=python,shm-region-prefix-name=...``), so exactly those regions are removed when
+  the server stops, crashes or is found stale, and no other process's regions are touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import filecmp
 import importlib.util
+import itertools
+import json
 import logging
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -32,7 +42,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -63,8 +74,14 @@ _MAX_ERROR_LINES = 10
 _MAX_ERROR_LINE = 1000
 _FAILED_START_GRACE_S = 1.0
 _GROUP_KILL_WAIT_S = 5.0
-# The python backend's shared memory (/dev/shm); a killed server leaves its regions behind.
-_SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
+_SHM_DIR = Path("/dev/shm")
+# The python backend's regions are named <prefix><uuid>; ours get a prefix unique to one launch.
+_SHM_PREFIX_STEM = "t2i_triton_"
+# Regions younger than this are never taken for orphans (Triton makes one just before its stub).
+_ORPHAN_REGION_MIN_AGE_S = 2.0
+# Where a running server is recorded, so a later start can end it if its owner died.
+PID_FILE = "tritonserver.json"
+_PR_SET_PDEATHSIG = 1
 # Local health checks must not go through an http_proxy from the environment.
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -97,6 +114,8 @@ class TritonLaunchConfig:
     # its TensorRT, onnxruntime and python backends) run as it is: its own backend directory and
     # libraries. None: the nvidia-pytriton wheel's binary, prepared as described above.
     binary: Path | None = None
+    # Added to tritonserver's environment (its python-backend models read their T2I_* settings there).
+    environment: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def resolved_log_path(self) -> Path:
@@ -265,9 +284,12 @@ def build_command(
     http_port: int,
     grpc_port: int,
     metrics_port: int | None,
+    shm_region_prefix: str | None = None,
 ) -> list[str]:
     """The ``tritonserver`` command line for ``config`` on the given ports (``backend_directory``
-    None: the binary's own)."""
+    None: the binary's own).
+
+    ``shm_region_prefix`` names the python backend's shared-memory regions of this launch."""
     cmd = [str(binary), "--model-repository", str(config.model_repository)]
     if backend_directory is not None:
         cmd += ["--backend-directory", str(backend_directory)]
@@ -294,6 +316,8 @@ def build_command(
     elif config.load_models:
         raise ValueError("load_models is only used with explicit_model_control=True")
     cmd += ["--exit-timeout-secs", "5", "--log-verbose", "0"]
+    if shm_region_prefix is not None:
+        cmd.append(f"--backend-config=python,shm-region-prefix-name={shm_region_prefix}")
     cmd += list(config.extra_args)
     return cmd
 
@@ -336,17 +360,92 @@ def _http_status(url: str, timeout_s: float) -> int | None:
         return None
 
 
-def _mapped_shm_regions(pid: int) -> set[Path]:
-    """The python backend's shared-memory regions that process ``pid`` has mapped (Linux only)."""
+def _cmdline(pid: int) -> list[str]:
+    """The arguments of process ``pid`` (empty when it is gone or a zombie)."""
     try:
-        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
-            return {
-                Path(line.split()[-1])
-                for line in maps
-                if _SHM_REGION_PREFIX in line and line.split()[-1].startswith("/dev/shm/")
-            }
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return set()
+        return []
+    return [arg.decode("utf-8", errors="replace") for arg in raw.split(b"\0")[:-1]]
+
+
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), to tell it from a recycled pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def _is_server_of(pid: int, backend_directory: Path) -> bool:
+    """Whether ``pid`` is a tritonserver started with ``--backend-directory backend_directory``."""
+    args = _cmdline(pid)
+    if not args or Path(args[0]).name != "tritonserver":
+        return False
+    return ("--backend-directory", str(backend_directory)) in itertools.pairwise(args)
+
+
+def _stubs_of(backend_directory: Path) -> dict[int, list[str]]:
+    """The python-backend stubs run from ``backend_directory`` (any parent), by pid."""
+    stub = str(backend_directory / "python" / _STUB_NAME)
+    stubs = {}
+    for pid in _pids():
+        args = _cmdline(pid)
+        if args and args[0] == stub:
+            stubs[pid] = args
+    return stubs
+
+
+def remove_shm_regions(prefix: str, keep: Collection[str] = (), min_age_s: float = 0.0) -> list[Path]:
+    """Unlink the /dev/shm regions named ``prefix*`` (one launch's), except ``keep``; returns them."""
+    if not re.fullmatch(rf"{_SHM_PREFIX_STEM}[0-9a-f]+_", prefix):
+        raise ValueError(f"not a prefix of this launcher's regions: {prefix!r}")
+    removed = []
+    now = time.time()
+    for region in sorted(_SHM_DIR.glob(f"{prefix}*")):
+        try:
+            if region.name in keep or now - region.stat().st_mtime < min_age_s:
+                continue
+            region.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("cannot remove leftover shared memory %s: %s", region, exc)
+            continue
+        logger.info("removed leftover shared memory %s", region)
+        removed.append(region)
+    return removed
+
+
+def _die_with_parent(prctl: Callable[..., int], parent_pid: int) -> None:
+    """In the child before exec: get SIGTERM when the parent goes (Triton then shuts down cleanly,
+    stubs and shared memory included), and go now if the parent already went."""
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_verified(pids: list[int], what: str) -> None:
+    """SIGKILL ``pids`` (already checked to be ours) and wait, bounded, until they are gone."""
+    for pid in pids:
+        logger.warning("ending %s (pid %d) left over from an earlier run", what, pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + _GROUP_KILL_WAIT_S
+    while any(_cmdline(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _process_group_alive(pgid: int) -> bool:
@@ -379,6 +478,10 @@ def _kill_process_group(pgid: int, timeout_s: float) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+# The servers this process runs, by resolved state dir.
+_RUNNING: dict[Path, BundledTriton] = {}
+
+
 class BundledTriton:
     """One ``tritonserver`` process from the nvidia-pytriton wheel.
 
@@ -392,7 +495,7 @@ class BundledTriton:
         self._http_port: int | None = None
         self._grpc_port: int | None = None
         self._metrics_port: int | None = None
-        self._shm_regions: set[Path] = set()
+        self._shm_prefix: str | None = None
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -437,6 +540,50 @@ class BundledTriton:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def shm_region_prefix(self) -> str | None:
+        """The prefix of every python-backend shared-memory region of the current launch."""
+        return self._shm_prefix
+
+    @property
+    def backend_directory(self) -> Path:
+        return Path(self._config.state_dir) / "backends"
+
+    @property
+    def pid_file(self) -> Path:
+        return Path(self._config.state_dir) / PID_FILE
+
+    def model_stubs(self) -> dict[str, int]:
+        """Live python-backend stub processes of this server per model name (a stub that was killed
+        is gone from here while Triton still calls its model ready)."""
+        counts: dict[str, int] = {}
+        for args in self._own_stubs().values():
+            model = Path(args[1]).parent.parent.name  # <repository>/<model>/<version>/model.py
+            counts[model] = counts.get(model, 0) + 1
+        return counts
+
+    def _own_stubs(self) -> dict[int, list[str]]:
+        """The python-backend stubs this server started, by pid (found by parent, whatever backend
+        directory the binary was given: the wheel's prepared one or a system tritonserver's own)."""
+        if self._process is None or not self.is_running():
+            return {}
+        stubs = {}
+        for pid in _pids():
+            args = _cmdline(pid)
+            if len(args) > 1 and Path(args[0]).name == _STUB_NAME and _parent(pid) == self._process.pid:
+                stubs[pid] = args
+        return stubs
+
+    def remove_orphaned_regions(self) -> list[Path]:
+        """Unlink this launch's shared-memory regions whose stub is gone (a stub that was killed:
+        Triton keeps the region, mapped, after the model is loaded again).  A region is in use while
+        a live stub of this server names it on its command line; a region younger than a second is
+        left alone (Triton creates it just before it starts the stub)."""
+        if self._shm_prefix is None or self._process is None or not self.is_running():
+            return []
+        in_use = {args[2] for args in self._own_stubs().values() if len(args) > 2}
+        return remove_shm_regions(self._shm_prefix, keep=in_use, min_age_s=_ORPHAN_REGION_MIN_AGE_S)
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -454,6 +601,7 @@ class BundledTriton:
 
         state_dir = Path(config.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
+        self._end_stale_server()
         backend_directory: Path | None = None
         if config.binary is not None:
             binary, env = config.binary, dict(os.environ)
@@ -461,6 +609,10 @@ class BundledTriton:
             binary = tritonserver_binary()
             backend_directory = prepare_backend_directory(state_dir)
             env = tritonserver_env()
+        env.update(config.environment)
+        shm_prefix = f"{_SHM_PREFIX_STEM}{secrets.token_hex(6)}_"
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, called after it
+        parent_pid = os.getpid()
 
         ports = find_free_ports(3 if config.metrics else 2)
         http_port, grpc_port = ports[0], config.grpc_port or ports[1]
@@ -472,6 +624,7 @@ class BundledTriton:
             http_port=http_port,
             grpc_port=grpc_port,
             metrics_port=metrics_port,
+            shm_region_prefix=shm_prefix,
         )
 
         log_path = self.log_path
@@ -500,11 +653,17 @@ class BundledTriton:
                     env=env,
                     cwd=state_dir,
                     start_new_session=True,
+                    # SIGTERM when the thread that started it ends: the service's process, or the
+                    # long-lived worker thread it starts Triton from.
+                    preexec_fn=lambda: _die_with_parent(prctl, parent_pid),
                 )
             except OSError as exc:
                 raise TritonStartError(f"cannot run {binary}: {exc} (log: {log_path})") from exc
         logger.info("tritonserver started, pid %d", process.pid)
         self._process = process
+        self._shm_prefix = shm_prefix
+        _RUNNING[state_dir.resolve()] = self
+        self._write_pid_file(process.pid, shm_prefix)
         self._http_port, self._grpc_port, self._metrics_port = http_port, grpc_port, metrics_port
 
         try:
@@ -531,7 +690,6 @@ class BundledTriton:
                 self._raise_start_error(
                     f"tritonserver exited with code {returncode} before it was ready", log_offset
                 )
-            self._shm_regions |= _mapped_shm_regions(process.pid)
             if _http_status(ready_url, timeout_s=1.0) == 200:
                 return
             if time.monotonic() >= deadline:
@@ -561,7 +719,6 @@ class BundledTriton:
         if process is None:
             return
         if process.poll() is None:
-            self._shm_regions |= _mapped_shm_regions(process.pid)
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
             try:
@@ -577,21 +734,62 @@ class BundledTriton:
                 process.wait()
         # Leftover members of its process group (python backend stubs) go too.
         _kill_process_group(process.pid, timeout_s=_GROUP_KILL_WAIT_S)
+        # Stubs that left the group (none known) are still ours by their stub path.
+        _kill_verified(list(_stubs_of(self.backend_directory)), "a python backend stub")
         self._process = None
-        self._remove_leftover_shm_regions()
+        _RUNNING.pop(Path(self._config.state_dir).resolve(), None)
+        if self._shm_prefix is not None:
+            remove_shm_regions(self._shm_prefix)
+            self._shm_prefix = None
+        with contextlib.suppress(OSError):
+            self.pid_file.unlink()
 
-    def _remove_leftover_shm_regions(self) -> None:
-        """Unlink the shared-memory regions of this (now dead) server that a kill left behind."""
-        regions, self._shm_regions = self._shm_regions, set()
-        for region in sorted(regions):
-            try:
-                region.unlink()
-            except FileNotFoundError:
-                continue  # removed by Triton on a clean shutdown
-            except OSError as exc:
-                logger.warning("cannot remove leftover shared memory %s: %s", region, exc)
-                continue
-            logger.info("removed leftover shared memory %s", region)
+    def _write_pid_file(self, pid: int, shm_prefix: str) -> None:
+        record = {
+            "pid": pid,
+            "owner_pid": os.getpid(),
+            "owner_start_time": _start_time(os.getpid()),
+            "shm_region_prefix": shm_prefix,
+        }
+        tmp = self.pid_file.with_name(f".{PID_FILE}.{os.getpid()}")
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, self.pid_file)
+
+    def _end_stale_server(self) -> None:
+        """End what an earlier run on this state dir left behind (its owner was killed): the server
+        recorded in the pid file, any stub run from this state dir, and that launch's shm regions.
+
+        A server whose owner is still alive is not stale: starting beside it is an error.
+        """
+        state_dir = Path(self._config.state_dir).resolve()
+        other = _RUNNING.get(state_dir)
+        if other is not None and other is not self and other.is_running():
+            raise TritonStartError(f"a Triton server of this process already runs on state dir {state_dir}")
+        try:
+            record = json.loads(self.pid_file.read_text())
+        except (OSError, ValueError):
+            record = {}
+        owner = record.get("owner_pid")
+        if (
+            isinstance(owner, int)
+            and owner != os.getpid()
+            and _start_time(owner) is not None
+            and _start_time(owner) == record.get("owner_start_time")
+        ):
+            raise TritonStartError(
+                f"state dir {state_dir} is in use by process {owner}, which runs a Triton server there; "
+                "give each service its own STATE_DIR"
+            )
+        backend_directory = self.backend_directory
+        pid = record.get("pid")
+        if isinstance(pid, int) and _is_server_of(pid, backend_directory):
+            _kill_verified([pid], "tritonserver")
+        _kill_verified(list(_stubs_of(backend_directory)), "a python backend stub")
+        prefix = record.get("shm_region_prefix")
+        if isinstance(prefix, str) and re.fullmatch(rf"{_SHM_PREFIX_STEM}[0-9a-f]+_", prefix):
+            remove_shm_regions(prefix)
+        with contextlib.suppress(OSError):
+            self.pid_file.unlink()
 
     def _reap(self) -> None:
         if self._process is not None:

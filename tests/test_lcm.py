@@ -1,0 +1,41 @@
+"""A guidance-distilled UNet (``time_cond_proj_dim``, e.g. LCM) is refused at export with a clear message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from export.cli import main as export_main
+from export.repository import export_repository
+from export.source import ModelSourceError
+
+
+@pytest.fixture
+def lcm_like_model(tmp_path: Path, tiny_model: Callable[[str], Path]) -> Path:
+    model = tmp_path / "tiny-lcm"
+    shutil.copytree(tiny_model("sd"), model)
+    config_path = model / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["time_cond_proj_dim"] = 32
+    config_path.write_text(json.dumps(config))
+    return model
+
+
+def test_unet_with_time_cond_proj_dim_is_refused_before_anything_is_written(
+    lcm_like_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "repository"
+    with pytest.raises(ModelSourceError, match=r"time_cond_proj_dim=32.*timestep_cond"):
+        export_repository(str(lcm_like_model), out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_reports_the_refusal_and_fails(
+    lcm_like_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert export_main([str(lcm_like_model), "--out", str(tmp_path / "repository")]) == 1
+    assert "time_cond_proj_dim=32" in caplog.text
