@@ -1,18 +1,22 @@
-"""``python -m bench [variant_build|load] [args]``: runs a benchmark (default: the LoRA variant build one)."""
+"""``python -m bench [variant_build|load|overhead] [args]``: one benchmark; without a name, all in turn."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import load, variant_build
+from bench import load, overhead, variant_build
 
-BENCHMARKS = {"variant_build": variant_build.main, "load": load.main}
+BENCHMARKS = {"variant_build": variant_build.main, "load": load.main, "overhead": overhead.main}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    name = args.pop(0) if args and args[0] in BENCHMARKS else "variant_build"
-    return BENCHMARKS[name](args)
+    if args and args[0] in BENCHMARKS:
+        return BENCHMARKS[args[0]](args[1:])
+    for run in BENCHMARKS.values():
+        if status := run(args):
+            return status
+    return 0
 
 
 if __name__ == "__main__":

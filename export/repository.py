@@ -46,7 +46,9 @@ _DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_IN
 class RepositoryOptions:
     target: Target = "python-onnx"
     check: bool = True
-    max_queue_delay_us: int = 2000
+    # Zero: a batch forms from what is queued when the model is free, so a lone request never waits
+    # and concurrent ones still meet while the model is busy (bench/RESULTS.md, overhead).
+    max_queue_delay_us: int = 0
 
 
 def model_config(spec: ModelSpec, options: RepositoryOptions) -> mc.ModelConfig:

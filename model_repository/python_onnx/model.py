@@ -27,6 +27,11 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_threads", "0") or 0) or int(os.environ.get("T2I_ORT_THREADS", "0"))
         if threads:
             options.intra_op_num_threads = threads
+        # Idle intra-op threads spin by default; beside the other models' workers, Triton and the
+        # service on a few cores that spinning takes the CPU the next step's work needs.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", params.get("allow_spinning", "0") or "0"
+        )
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
