@@ -55,6 +55,7 @@ import httpx
 import numpy as np
 
 from bench import machine
+from bench.plots import PLOT_DIR, load_charts
 from export.repository import TARGETS, Target
 
 logger = logging.getLogger("bench.load")
@@ -752,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="cache of the model and repository")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument(
+        "--plots", type=Path, default=PLOT_DIR, help=f"PNG charts go here (default {PLOT_DIR})"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -791,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(header))
     print()
     print(report(results, baselines, bodies[0], args.requests))
+    for path in load_charts(results, baselines, STAGES, args.plots):
+        print(f"chart: {path}")
     if args.json is not None:
         out = {
             "command": header[0],

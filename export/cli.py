@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", choices=TARGETS, default="python-onnx", help="what Triton runs")
     parser.add_argument("--out", type=Path, required=True, help="Triton model repository to write")
     parser.add_argument("--no-check", action="store_true", help="skip the ONNX-vs-torch numerical check")
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher queue delay")
+    parser.add_argument(
+        "--max-queue-delay-us", type=int, default=0, help="dynamic batcher queue delay (default 0)"
+    )
     parser.add_argument(
         "--safety-checker",
         metavar="PATH",

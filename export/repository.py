@@ -72,7 +72,9 @@ _DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_IN
 class RepositoryOptions:
     target: Target = "python-onnx"
     check: bool = True
-    max_queue_delay_us: int = 2000
+    # Zero: a batch forms from what is queued when the model is free, so a lone request never waits
+    # and concurrent ones still meet while the model is busy (bench/RESULTS.md, overhead).
+    max_queue_delay_us: int = 0
     # python-torch only: how the module runs (GPU speed switches, resident LoRA variants).
     torch: TorchOptions = field(default_factory=TorchOptions)
     # None: the target's default (fp16 for GPU targets, fp32 for python-onnx).

@@ -48,6 +48,11 @@ def session_options(params: dict[str, str]) -> ort.SessionOptions:
     if threads:
         options.intra_op_num_threads = threads
     options.enable_cpu_mem_arena = False  # give a large batch's memory back when it is done
+    # Idle intra-op threads spin by default; beside the other models' workers, Triton and the
+    # service on a few cores that spinning takes the CPU the next step's work needs.
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", params.get("allow_spinning", "0") or "0"
+    )
     return options
 
 
