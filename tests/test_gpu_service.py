@@ -13,12 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-from tritonclient.utils import InferenceServerException
 
 from server import hardware
 from server.errors import InferenceFailed, OutOfMemory, ServiceUnavailable
 from server.settings import Settings
-from server.triton.client import _translate
+from server.triton.client import INTERNAL, classify
 from server.triton.launcher import TritonLaunchConfig, TritonStartError, build_command, system_tritonserver
 from server.triton.oom import is_out_of_memory
 from tests.conftest import needs_triton, running_service
@@ -49,7 +48,7 @@ OTHER_MESSAGES = [
 @pytest.mark.parametrize("message", OOM_MESSAGES)
 def test_out_of_memory_messages_become_the_contract_500(message: str) -> None:
     assert is_out_of_memory(message)
-    error = _translate("unet", InferenceServerException(msg=message, status="StatusCode.INTERNAL"))
+    error = classify("unet", INTERNAL, message, 30.0)
     assert isinstance(error, OutOfMemory)
     assert error.status_code == 500
     assert error.message == "Out of memory error. Try reducing output image resolution."
@@ -58,7 +57,7 @@ def test_out_of_memory_messages_become_the_contract_500(message: str) -> None:
 @pytest.mark.parametrize("message", OTHER_MESSAGES)
 def test_other_failures_are_not_out_of_memory(message: str) -> None:
     assert not is_out_of_memory(message)
-    error = _translate("unet", InferenceServerException(msg=message, status="StatusCode.INTERNAL"))
+    error = classify("unet", INTERNAL, message, 30.0)
     assert not isinstance(error, OutOfMemory)
     assert isinstance(error, InferenceFailed | ServiceUnavailable)
 
