@@ -67,8 +67,7 @@ def test_host_paths_answer_exactly_like_a_missing_lora(
         str(base_unet),
         "models/tiny-sd/unet",
         str(tmp_path),  # a folder: its files are never listed
-        "x" * 300,
-    ]
+    ]  # (an id over 200 bytes is refused when loras is parsed: tests/test_api.py)
     settings = _settings(tiny_model, triton, repository, lora_dir, lora_hub=False)
     with running_service(settings) as running:
         for lora_id in ids:

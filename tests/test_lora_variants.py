@@ -139,7 +139,7 @@ def test_a_restart_finds_the_cache_within_its_bound(tmp_path: Path) -> None:
     cache = DiskCache(tmp_path, tmp_path / "dl", ("unet",), 10 * MB)
     for i in range(6):
         _variant(cache, _key(i), MB)
-        os.utime(tmp_path / ".lora-variants" / f"{_key(i)}.json", (1000 + i, 1000 + i))
+        os.utime(tmp_path / "unet" / "lora" / "records" / f"{_key(i)}.json", (1000 + i, 1000 + i))
     (tmp_path / "unet" / "variants" / ".stale.partial").write_bytes(b"x")
     (tmp_path / "unet" / "variants" / f"{_key(99)}.safetensors").write_bytes(b"x")  # no record
     (tmp_path / "dl" / "owner--name").mkdir(parents=True)

@@ -10,7 +10,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -442,14 +441,18 @@ def test_triton_models_serve_lora_variants_like_diffusers_fused_weights(
 
 @pytest.mark.slow
 @needs_triton
-def test_service_refuses_loras_on_the_torch_target_and_keeps_serving(
-    service: Callable[..., str], tmp_path: Path
+def test_service_serves_lora_variants_on_the_torch_target_like_diffusers(
+    service: Callable[..., str], lora_dir: Path, tiny_model: Callable[[str], Path]
 ) -> None:
-    url = service("sd", TORCH)
-    body = {"prompt": "a cat", "height": 64, "width": 64, "num_inference_steps": 2, "seed": 1}
-    response = httpx.post(
-        f"{url}/text-to-image", json={**body, "loras": json.dumps({"some/lora": 1.0})}, timeout=120
+    """The service builds the variant from the torch model's own safetensors (no ONNX here), sends
+    ``lora_variant``, and the image equals diffusers' LoRA pipeline; the base stays the base."""
+    from tests.test_lora_service import BODY, reference
+    from tests.test_parity import assert_close, decode, generate
+
+    url = service("sd", TORCH, lora_dir=lora_dir, lora_hub=False)
+    (image,) = generate(url, **BODY, loras=json.dumps({"sd-diffusers-a": 0.8}), seed=21)
+    assert_close(
+        decode(image["url"]), reference(tiny_model("sd"), {str(lora_dir / "sd-diffusers-a"): 0.8}, 21)
     )
-    assert response.status_code == 400, response.text
-    assert "python-torch" in response.json()["detail"]["msg"]
-    assert httpx.post(f"{url}/text-to-image", json=body, timeout=120).status_code == 200
+    (base,) = generate(url, **BODY, seed=21)
+    assert np.abs(decode(base["url"]).astype(int) - decode(image["url"]).astype(int)).max() > 2

@@ -2,8 +2,9 @@
 
 Entries (``variant:<key>`` and ``download:<owner--name>``) are deleted least recently used first when
 room is needed, never one pinned by a request in flight or reserved by a build or download under
-way.  A variant is complete once its record ``<repository>/.lora-variants/<key>.json`` exists (written
-last); its last use is the record's mtime, so a restarted service keeps the order.  At start,
+way.  A variant is complete once its record ``<repository>/<denoiser>/lora/records/<key>.json`` exists
+(written last; inside a model directory, which Triton reads only for its numbered versions, not in the
+repository's root, where Triton takes every folder for a model); its last use is the record's mtime, so a restarted service keeps the order.  At start,
 :meth:`DiskCache.scan` removes unfinished files and override files no record names, then deletes
 least recently used entries until the cache is within its bound.
 
@@ -29,7 +30,10 @@ from server.errors import ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
-RECORDS_DIR: Final = ".lora-variants"
+# Inside the denoiser's model directory (the first of ``models``): the records and downloads.
+LORA_DIR: Final = "lora"
+RECORDS_DIR: Final = "records"
+DOWNLOADS_DIR: Final = "downloads"
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ def download_entry(name: str) -> str:
 class DiskCache:
     def __init__(self, repository: Path, downloads: Path, models: tuple[str, ...], limit_bytes: int) -> None:
         self.repository = repository
-        self.records = repository / RECORDS_DIR
+        self.records = repository / models[0] / LORA_DIR / RECORDS_DIR
         self.downloads = downloads
         self.models = models
         self.limit_bytes = limit_bytes

@@ -12,11 +12,10 @@ from export.refit import TensorRTUnavailable, refit_variant
 from server.errors import InferenceFailed
 from server.metrics import Metrics
 from server.settings import Settings
-from server.variants.cache import DiskCache
+from server.variants.cache import DOWNLOADS_DIR, LORA_DIR, DiskCache
 from server.variants.residency import ModelControl, ModelPerVariant, ParameterServing, Serving, VariantManager
 from server.variants.sources import HubPolicy, LoraSources
 
-DOWNLOADS_DIR = ".lora-downloads"
 
 
 def variant_manager(
@@ -36,7 +35,7 @@ def variant_manager(
         max_bytes=int(settings.lora_max_mb * 2**20),
         endpoint=settings.hf_endpoint,
     )
-    downloads = repository / DOWNLOADS_DIR
+    downloads = repository / denoiser / LORA_DIR / DOWNLOADS_DIR
     cache = DiskCache(repository, downloads, (denoiser, *text_encoders), int(settings.lora_cache_gb * 2**30))
     cache.scan()
     return VariantManager(
