@@ -2,11 +2,12 @@
 
 Entries (``variant:<key>`` and ``download:<owner--name>``) are deleted least recently used first when
 room is needed, never one pinned by a request in flight or reserved by a build or download under
-way.  A variant is complete once its record ``<repository>/<denoiser>/lora/records/<key>.json`` exists
-(written last; inside a model directory, which Triton reads only for its numbered versions, not in the
-repository's root, where Triton takes every folder for a model); its last use is the record's mtime, so a restarted service keeps the order.  At start,
-:meth:`DiskCache.scan` removes unfinished files and override files no record names, then deletes
-least recently used entries until the cache is within its bound.
+way.  A variant is complete once its record ``<repository>/<denoiser>/lora/records/<key>.json``
+exists (written last; inside a model folder, which Triton reads only for its numbered versions, not in
+the repository's root, where Triton takes every folder for a model); its last use is the record's
+mtime, so a restarted service keeps the order.  At start, :meth:`DiskCache.scan` removes unfinished
+files and override files no record names, then deletes least recently used entries until the cache
+is within its bound.
 
 All methods run on the event loop (they only stat, rename and unlink); builds and downloads write in
 threads between :meth:`reserve` and :meth:`commit_variant` / :meth:`commit_download`.

@@ -17,7 +17,6 @@ from server.variants.residency import ModelControl, ModelPerVariant, ParameterSe
 from server.variants.sources import HubPolicy, LoraSources
 
 
-
 def variant_manager(
     settings: Settings,
     text_encoders: tuple[str, ...],
