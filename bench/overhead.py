@@ -103,8 +103,13 @@ class LocalOnnxClient:
             self.batch[name] = int(config.max_batch_size)
 
     async def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        parameters: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]:
+        """Base models only: the floor serves no LoRA variants (``parameters`` unused)."""
         if model in self.calls:
             self.calls[model].append(dict(inputs))
         results = self.sessions[model].run(list(outputs), dict(inputs))
