@@ -8,6 +8,7 @@ takes about a minute per family, shared by every test here (session fixtures).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -178,3 +179,42 @@ def test_flux_schnell_rule_no_guidance_four_steps(
         output_type="np",
     ).images[0]
     assert_close(decode(image["url"]), np.asarray((out * 255).round().astype(np.uint8)))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_one_lora_matches_diffusers(
+    family: str,
+    service: Callable[..., str],
+    tiny_model: Callable[[str], Path],
+    repository: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    """A diffusers-layout transformer LoRA by name under LORA_DIR: the served variant's image equals
+    diffusers' ``load_lora_weights`` + ``set_adapters`` at the same strength; the base stays the base."""
+    import diffusers
+
+    from tests.test_lora_flow import _diffusers_lora
+
+    lora_dir = tmp_path / "loras"
+    lora = _diffusers_lora(lora_dir / f"{family}-lora.safetensors", family, tiny_model(family), seed=3)
+    url = service(family, model_repository=repository(family), lora_dir=lora_dir, lora_hub=False)
+    body = {"prompt": "a photo of a cat", "height": 64, "width": 96, "num_inference_steps": STEPS}
+    guidance = 7.0 if family == "sd3" else 3.5
+    (image,) = generate(
+        url, **body, guidance_scale=guidance, seed=5, loras=json.dumps({f"{family}-lora": 0.8})
+    )
+    cls = diffusers.FluxPipeline if family == "flux" else diffusers.StableDiffusion3Pipeline
+    pipe = cls.from_pretrained(tiny_model(family))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora), adapter_name="a")
+    pipe.set_adapters(["a"], adapter_weights=[0.8])
+    out = pipe(
+        **body,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="np",
+        max_sequence_length=MAX_SEQUENCE_LENGTH[family],
+    ).images[0]
+    assert_close(decode(image["url"]), np.asarray((out * 255).round().astype(np.uint8)))
+    (base,) = generate(url, **body, guidance_scale=guidance, seed=5)
+    assert np.abs(decode(base["url"]).astype(int) - decode(image["url"]).astype(int)).max() > 2
