@@ -31,7 +31,6 @@ from server.pipeline.generate import (
     StepCheck,
     TextToImagePipeline,
     _ignore,
-    _to_uint8,
     infer_rows,
 )
 from server.pipeline.model import DiffusionModel, Prompts
@@ -105,8 +104,7 @@ class FlowMatchPipeline(TextToImagePipeline):
         start = time.perf_counter()
         if flux:
             latents = _flux_pipeline()._unpack_latents(latents, request.height, request.width, vsf)
-        decoded = await infer_rows(self.client, specs.VAE_DECODER, {"latent": latents.numpy()}, "images")
-        images = await asyncio.to_thread(_to_uint8, decoded)
+        images = await self._decode(latents)
         observe("vae", time.perf_counter() - start, len(images))
         return Generation(images=images, seeds=seeds)
 

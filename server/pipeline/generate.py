@@ -140,10 +140,14 @@ class TextToImagePipeline:
 
         # 4. VAE decoder
         start = time.perf_counter()
-        decoded = await infer_rows(self.client, specs.VAE_DECODER, {"latent": latents.numpy()}, "images")
-        images = await asyncio.to_thread(_to_uint8, decoded)
+        images = await self._decode(latents)
         observe("vae", time.perf_counter() - start, len(images))
         return Generation(images=images, seeds=seeds)
+
+    async def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
+        """The VAE decoder model on ``latents``, then uint8 images (the conversion off the loop)."""
+        decoded = await infer_rows(self.client, specs.VAE_DECODER, {"latent": latents.numpy()}, "images")
+        return await asyncio.to_thread(_to_uint8, decoded)
 
     async def _encode(
         self, positive: Prompts, negative: Prompts, do_cfg: bool, request: GenerationRequest
