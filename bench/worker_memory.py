@@ -26,7 +26,8 @@ from server.triton.client import TritonClient
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 
 
-def _memory_mb(pid: int) -> dict[str, float]:
+def memory_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of a process, in MB."""
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -62,11 +63,11 @@ async def _measure(server: BundledTriton, rows: int, side: int) -> None:
     client = TritonClient(server.grpc_url, timeout_s=600)
     try:
         await client.infer("unet", _inputs(1, 8), ["noise_pred"])
-        before = _memory_mb(pid)["VmRSS"]
+        before = memory_mb(pid)["VmRSS"]
         await client.infer("unet", _inputs(rows, side), ["noise_pred"])
-        after = _memory_mb(pid)
+        after = memory_mb(pid)
         await client.infer("unet", _inputs(1, 8), ["noise_pred"])
-        later = _memory_mb(pid)["VmRSS"]
+        later = memory_mb(pid)["VmRSS"]
     finally:
         await client.close()
     print(

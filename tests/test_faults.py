@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.worker_memory import memory_mb
 from server.errors import InferenceFailed, ModelUnavailable, ServiceUnavailable, TritonUnavailable
 from server.settings import Settings
 from server.triton.client import TritonClient
@@ -258,16 +259,6 @@ def test_killed_service_leaves_nothing_running_and_starts_again(
 
 
 # -- worker memory and the per-batch pixel cap --------------------------------------------------------
-
-
-def memory_mb(pid: int) -> dict[str, float]:
-    """VmRSS (now) and VmHWM (peak) of a process, in MB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields
 
 
 def unet_inputs(rows: int, side: int, seed: int) -> dict[str, np.ndarray]:
