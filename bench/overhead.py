@@ -171,8 +171,8 @@ class Floor:
 
     async def generate(self, body: dict[str, Any]) -> dict[str, float]:
         """One request as the service runs it after admission: pipeline, safety check, PNG."""
-        from server.pipeline.generate import GenerationRequest
         from server.pipeline.images import png_data_url
+        from server.pipeline.request import GenerationRequest
 
         stages: dict[str, float] = {"unet_step": 0.0}
         steps = 0

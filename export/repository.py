@@ -29,7 +29,7 @@ from export.onnx_export import check_onnx, export_onnx
 from export.precision import TOLERANCES, Precision, component_precision, default_precision, with_precision
 from export.safety import SafetyCheckerSource, model_safety_checker
 from export.source import ModelSource, resolve_model
-from export.specs import ModelSpec, TensorSpec
+from export.specs import FINGERPRINT_FILE, MANIFEST_FILE, ModelSpec, TensorSpec
 from export.torch_model import TorchOptions, check_torch_model, cuda_dtype_for, write_torch_model
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,6 @@ TARGETS: tuple[Target, ...] = ("python-onnx", "python-torch", "tensorrt")
 
 # Bump when the exported graphs or the generated configs change meaning, to invalidate caches.
 EXPORT_VERSION = "2"
-FINGERPRINT_FILE = ".export.json"
-MANIFEST_FILE = "t2i-repository.json"
 
 
 def model_source(target_dir: str) -> Path:

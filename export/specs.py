@@ -23,6 +23,11 @@ UNET = "unet"
 TRANSFORMER = "transformer"
 VAE_DECODER = "vae_decoder"
 
+# Files of a generated repository the service reads: the repository's list of models (and engine
+# buckets), and each model folder's export record.
+MANIFEST_FILE = "t2i-repository.json"
+FINGERPRINT_FILE = ".export.json"
+
 TOKEN_LENGTH = 77
 # T5 encoders (SD3, FLUX) take a model-dependent number of tokens (max_sequence_length): 256 for SD3
 # and FLUX.1-schnell, 512 for FLUX.1-dev.

@@ -34,15 +34,17 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export import specs
-from export.onnx_export import CheckResult, example_inputs, onnx_runner
-from export.precision import Precision, Tolerance
 from export.refit import TensorRTUnavailable
+
+if TYPE_CHECKING:  # the service reads engine metadata here without importing torch
+    from export.onnx_export import CheckResult
+    from export.precision import Precision, Tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -451,6 +453,8 @@ def check_engine(
 
     Raises :class:`EngineMismatchError` listing every result when one is past ``tolerance``.
     """
+    from export.onnx_export import CheckResult, example_inputs, onnx_runner
+
     reference, runner = onnx_runner(onnx_path, spec, gpu=True)
     engine = EngineRunner(plan_path.read_bytes(), spec.name)
     outputs = [t.name for t in spec.outputs]

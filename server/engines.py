@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.repository import MANIFEST_FILE
+from export.specs import MANIFEST_FILE
 from export.tensorrt import EngineHost, Resolution, host_mismatch
 from server import hardware
 

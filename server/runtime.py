@@ -1,8 +1,10 @@
 """What the service runs on: the Triton server (bundled or remote), its client, the loaded model.
 
 Start-up runs in the background so ``/health`` answers ``LOADING`` at once: resolve the model's configs,
-start the bundled Triton when no ``TRITON_URL`` is set, wait for every model to be ready, then run one
-warm-up generation.  Only then is the status ``OK``.
+start the bundled Triton when no ``TRITON_URL`` is set and, while it starts, import the serving code
+(torch, diffusers, transformers: seconds) and load the model's tokenizers and scheduler in a worker
+thread; wait for every model to be ready, then run one warm-up generation.  Only then is the status
+``OK``.  This module imports none of that code itself, so the service starts listening at once.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ import json
 import logging
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from export import specs
-from export.repository import MANIFEST_FILE
 from export.source import ModelSource, resolve_model
+from export.specs import MANIFEST_FILE
 from server.engines import (
     RepositoryEngines,
     check_engine_host,
@@ -29,16 +30,17 @@ from server.engines import (
 )
 from server.errors import ModelUnavailable, ServiceError, ServiceUnavailable, TritonUnavailable
 from server.metrics import Metrics
-from server.pipeline.flow import pipeline_for
-from server.pipeline.generate import GenerationRequest, TextToImagePipeline
-from server.pipeline.model import DiffusionModel
+from server.pipeline.request import GenerationRequest
 from server.pipeline.rules import rule_for
-from server.pipeline.safety import SafetyChecker
 from server.settings import Settings
 from server.triton.client import TritonClient
 from server.triton.launcher import BundledTriton, TritonLaunchConfig, system_tritonserver
-from server.variants import VariantManager
-from server.variants.setup import variant_manager
+
+if TYPE_CHECKING:  # loaded by Runtime._load_model, beside Triton's start
+    from server.pipeline.generate import TextToImagePipeline
+    from server.pipeline.model import DiffusionModel
+    from server.pipeline.safety import SafetyChecker
+    from server.variants import VariantManager
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class Runtime:
         self.error: str | None = None
         self.triton: BundledTriton | None = None
         self.client: TritonClient | None = None
+        self.source: ModelSource | None = None
         self.model: DiffusionModel | None = None
         self._pipeline: TextToImagePipeline | None = None
         self.safety_checker: SafetyChecker | None = None
@@ -131,32 +134,24 @@ class Runtime:
     async def _supervise(self) -> None:
         started = time.perf_counter()
         try:
-            torch.set_num_threads(self.settings.torch_threads)
-            path = await asyncio.to_thread(
-                resolve_model, self.settings.model_id, weights=False, cache_dir=self.settings.model_dir
-            )
-            source = ModelSource(path)
-            scheduler = self.settings.scheduler
-            self.model = await asyncio.to_thread(
-                DiffusionModel, source, scheduler, rule_for(self.settings.model_id)
-            )
-            self._variants = await asyncio.to_thread(
-                variant_manager,
-                self.settings,
-                source.text_encoders,
-                self._require_client,
-                self.metrics,
-                source.denoiser,
-            )
-            repository = self.settings.model_repository.resolve()
-            running = await asyncio.to_thread(running_host)
-            if not self.settings.triton_url:
-                require_exported(repository, self.settings.model_id, gpu=running is not None)
-            self.engines = await asyncio.to_thread(read_repository, repository)
-            check_engine_host(self.engines, running, repository, self.settings.model_id)
+            source, self.engines = await asyncio.to_thread(self._open_repository)
         except Exception as e:
             self._fail(f"cannot load model '{self.settings.model_id}': {e}", permanent=True)
             return
+        self.source = source
+        # The bundled Triton starts while the serving code and the model load in a worker thread.
+        connected, loaded = await asyncio.gather(
+            self._connect(), asyncio.to_thread(self._load_model, source), return_exceptions=True
+        )
+        if isinstance(loaded, BaseException):
+            self._fail(f"cannot load model '{self.settings.model_id}': {loaded}", permanent=True)
+            if self.triton is not None:
+                await asyncio.to_thread(self.triton.stop)  # nothing will use it
+            return
+        self.model, self._variants = loaded
+        if isinstance(connected, BaseException):
+            self._fail(str(connected) or type(connected).__name__)
+            await self._rest()
         while True:
             try:
                 await self._check()
@@ -168,9 +163,40 @@ class Runtime:
                 raise
             except Exception as e:
                 self._fail(str(e) or type(e).__name__)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.health_interval_s)
+            await self._rest()
+
+    async def _rest(self) -> None:
+        """Until the next check: ``health_interval_s``, or sooner when a request reports a failure."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.settings.health_interval_s)
+
+    def _open_repository(self) -> tuple[ModelSource, RepositoryEngines]:
+        """The model's folder (configs only) and the repository's engines, checked against this host."""
+        path = resolve_model(self.settings.model_id, weights=False, cache_dir=self.settings.model_dir)
+        repository = self.settings.model_repository.resolve()
+        running = running_host()
+        if not self.settings.triton_url:
+            require_exported(repository, self.settings.model_id, gpu=running is not None)
+        engines = read_repository(repository)
+        check_engine_host(engines, running, repository, self.settings.model_id)
+        return ModelSource(path), engines
+
+    def _load_model(self, source: ModelSource) -> tuple[DiffusionModel, VariantManager]:
+        """The model's tokenizers and scheduler, and its LoRA variants (a worker thread).  The serving
+        code is imported here, not at module level: torch, diffusers and transformers take seconds."""
+        import torch
+
+        from server.pipeline import flow, safety  # noqa: F401 - the pipeline's modules, loaded here
+        from server.pipeline.model import DiffusionModel
+        from server.variants.setup import variant_manager
+
+        torch.set_num_threads(self.settings.torch_threads)  # a setting of the process, not the thread
+        model = DiffusionModel(source, self.settings.scheduler, rule_for(self.settings.model_id))
+        variants = variant_manager(
+            self.settings, source.text_encoders, self._require_client, self.metrics, source.denoiser
+        )
+        return model, variants
 
     def _fail(self, reason: str, permanent: bool = False) -> None:
         if self.status is not Health.ERROR or self.error != reason:
@@ -183,9 +209,9 @@ class Runtime:
             self._variants.forget_loaded()  # a restarted Triton holds only the base models
 
     def _base_models(self) -> list[str]:
-        if self.model is None:
+        if self.source is None:
             return []
-        return [self.model.source.denoiser, specs.VAE_DECODER, *self.model.source.text_encoders]
+        return [self.source.denoiser, specs.VAE_DECODER, *self.source.text_encoders]
 
     async def _check(self) -> None:
         """Raise unless Triton and every model answer; (re)start the bundled Triton, reload a base model
@@ -204,6 +230,8 @@ class Runtime:
             await asyncio.to_thread(self.triton.remove_orphaned_regions)  # of stubs that were killed
         self.safety_checker = await self._safety_checker()
         if self._pipeline is None:
+            from server.pipeline.flow import pipeline_for  # loaded by _load_model
+
             pipeline = pipeline_for(self.model, self.client)
             if self.settings.warmup:
                 await pipeline(_warmup_request(self.model, self.engines))
@@ -257,19 +285,21 @@ class Runtime:
 
     async def _safety_checker(self) -> SafetyChecker | None:
         """The checker when enabled and Triton serves one; kept while the same client is in use."""
-        assert self.client is not None and self.model is not None
+        assert self.client is not None and self.source is not None
         if self.settings.safety_checker == "off" or not await self.client.model_ready(specs.SAFETY_CHECKER):
             return None
         if self.safety_checker is not None and self.safety_checker.client is self.client:
             return self.safety_checker
+        from server.pipeline.safety import SafetyChecker  # loaded by _load_model
+
         folders = (
-            self.model.source.path / "feature_extractor",
+            self.source.path / "feature_extractor",
             self.settings.model_repository / specs.SAFETY_CHECKER / "feature_extractor",
         )
         return await asyncio.to_thread(SafetyChecker.from_folders, self.client, *folders)
 
     async def _connect(self) -> None:
-        assert self.model is not None
+        assert self.source is not None
         if self.settings.triton_url:
             if self.client is None:
                 self.client = TritonClient(self.settings.triton_url, self.settings.triton_timeout_s)
@@ -296,7 +326,7 @@ class Runtime:
             # model.py runs a bigger dynamic batch in chunks (it sees latents, not images).
             environment={
                 "T2I_MAX_BATCH_LATENT_PIXELS": str(
-                    max(1, self.settings.max_batch_pixels // self.model.vae_scale_factor**2)
+                    max(1, self.settings.max_batch_pixels // self.source.vae_scale_factor**2)
                 )
             },
         )

@@ -15,8 +15,8 @@ from server.api.schemas import ImageResponse, Media, TextToImageParams
 from server.errors import BadRequest, ClientGone, InferenceFailed, ServiceUnavailable
 from server.loras import parse_loras
 from server.metrics import Metrics
-from server.pipeline.generate import GenerationRequest
 from server.pipeline.images import png_data_url
+from server.pipeline.request import GenerationRequest
 from server.pipeline.rules import apply_rule, rule_for
 from server.runtime import Runtime
 from server.settings import Settings

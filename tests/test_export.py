@@ -16,8 +16,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.cli import main as export_main
 from export.modules import components
 from export.onnx_export import OnnxMismatchError, check_onnx
-from export.repository import MANIFEST_FILE, export_repository
+from export.repository import export_repository
 from export.source import ModelSource, ModelSourceError
+from export.specs import MANIFEST_FILE
 
 
 def read_config(model_dir: Path) -> mc.ModelConfig:

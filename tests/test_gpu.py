@@ -32,7 +32,8 @@ from PIL import Image
 from export import specs
 from export.onnx_export import example_inputs
 from export.precision import FP16_TOLERANCE
-from export.repository import MANIFEST_FILE, RepositoryOptions, export_repository
+from export.repository import RepositoryOptions, export_repository
+from export.specs import MANIFEST_FILE
 from export.tensorrt import (
     PLAN_FILE,
     TIMING_CACHE_FILE,

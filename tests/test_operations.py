@@ -429,6 +429,39 @@ def test_model_that_cannot_be_fetched_is_error_and_503(tmp_path: Path) -> None:
         assert running.app.state.runtime.error.startswith("cannot load model 'someone/not-downloadable'")
 
 
+def test_starting_the_app_imports_no_serving_code() -> None:
+    """Cold start: what ``t2i-serve`` imports before it listens leaves torch, diffusers, transformers
+    and onnx to the runtime, which loads them in a worker thread while Triton starts."""
+    heavy = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "tensorrt")
+    code = f"import sys, server.__main__; print(sorted(set({heavy!r}) & set(sys.modules)))"
+    root = Path(__file__).parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_model_that_cannot_load_is_error_and_its_bundled_triton_is_stopped(
+    tiny_model: Callable[[str], Path], repository: Callable[..., Path], work_dir: Path
+) -> None:
+    """The model loads beside the bundled Triton's start; when it cannot, nothing is left running."""
+    settings = Settings(
+        model_id=str(tiny_model("sd")),
+        model_repository=repository("sd"),
+        state_dir=work_dir / "state-unloadable",
+        scheduler="NoSuchScheduler",
+    )
+    with running_service(settings, wait_for="ERROR") as running:
+        runtime = running.app.state.runtime
+        assert runtime.error.startswith(f"cannot load model '{settings.model_id}'")
+        assert "unknown diffusers scheduler 'NoSuchScheduler'" in runtime.error
+        assert runtime.triton is not None  # it was started beside the model's loading
+        wait_until(lambda: not runtime.triton.is_running(), 60, "the bundled Triton to stop")
+        response = httpx.post(f"{running.url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=30)
+        assert response.status_code == 503
+        assert health(running.url) == "ERROR"
+
+
 def test_hub_model_id_is_served_from_the_model_dir_cache(
     tmp_path: Path, tiny_model: Callable[[str], Path], triton: Callable[[str], BundledTriton]
 ) -> None:

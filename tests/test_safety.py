@@ -22,7 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.cli import main as export_main
 from export.onnx_export import check_onnx, export_onnx
-from export.repository import MANIFEST_FILE, export_repository
+from export.repository import export_repository
 from export.safety import (
     FEATURE_EXTRACTOR_DIR,
     PREPROCESSOR_CONFIG,
@@ -35,6 +35,7 @@ from export.safety import (
     safety_component,
 )
 from export.source import ModelSourceError
+from export.specs import MANIFEST_FILE
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 from tests.conftest import needs_triton
 

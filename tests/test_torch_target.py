@@ -20,8 +20,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.lora import load_base_state, load_lora, merge_deltas
 from export.modules import components
 from export.onnx_export import example_inputs
-from export.repository import MANIFEST_FILE, export_repository
+from export.repository import export_repository
 from export.source import ModelSource
+from export.specs import MANIFEST_FILE
 from export.tiny_lora import build_tiny_lora
 from export.torch_model import (
     MODULE_FILE,

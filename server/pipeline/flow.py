@@ -25,7 +25,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from export import specs
 from server.pipeline.generate import (
     Generation,
-    GenerationRequest,
     InferenceClient,
     StageObserver,
     StepCheck,
@@ -34,6 +33,7 @@ from server.pipeline.generate import (
     infer_rows,
 )
 from server.pipeline.model import DiffusionModel, Prompts
+from server.pipeline.request import GenerationRequest
 
 
 class FlowMatchPipeline(TextToImagePipeline):

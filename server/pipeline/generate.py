@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from export import specs
 from server.pipeline.model import DiffusionModel, Prompts
+from server.pipeline.request import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -41,23 +42,6 @@ class InferenceClient(Protocol):
     ) -> dict[str, np.ndarray]: ...
 
     async def max_batch_size(self, name: str) -> int: ...
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    negative_prompt: str
-    height: int
-    width: int
-    guidance_scale: float
-    num_inference_steps: int
-    num_images: int
-    seed: int
-    # Triton models to run: the base ones, or the merged variants of a LoRA set.
-    unet: str = specs.UNET
-    text_encoders: tuple[str, ...] = ()  # empty: the model's own
-    # Request parameters per Triton model (a LoRA variant: {"unet": {"lora_variant": key}}).
-    model_parameters: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

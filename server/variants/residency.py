@@ -34,7 +34,7 @@ from typing import Final, Protocol
 
 from export import specs
 from export.lora import LoraError
-from export.repository import FINGERPRINT_FILE
+from export.specs import FINGERPRINT_FILE
 from export.variant_build import BaseIndex, LoraInput, file_bytes_bound, merge_variant, write_variant
 from server.errors import BadRequest, InferenceFailed
 from server.metrics import Metrics
