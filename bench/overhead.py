@@ -81,8 +81,8 @@ COLD_START_TIMEOUT_S: Final = 600.0
 class LocalOnnxClient:
     """The pipeline's ``InferenceClient`` over onnxruntime sessions in this process.
 
-    Each model's session is built as ``model_repository/python_onnx/model.py`` builds it in Triton
-    (:func:`session_options`), so the floor differs from the service only by the serving path.
+    Each model's session is built with ``model_repository/python_onnx/model.py``'s own
+    ``session_options``, as in Triton, so the floor differs from the service only by the serving path.
     """
 
     def __init__(self, repository: Path, names: Sequence[str]) -> None:
@@ -90,6 +90,9 @@ class LocalOnnxClient:
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2 as mc
 
+        from export.repository import python_onnx_module
+
+        session_options = python_onnx_module().session_options
         self.sessions: dict[str, Any] = {}
         self.batch: dict[str, int] = {}
         self.calls: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -117,21 +120,6 @@ class LocalOnnxClient:
 
     async def max_batch_size(self, name: str) -> int:
         return self.batch[name]
-
-
-def session_options(params: Mapping[str, str]) -> Any:
-    """The onnxruntime session options of the python-onnx Triton model for this config's parameters."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    threads = int(params.get("intra_op_threads", "0") or 0) or int(os.environ.get("T2I_ORT_THREADS", "0"))
-    if threads:
-        options.intra_op_num_threads = threads
-    options.enable_cpu_mem_arena = False
-    options.add_session_config_entry(
-        "session.intra_op.allow_spinning", params.get("allow_spinning", "0") or "0"
-    )
-    return options
 
 
 class Floor:

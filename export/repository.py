@@ -14,7 +14,9 @@ import importlib.util
 import json
 import logging
 import shutil
+import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +40,7 @@ Target = Literal["python-onnx", "python-torch", "tensorrt"]
 TARGETS: tuple[Target, ...] = ("python-onnx", "python-torch", "tensorrt")
 
 # Bump when the exported graphs or the generated configs change meaning, to invalidate caches.
-EXPORT_VERSION = "2"
+EXPORT_VERSION = "3"
 
 
 def model_source(target_dir: str) -> Path:
@@ -62,6 +64,18 @@ PYTHON_ONNX_MODEL = model_source("python_onnx")
 PYTHON_TORCH_MODEL = model_source("python_torch")
 # The python-backend model.py each target copies into every model directory.
 PYTHON_MODELS: dict[str, Path] = {"python-onnx": PYTHON_ONNX_MODEL, "python-torch": PYTHON_TORCH_MODEL}
+
+
+def python_onnx_module() -> types.ModuleType:
+    """The python-onnx target's ``model.py`` as a module outside Triton, for its session options and
+    variant overrides (Triton's ``triton_python_backend_utils`` is an empty stand-in unless loaded)."""
+    sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("t2i_python_onnx_model", PYTHON_ONNX_MODEL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 _DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64}
 
@@ -238,7 +252,14 @@ def _build_model(
     version_dir.mkdir(parents=True)
     onnx_path = version_dir / "model.onnx"
     module = component.load().eval()
-    export_onnx(with_precision(module, build.precision), spec, component.trace_sizes, onnx_path)
+    # python-onnx serves LoRA variants by feeding merged weights to the base session (model.py).
+    export_onnx(
+        with_precision(module, build.precision),
+        spec,
+        component.trace_sizes,
+        onnx_path,
+        overridable_weights=options.target == "python-onnx",
+    )
     if options.check:
         # Against the module in float32, whatever the graph's precision: that is what parity means
         # (an fp16 export converted the module in place, so the check loads it again).
