@@ -53,19 +53,8 @@ def example_inputs(spec: ModelSpec, sizes: dict[str, int], seed: int = 0) -> dic
     return feeds
 
 
-def export_onnx(
-    module: nn.Module,
-    spec: ModelSpec,
-    trace_sizes: dict[str, int],
-    path: Path,
-    overridable_weights: bool = False,
-) -> None:
-    """Trace ``module`` at ``trace_sizes`` and write ``path`` with the spec's names and dynamic axes.
-
-    ``overridable_weights``: the weights a LoRA can change (:func:`overridable_weight`) stay graph
-    inputs as well as initializers, so one onnxruntime session runs the base model (inputs not fed:
-    the initializers) and every LoRA variant (fed its merged tensors) with no second session.
-    """
+def export_onnx(module: nn.Module, spec: ModelSpec, trace_sizes: dict[str, int], path: Path) -> None:
+    """Trace ``module`` at ``trace_sizes`` and write ``path`` with the spec's names and dynamic axes."""
     feeds = example_inputs(spec, trace_sizes)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
     dynamic_axes = {t.name: t.dynamic_axes() for t in (*spec.inputs, *spec.outputs)}
@@ -90,23 +79,17 @@ def export_onnx(
             keep_initializers_as_inputs=True,
             dynamo=False,
         )
-    _drop_initializer_inputs(path, keep=overridable_weight if overridable_weights else None)
+    _drop_initializer_inputs(path)
     logger.info("%s: ONNX written to %s in %.1f s", spec.name, path, time.perf_counter() - start)
 
 
-def overridable_weight(initializer: Any) -> bool:
-    """A weight a LoRA can change: a ``.weight`` initializer of 2 or more dimensions (Linear, Conv)."""
-    return bool(initializer.name.endswith(".weight") and len(initializer.dims) >= 2)
-
-
-def _drop_initializer_inputs(path: Path, keep: Callable[[Any], bool] | None = None) -> None:
+def _drop_initializer_inputs(path: Path) -> None:
     """Remove the weights from the graph inputs that ``keep_initializers_as_inputs`` listed them in,
-    so runtimes treat them as constants (and fold them) again; those ``keep`` accepts stay inputs.
-    External data files stay as written."""
+    so runtimes treat them as constants (and fold them) again. External data files stay as written."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    weights = {init.name for init in model.graph.initializer if keep is None or not keep(init)}
+    weights = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in weights]
     del model.graph.input[:]
     model.graph.input.extend(inputs)

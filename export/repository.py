@@ -40,7 +40,7 @@ Target = Literal["python-onnx", "python-torch", "tensorrt"]
 TARGETS: tuple[Target, ...] = ("python-onnx", "python-torch", "tensorrt")
 
 # Bump when the exported graphs or the generated configs change meaning, to invalidate caches.
-EXPORT_VERSION = "3"
+EXPORT_VERSION = "2"
 
 
 def model_source(target_dir: str) -> Path:
@@ -68,7 +68,7 @@ PYTHON_MODELS: dict[str, Path] = {"python-onnx": PYTHON_ONNX_MODEL, "python-torc
 
 def python_onnx_module() -> types.ModuleType:
     """The python-onnx target's ``model.py`` as a module outside Triton, for its session options and
-    variant overrides (Triton's ``triton_python_backend_utils`` is an empty stand-in unless loaded)."""
+    variant sessions (Triton's ``triton_python_backend_utils`` is an empty stand-in unless loaded)."""
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
     spec = importlib.util.spec_from_file_location("t2i_python_onnx_model", PYTHON_ONNX_MODEL)
     assert spec is not None and spec.loader is not None
@@ -252,14 +252,7 @@ def _build_model(
     version_dir.mkdir(parents=True)
     onnx_path = version_dir / "model.onnx"
     module = component.load().eval()
-    # python-onnx serves LoRA variants by feeding merged weights to the base session (model.py).
-    export_onnx(
-        with_precision(module, build.precision),
-        spec,
-        component.trace_sizes,
-        onnx_path,
-        overridable_weights=options.target == "python-onnx",
-    )
+    export_onnx(with_precision(module, build.precision), spec, component.trace_sizes, onnx_path)
     if options.check:
         # Against the module in float32, whatever the graph's precision: that is what parity means
         # (an fp16 export converted the module in place, so the check loads it again).

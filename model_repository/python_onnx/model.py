@@ -7,12 +7,12 @@ A request that fails gets its own error response; the others in the batch are an
 
 LoRA variants: a request may carry the parameter ``lora_variant`` = K (16-64 hex digits; absent or
 empty: the base model).  Variant K's overrides are ``<model>/variants/K.safetensors`` (merged tensors
-keyed by parameter name, the initializer prefix in the header's ``onnx_prefix``).  The exporter keeps
-every weight a LoRA can change a graph input as well as an initializer, so the one session runs the
-base model (those inputs not fed) and every variant (fed its override tensors): no session, process
-or file per variant, and a new variant costs reading its overrides.  At most ``max_lora_variants``
-(config parameter; env ``MAX_LORA_VARIANTS`` overrides) variants' overrides stay in memory, least
-recently used dropped first; each batch runs grouped by variant and shape.
+keyed by parameter name, the initializer prefix in the header's ``onnx_prefix``).  They run on one
+second session of the base graph whose weight initializers are overridable (also graph inputs), so
+a variant's batch is that session fed with its override tensors: no session, process or file per
+variant, and a new variant costs reading its overrides.  At most ``max_lora_variants`` (config
+parameter; env ``MAX_LORA_VARIANTS`` overrides) variants' overrides stay in memory, least recently
+used dropped first; each batch runs grouped by variant and shape.
 
 Memory: onnxruntime's CPU arena is off, so what a large batch allocated goes back to the system
 afterwards (with it on, one 1024x1024 request left the process at 2.3 GB for good).  A batch whose
@@ -26,7 +26,9 @@ import json
 import os
 import re
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -40,10 +42,8 @@ _LATENT_INPUTS = ("sample", "hidden_states", "latent")
 
 
 def session_options(params: dict[str, str]) -> ort.SessionOptions:
-    """The onnxruntime ``SessionOptions`` for this model's session."""
+    """A fresh onnxruntime ``SessionOptions`` for this model (one per session: variants add to it)."""
     options = ort.SessionOptions()
-    # Otherwise one warning per weight that is also a graph input (the LoRA-overridable ones).
-    options.log_severity_level = 3
     threads = int(params.get("intra_op_threads", "0") or 0) or int(os.environ.get("T2I_ORT_THREADS", "0"))
     if threads:
         options.intra_op_num_threads = threads
@@ -66,11 +66,10 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(
             str(path), session_options(params), providers=["CPUExecutionProvider"]
         )
-        self.input_names = [i["name"] for i in config["input"]]
         limit = int(os.environ.get("MAX_LORA_VARIANTS") or params.get("max_lora_variants") or 4)
-        weights = frozenset(i.name for i in self.session.get_overridable_initializers())
-        self.variants = VariantOverrides(model_dir / "variants", weights, limit)
+        self.variants = VariantOverrides(model_dir / "variants", path, lambda: session_options(params), limit)
         self.max_batch_pixels = int(os.environ.get("T2I_MAX_BATCH_LATENT_PIXELS", "0") or 0)
+        self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
         self.output_dtypes = {
             o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]
@@ -88,11 +87,15 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
                 continue
             groups[(variant, shapes)].append(i)
-        # grouped by variant: each variant's overrides are read (or found) once per batch
+        # grouped by variant: each variant's session is opened (or found) once per batch
         for (variant, _), members in sorted(groups.items(), key=lambda item: item[0][0]):
             try:
                 batch = [inputs[i] for i in members]
-                outputs = self._run(batch, self.variants.get(variant) if variant else {})
+                if variant:
+                    session, overrides = self.variants.get(variant)
+                    outputs = self._run(session, batch, overrides)
+                else:
+                    outputs = self._run(self.session, batch)
             except Exception as e:  # onnxruntime raises its own exception types
                 error = pb_utils.TritonError(f"onnxruntime failed: {e}")
                 for i in members:
@@ -110,27 +113,29 @@ class TritonPythonModel:
         return {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
 
     def _run(
-        self, batch: list[dict[str, np.ndarray]], overrides: dict[str, np.ndarray]
+        self, session: Any, batch: list[dict[str, np.ndarray]], overrides: dict[str, np.ndarray] | None = None
     ) -> list[dict[str, np.ndarray]]:
         sizes = [len(feeds[self.input_names[0]]) for feeds in batch]
         joined = {n: np.concatenate([feeds[n] for feeds in batch]) for n in self.input_names}
-        outputs = self._run_chunked(joined, overrides)
+        outputs = self._run_chunked(session, joined, overrides or {})
         bounds = np.cumsum(sizes)[:-1]
         per_output = [np.split(out, bounds) for out in outputs]
         return [dict(zip(self.output_names, parts)) for parts in zip(*per_output)]
 
-    def _run_chunked(self, feeds: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _run_chunked(
+        self, session: Any, feeds: dict[str, np.ndarray], weights: dict[str, np.ndarray]
+    ) -> list[np.ndarray]:
         """``session.run`` on the batched ``feeds`` (with a variant's override ``weights``), in chunks
         of rows when the latent pixels exceed the cap."""
         latent = next((feeds[n] for n in _LATENT_INPUTS if n in feeds and feeds[n].ndim == 4), None)
         if latent is None or not self.max_batch_pixels:
-            return self.session.run(self.output_names, {**feeds, **weights})
+            return session.run(self.output_names, {**feeds, **weights})
         rows = len(latent)
         step = max(1, self.max_batch_pixels // (latent.shape[2] * latent.shape[3]))
         if step >= rows:
-            return self.session.run(self.output_names, {**feeds, **weights})
+            return session.run(self.output_names, {**feeds, **weights})
         parts = [
-            self.session.run(self.output_names, {**{n: a[i : i + step] for n, a in feeds.items()}, **weights})
+            session.run(self.output_names, {**{n: a[i : i + step] for n, a in feeds.items()}, **weights})
             for i in range(0, rows, step)
         ]
         return [np.concatenate([part[k] for part in parts]) for k in range(len(self.output_names))]
@@ -146,30 +151,34 @@ def requested_variant(parameters: str | dict) -> str:
 
 
 class VariantOverrides:
-    """The override tensors of at most ``limit`` variants, least recently used first, each checked
-    against the model's ``overridable`` weights (its session's overridable initializers)."""
+    """The overridable session (opened on the first variant request) and the override tensors of at
+    most ``limit`` variants, least recently used first."""
 
-    def __init__(self, folder: Path, overridable: frozenset[str], limit: int) -> None:
+    def __init__(self, folder: Path, onnx_path: Path, options: Callable[[], Any], limit: int) -> None:
         self.folder = folder
-        self.overridable = overridable
+        self.onnx_path = onnx_path
+        self.options = options
         self.limit = max(1, limit)
+        self.session: Any = None
+        self.overridable: frozenset[str] = frozenset()
         self.open: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
 
-    def get(self, key: str) -> dict[str, np.ndarray]:
+    def get(self, key: str) -> tuple[Any, dict[str, np.ndarray]]:
         if key in self.open:
             self.open.move_to_end(key)
-            return self.open[key]
-        overrides = self._read(key)
+            return self.session, self.open[key]
+        overrides = self._read(key)  # before opening the session: a missing variant costs nothing
+        if self.session is None:
+            self.session = self._overridable_session()
         unknown = sorted(set(overrides) - self.overridable)
         if unknown:
             raise ValueError(
                 f"LoRA variant {key} overrides '{unknown[0]}', which is not a weight of this model"
-                + ("" if self.overridable else " (exported before LoRA variants: export it again)")
             )
         while len(self.open) >= self.limit:
             self.open.popitem(last=False)
         self.open[key] = overrides
-        return overrides
+        return self.session, overrides
 
     def _read(self, key: str) -> dict[str, np.ndarray]:
         from safetensors import safe_open
@@ -180,3 +189,35 @@ class VariantOverrides:
         with safe_open(str(file), framework="np") as handle:
             prefix = (handle.metadata() or {}).get("onnx_prefix", "")
             return {prefix + name: np.ascontiguousarray(handle.get_tensor(name)) for name in handle.keys()}  # noqa: SIM118
+
+    def _overridable_session(self) -> Any:
+        """The base graph with every weight initializer (a ``.weight`` of 2 or more dimensions, all a
+        LoRA can change) also listed as a graph input, which onnxruntime lets a run feed."""
+        import onnx
+        from onnx import external_data_helper, helper
+
+        model = onnx.load(str(self.onnx_path), load_external_data=False)
+        listed = {i.name for i in model.graph.input}
+        names = []
+        for init in model.graph.initializer:
+            if init.name.endswith(".weight") and len(init.dims) >= 2 and init.name not in listed:
+                model.graph.input.append(
+                    helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                )
+                names.append(init.name)
+        self.overridable = frozenset(names)
+        external = any(external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+        if external:
+            # weights stay in the base's data file; only this small graph is written, once, beside it
+            graph = self.onnx_path.with_name(f"{self.onnx_path.stem}.overridable.onnx")
+            partial = graph.with_name(f".{graph.name}.{os.getpid()}.partial")
+            onnx.save(model, str(partial))
+            partial.rename(graph)
+            source: Any = str(graph)
+        else:
+            onnx.load_external_data_for_model(model, str(self.onnx_path.parent))
+            source = model.SerializeToString()
+        del model
+        options = self.options()
+        options.log_severity_level = 3  # one warning per overridable weight otherwise
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
