@@ -327,7 +327,8 @@ class Runtime:
             environment={
                 "T2I_MAX_BATCH_LATENT_PIXELS": str(
                     max(1, self.settings.max_batch_pixels // self.source.vae_scale_factor**2)
-                )
+                ),
+                "T2I_LORA_PRELOAD": "1" if self.settings.lora_preload else "0",
             },
         )
         self.triton = BundledTriton(config)

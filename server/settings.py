@@ -43,6 +43,7 @@ ENV_NAMES: dict[str, str] = {
     "LORA_MAX_MB": "lora_max_mb",
     "LORA_CACHE_GB": "lora_cache_gb",
     "LORA_BUILD_CONCURRENCY": "lora_build_concurrency",
+    "LORA_PRELOAD": "lora_preload",
     "WARMUP": "warmup",
     "TORCH_THREADS": "torch_threads",
     "MAX_BODY_BYTES": "max_body_bytes",
@@ -101,6 +102,10 @@ class Settings:
     lora_cache_gb: float = 20.0
     # Variant builds running at once.
     lora_build_concurrency: int = 1
+    # python-onnx on the bundled Triton: each model opens its LoRA-variant session in the background
+    # at start (a second copy of the UNet's and text encoders' weights in memory), so the first LoRA
+    # request waits only for its build; off: opened on that request (10-20 s on an SD 1.5-size UNet).
+    lora_preload: bool = True
     # "auto": use Triton's safety_checker model when the repository has one; "off": never.
     safety_checker: str = "auto"
     triton_timeout_s: float = 300.0

@@ -12,7 +12,9 @@ second session of the base graph whose weight initializers are overridable (also
 a variant's batch is that session fed with its override tensors: no session, process or file per
 variant, and a new variant costs reading its overrides.  At most ``max_lora_variants`` (config
 parameter; env ``MAX_LORA_VARIANTS`` overrides) variants' overrides stay in memory, least recently
-used dropped first; each batch runs grouped by variant and shape.
+used dropped first; each batch runs grouped by variant and shape.  With ``T2I_LORA_PRELOAD=1``
+(environment of tritonserver; the service's ``LORA_PRELOAD``) the overridable session opens in a
+background thread at start, so the first variant request does not wait for it.
 
 Memory: onnxruntime's CPU arena is off, so what a large batch allocated goes back to the system
 afterwards (with it on, one 1024x1024 request left the process at 2.3 GB for good).  A batch whose
@@ -27,6 +29,7 @@ import os
 import re
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,8 @@ class TritonPythonModel:
         )
         limit = int(os.environ.get("MAX_LORA_VARIANTS") or params.get("max_lora_variants") or 4)
         self.variants = VariantOverrides(model_dir / "variants", path, lambda: session_options(params), limit)
+        if os.environ.get("T2I_LORA_PRELOAD", "0") == "1":
+            self.variants.preload()
         self.max_batch_pixels = int(os.environ.get("T2I_MAX_BATCH_LATENT_PIXELS", "0") or 0)
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
@@ -162,6 +167,13 @@ class VariantOverrides:
         self.session: Any = None
         self.overridable: frozenset[str] = frozenset()
         self.open: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._opening: Future[Any] | None = None
+
+    def preload(self) -> None:
+        """Open the overridable session in a background thread; the first variant waits for it."""
+        self._opening = ThreadPoolExecutor(1, thread_name_prefix="t2i-variant-session").submit(
+            self._overridable_session
+        )
 
     def get(self, key: str) -> tuple[Any, dict[str, np.ndarray]]:
         if key in self.open:
@@ -169,7 +181,8 @@ class VariantOverrides:
             return self.session, self.open[key]
         overrides = self._read(key)  # before opening the session: a missing variant costs nothing
         if self.session is None:
-            self.session = self._overridable_session()
+            opening, self._opening = self._opening, None  # a failed preload: the next try opens it here
+            self.session = opening.result() if opening is not None else self._overridable_session()
         unknown = sorted(set(overrides) - self.overridable)
         if unknown:
             raise ValueError(
