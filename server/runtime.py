@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from export import specs
+from export.lora import ONNX_PREFIXES
 from export.source import ModelSource, resolve_model
 from export.specs import MANIFEST_FILE
 from server.engines import (
@@ -278,6 +279,11 @@ class Runtime:
         if missing:
             raise ServiceUnavailable(f"Triton at {self.client.url} has not loaded: {', '.join(missing)}")
 
+    def _lora_models(self) -> list[str]:
+        """The base models a LoRA can change (the denoiser and the CLIP text encoders)."""
+        assert self.source is not None
+        return [m for m in (self.source.denoiser, *self.source.text_encoders) if m in ONNX_PREFIXES]
+
     def _require_client(self) -> TritonClient:
         if self.client is None:
             raise ServiceUnavailable("The inference server is unavailable; try again shortly.")
@@ -328,7 +334,7 @@ class Runtime:
                 "T2I_MAX_BATCH_LATENT_PIXELS": str(
                     max(1, self.settings.max_batch_pixels // self.source.vae_scale_factor**2)
                 ),
-                "T2I_LORA_PRELOAD": "1" if self.settings.lora_preload else "0",
+                "T2I_LORA_PRELOAD": ",".join(self._lora_models()) if self.settings.lora_preload else "",
             },
         )
         self.triton = BundledTriton(config)

@@ -456,6 +456,8 @@ def test_model_that_cannot_load_is_error_and_its_bundled_triton_is_stopped(
         assert runtime.error.startswith(f"cannot load model '{settings.model_id}'")
         assert "unknown diffusers scheduler 'NoSuchScheduler'" in runtime.error
         assert runtime.triton is not None  # it was started beside the model's loading
+        # LORA_PRELOAD: the models a LoRA can change open their variant session at start
+        assert runtime.triton.config.environment["T2I_LORA_PRELOAD"] == "unet,text_encoder"
         wait_until(lambda: not runtime.triton.is_running(), 60, "the bundled Triton to stop")
         response = httpx.post(f"{running.url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=30)
         assert response.status_code == 503

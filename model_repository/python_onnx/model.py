@@ -12,9 +12,10 @@ second session of the base graph whose weight initializers are overridable (also
 a variant's batch is that session fed with its override tensors: no session, process or file per
 variant, and a new variant costs reading its overrides.  At most ``max_lora_variants`` (config
 parameter; env ``MAX_LORA_VARIANTS`` overrides) variants' overrides stay in memory, least recently
-used dropped first; each batch runs grouped by variant and shape.  With ``T2I_LORA_PRELOAD=1``
-(environment of tritonserver; the service's ``LORA_PRELOAD``) the overridable session opens in a
-background thread at start, so the first variant request does not wait for it.
+used dropped first; each batch runs grouped by variant and shape.  When ``T2I_LORA_PRELOAD``
+(environment of tritonserver, set from the service's ``LORA_PRELOAD``: the models a LoRA can change,
+comma-separated) names this model, its overridable session opens in a background thread at start,
+so the first variant request does not wait for it.
 
 Memory: onnxruntime's CPU arena is off, so what a large batch allocated goes back to the system
 afterwards (with it on, one 1024x1024 request left the process at 2.3 GB for good).  A batch whose
@@ -71,7 +72,7 @@ class TritonPythonModel:
         )
         limit = int(os.environ.get("MAX_LORA_VARIANTS") or params.get("max_lora_variants") or 4)
         self.variants = VariantOverrides(model_dir / "variants", path, lambda: session_options(params), limit)
-        if os.environ.get("T2I_LORA_PRELOAD", "0") == "1":
+        if args["model_name"] in os.environ.get("T2I_LORA_PRELOAD", "").split(","):
             self.variants.preload()
         self.max_batch_pixels = int(os.environ.get("T2I_MAX_BATCH_LATENT_PIXELS", "0") or 0)
         self.input_names = [i["name"] for i in config["input"]]
