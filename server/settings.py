@@ -102,10 +102,11 @@ class Settings:
     lora_cache_gb: float = 20.0
     # Variant builds running at once.
     lora_build_concurrency: int = 1
-    # python-onnx on the bundled Triton: each model opens its LoRA-variant session in the background
-    # at start (a second copy of the UNet's and text encoders' weights in memory), so the first LoRA
-    # request waits only for its build; off: opened on that request (10-20 s on an SD 1.5-size UNet).
-    lora_preload: bool = True
+    # python-onnx on the bundled Triton: the models a LoRA can change open their LoRA-variant session
+    # in the background at start (a second copy of their weights in memory), so the service's first
+    # LoRA request waits only for its build; off: opened on that request (22.6 s on the mid model).
+    # Off by default: it holds the stubs' GIL while the service warms up (cold start +3-4 s, tiny).
+    lora_preload: bool = False
     # "auto": use Triton's safety_checker model when the repository has one; "off": never.
     safety_checker: str = "auto"
     triton_timeout_s: float = 300.0

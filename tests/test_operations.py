@@ -450,6 +450,7 @@ def test_model_that_cannot_load_is_error_and_its_bundled_triton_is_stopped(
         model_repository=repository("sd"),
         state_dir=work_dir / "state-unloadable",
         scheduler="NoSuchScheduler",
+        lora_preload=True,
     )
     with running_service(settings, wait_for="ERROR") as running:
         runtime = running.app.state.runtime
