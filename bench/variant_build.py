@@ -362,7 +362,7 @@ class DiffusersBaseline:
 class HttpService:
     """The service on uvicorn (in this process, a thread) with its bundled Triton on the repository."""
 
-    def __init__(self, prepared: Prepared, work: Path) -> None:
+    def __init__(self, prepared: Prepared, work: Path, lora_preload: bool = False) -> None:
         from server.settings import Settings
 
         port = _free_port()
@@ -373,6 +373,7 @@ class HttpService:
             state_dir=work / f"state-{prepared.size}",
             lora_dir=work / "loras",
             lora_hub=False,
+            lora_preload=lora_preload,
             host="127.0.0.1",
             port=port,
             startup_timeout_s=900.0,
@@ -436,7 +437,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def measure(prepared: Prepared, repeats: int, work: Path, http: bool) -> list[Row]:
+def measure(
+    prepared: Prepared, repeats: int, work: Path, http: bool, lora_preload: bool = False
+) -> list[Row]:
     """Builds, sessions and diffusers' load + fuse interleaved; then (service up) first requests
     interleaved with diffusers' load + fuse again."""
     from export.lora import load_lora
@@ -499,7 +502,7 @@ def measure(prepared: Prepared, repeats: int, work: Path, http: bool) -> list[Ro
             )
         rows.append(row)
     if http:
-        with HttpService(prepared, work) as service:
+        with HttpService(prepared, work, lora_preload) as service:
             for row in rows:
                 name = f"{prepared.size}-{row.fmt}"
                 path = prepared.loras[cast(Format, row.fmt)]
@@ -618,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
         "--work", type=Path, default=DEFAULT_WORK, help="cache of models, repositories, LoRAs"
     )
     parser.add_argument("--no-http", action="store_true", help="skip the first requests through HTTP")
+    parser.add_argument(
+        "--lora-preload", action="store_true", help="the service with LORA_PRELOAD=true (HTTP part)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -639,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in cast(list[Size], sizes):
         repeats = args.mid_repeats if size == "mid" and args.mid_repeats is not None else args.repeats
         prepared = prepare(size, args.work)
-        rows += measure(prepared, repeats, args.work, http=not args.no_http)
+        rows += measure(prepared, repeats, args.work, http=not args.no_http, lora_preload=args.lora_preload)
     load_after = os.getloadavg()
     elapsed = time.perf_counter() - started
 
