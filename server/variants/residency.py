@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import hashlib
 import logging
@@ -133,6 +134,14 @@ class ModelPerVariant:
 class _Set:
     key: str
     inputs: list[LoraInput]
+
+
+def return_free_memory() -> None:
+    """Give the memory a build freed back to the system.  glibc keeps freed blocks in the arena of the
+    thread that used them: in a 200-set soak on the mid model the service's RSS stepped up ~470 MB
+    and stayed (bench/RESULTS.md).  A no-op where the C library has no ``malloc_trim``."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class VariantManager:
@@ -307,6 +316,9 @@ class VariantManager:
             except BaseException:
                 self.cache.release(name)
                 raise
+            finally:
+                del merged
+                await asyncio.to_thread(return_free_memory)
         seconds = time.perf_counter() - started
         self.metrics.variant_builds.inc()
         self.metrics.variant_build_seconds.observe(seconds)
