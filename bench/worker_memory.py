@@ -23,7 +23,7 @@ import numpy as np
 from export.repository import export_repository
 from export.tiny import build_tiny_model
 from server.triton.client import TritonClient
-from server.triton.launcher import BundledTriton, TritonLaunchConfig
+from server.triton.launcher import BundledTriton, TritonLaunchConfig, stub_model, stub_processes
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -37,15 +37,9 @@ def memory_mb(pid: int) -> dict[str, float]:
 
 
 def _unet_stub(server: BundledTriton) -> int:
-    stub = str(server.backend_directory / "python" / "triton_python_backend_stub")
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if args[0].decode() == stub and b"/unet/" in args[1]:
-                return int(entry.name)
+    for pid, args in stub_processes(server.backend_directory).items():
+        if stub_model(args) == "unet":
+            return pid
     raise RuntimeError("no stub for unet")
 
 

@@ -25,7 +25,7 @@ from bench.worker_memory import memory_mb
 from server.errors import InferenceFailed, ModelUnavailable, ServiceUnavailable, TritonUnavailable
 from server.settings import Settings
 from server.triton.client import TritonClient
-from server.triton.launcher import BundledTriton, TritonLaunchConfig
+from server.triton.launcher import BundledTriton, TritonLaunchConfig, stub_model, stub_processes
 from tests.conftest import free_port, running_service
 from tests.test_operations import health, wait_until
 
@@ -39,17 +39,7 @@ def regions(prefix: str) -> set[str]:
 
 def stubs(backend_directory: Path) -> dict[str, tuple[int, str]]:
     """Model name -> (pid, shared-memory region) of each python-backend stub run from that directory."""
-    stub = str(backend_directory / "python" / "triton_python_backend_stub")
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0")]
-            except OSError:
-                continue
-            if args[0] == stub:
-                found[Path(args[1]).parent.parent.name] = (int(entry.name), args[2])
-    return found
+    return {stub_model(args): (pid, args[2]) for pid, args in stub_processes(backend_directory).items()}
 
 
 def alive(pid: int) -> bool:

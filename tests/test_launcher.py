@@ -17,7 +17,7 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,13 @@ from server.triton.launcher import (
     TritonStartError,
     build_command,
     prepare_backend_directory,
+    stub_model,
+    stub_processes,
     tritonserver_binary,
     tritonserver_env,
 )
 from tests.conftest import needs_triton
+from tests.test_operations import wait_until
 
 CONFIG_PBTXT = """\
 name: "{name}"
@@ -463,18 +466,8 @@ def regions(prefix: str) -> list[str]:
 
 
 def stub_pids(server: BundledTriton) -> dict[str, int]:
-    """Model name -> pid of its python-backend stub (the command line names the model's file)."""
-    stub = str(server.backend_directory / "python" / "triton_python_backend_stub")
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if args[0].decode() == stub:
-                found[Path(args[1].decode()).parent.parent.name] = int(entry.name)
-    return found
+    """Model name -> pid of its python-backend stub (any parent: also one its server left behind)."""
+    return {stub_model(args): pid for pid, args in stub_processes(server.backend_directory).items()}
 
 
 def gone(pid: int) -> bool:
@@ -482,14 +475,6 @@ def gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -517,7 +502,7 @@ def test_regions_carry_a_launch_prefix_and_all_go_with_the_server_even_a_killed_
     assert set(stubs) == {"add_one", "add_two"}
     assert server.model_stubs() == {"add_one": 1, "add_two": 1}
     os.kill(stubs["add_one"], signal.SIGKILL)
-    wait_for(lambda: "add_one" not in server.model_stubs(), 10, "the killed stub to be gone")
+    wait_until(lambda: "add_one" not in server.model_stubs(), 10, "the killed stub to be gone")
     server.stop()
     assert regions(prefix) == [], "a region of the stopped server is left in /dev/shm"
     assert foreign_region.exists(), "a region that is not this launch's was removed"
@@ -536,7 +521,7 @@ def test_killed_server_leaves_no_region_or_stub(
     assert prefix is not None and pid is not None and regions(prefix)
     stub = stub_pids(server)["add_one"]
     os.kill(pid, signal.SIGKILL)  # the server only: its stub outlives it for a while
-    wait_for(lambda: not server.is_running(), 10, "the server to die")
+    wait_until(lambda: not server.is_running(), 10, "the server to die")
     server.stop()  # what the service does once it sees the server gone
     assert gone(stub)
     assert regions(prefix) == []
@@ -583,7 +568,9 @@ def test_server_dies_with_its_owner_and_leaves_nothing(
     assert stubs and regions(prefix)
     owner.kill()  # kill -9: no cleanup code of the owner runs
     owner.wait()
-    wait_for(lambda: gone(int(pid)) and all(gone(s) for s in stubs), 30, "tritonserver and its stub to exit")
+    wait_until(
+        lambda: gone(int(pid)) and all(gone(s) for s in stubs), 30, "tritonserver and its stub to exit"
+    )
     assert regions(prefix) == []
     assert not port_answers(int(http_port)) and not port_answers(int(grpc_port))
     server = BundledTriton(TritonLaunchConfig(repository, state_dir, startup_timeout_s=60))

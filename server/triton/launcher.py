@@ -397,8 +397,8 @@ def _is_server_of(pid: int, backend_directory: Path) -> bool:
     return ("--backend-directory", str(backend_directory)) in itertools.pairwise(args)
 
 
-def _stubs_of(backend_directory: Path) -> dict[int, list[str]]:
-    """The python-backend stubs run from ``backend_directory`` (any parent), by pid."""
+def stub_processes(backend_directory: Path) -> dict[int, list[str]]:
+    """The python-backend stubs run from ``backend_directory`` (any parent): their arguments by pid."""
     stub = str(backend_directory / "python" / _STUB_NAME)
     stubs = {}
     for pid in _pids():
@@ -406,6 +406,11 @@ def _stubs_of(backend_directory: Path) -> dict[int, list[str]]:
         if args and args[0] == stub:
             stubs[pid] = args
     return stubs
+
+
+def stub_model(args: list[str]) -> str:
+    """The model a stub serves, from its arguments (``<repository>/<model>/<version>/model.py``)."""
+    return Path(args[1]).parent.parent.name
 
 
 def remove_shm_regions(prefix: str, keep: Collection[str] = (), min_age_s: float = 0.0) -> list[Path]:
@@ -558,7 +563,7 @@ class BundledTriton:
         is gone from here while Triton still calls its model ready)."""
         counts: dict[str, int] = {}
         for args in self._own_stubs().values():
-            model = Path(args[1]).parent.parent.name  # <repository>/<model>/<version>/model.py
+            model = stub_model(args)
             counts[model] = counts.get(model, 0) + 1
         return counts
 
@@ -735,7 +740,7 @@ class BundledTriton:
         # Leftover members of its process group (python backend stubs) go too.
         _kill_process_group(process.pid, timeout_s=_GROUP_KILL_WAIT_S)
         # Stubs that left the group (none known) are still ours by their stub path.
-        _kill_verified(list(_stubs_of(self.backend_directory)), "a python backend stub")
+        _kill_verified(list(stub_processes(self.backend_directory)), "a python backend stub")
         self._process = None
         _RUNNING.pop(Path(self._config.state_dir).resolve(), None)
         if self._shm_prefix is not None:
@@ -784,7 +789,7 @@ class BundledTriton:
         pid = record.get("pid")
         if isinstance(pid, int) and _is_server_of(pid, backend_directory):
             _kill_verified([pid], "tritonserver")
-        _kill_verified(list(_stubs_of(backend_directory)), "a python backend stub")
+        _kill_verified(list(stub_processes(backend_directory)), "a python backend stub")
         prefix = record.get("shm_region_prefix")
         if isinstance(prefix, str) and re.fullmatch(rf"{_SHM_PREFIX_STEM}[0-9a-f]+_", prefix):
             remove_shm_regions(prefix)
