@@ -33,6 +33,18 @@ INTERNAL = "StatusCode.INTERNAL"
 _DEAD_STUB = re.compile(r"Stub process '[^']*' is not healthy")
 
 
+def triton_inputs(inputs: Mapping[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """gRPC inputs of one request; a 1-D array is sent as [batch, 1] (Triton's shape for per-row
+    scalars; the model config reshapes it back to [batch])."""
+    infer_inputs = []
+    for name, array in inputs.items():
+        data = np.ascontiguousarray(array.reshape(-1, 1) if array.ndim == 1 else array)
+        tensor = grpcclient.InferInput(name, list(data.shape), np_to_triton_dtype(data.dtype))
+        tensor.set_data_from_numpy(data)
+        infer_inputs.append(tensor)
+    return infer_inputs
+
+
 class TritonClient:
     """Async inference against one Triton server.  Arrays in, arrays out; batch axis first."""
 
@@ -105,12 +117,7 @@ class TritonClient:
         """One request: ``inputs`` share their batch axis.  A 1-D input is sent as [batch, 1]
         (Triton's shape for per-row scalars; the model config reshapes it back to [batch]).
         ``parameters`` are the request's parameters (e.g. ``lora_variant``)."""
-        infer_inputs = []
-        for name, array in inputs.items():
-            data = np.ascontiguousarray(array.reshape(-1, 1) if array.ndim == 1 else array)
-            tensor = grpcclient.InferInput(name, list(data.shape), np_to_triton_dtype(data.dtype))
-            tensor.set_data_from_numpy(data)
-            infer_inputs.append(tensor)
+        infer_inputs = triton_inputs(inputs)
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
         try:
             result = await self._client.infer(
