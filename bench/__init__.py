@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import os
 import sys
 from pathlib import Path
@@ -24,3 +25,12 @@ def machine(packages: tuple[str, ...]) -> list[str]:
         f"CPU: {cpu}, nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}",
         f"Python {sys.version.split()[0]}; {versions}",
     ]
+
+
+def log_to_stderr(verbose: bool, logger: logging.Logger) -> None:
+    """The benchmarks' logging: every library at INFO with ``-v`` (else WARNING), ``logger`` at INFO."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logger.setLevel(logging.INFO)

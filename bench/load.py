@@ -54,7 +54,7 @@ from typing import Any, Final, cast
 import httpx
 import numpy as np
 
-from bench import machine
+from bench import log_to_stderr, machine
 from bench.plots import PLOT_DIR, load_charts
 from export.repository import TARGETS, Target
 
@@ -758,11 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logger.setLevel(logging.INFO)
+    log_to_stderr(args.verbose, logger)
     try:
         sizes = [Size.parse(s.strip()) for s in args.sizes.split(",") if s.strip()]
     except ValueError as e:

@@ -45,7 +45,7 @@ from typing import Any, Final
 import httpx
 import numpy as np
 
-from bench import machine
+from bench import log_to_stderr, machine
 from bench.load import (
     PROMPT,
     REPO_ROOT,
@@ -547,11 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.floor_worker:
         return floor_worker(*args.floor_worker)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logger.setLevel(logging.INFO)
+    log_to_stderr(args.verbose, logger)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if not sizes or any(s not in MODEL_SIZES for s in sizes):
         parser.error(f"--sizes takes {', '.join(MODEL_SIZES)}")

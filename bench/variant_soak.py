@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from bench import machine
+from bench import log_to_stderr, machine
 from bench.variant_build import (
     DEFAULT_WORK,
     FORMATS,
@@ -102,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logger.setLevel(logging.INFO)
+    log_to_stderr(args.verbose, logger)
     os.environ["MAX_LORA_VARIANTS"] = str(args.max_variants)  # read by the Triton model it starts
     prepared = prepare(cast(Size, args.size), args.work)
     formats = [f for f in args.formats.split(",") if f in FORMATS]
