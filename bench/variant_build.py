@@ -4,11 +4,11 @@ For each model size (``tiny``: :func:`export.tiny.build_tiny_model`; ``mid``: an
 at reduced width, random weights under fixed seeds) and each LoRA layout (diffusers/PEFT and kohya,
 from :func:`export.tiny_lora.build_tiny_lora`), interleaved per repeat:
 
-- **variant build**: :func:`export.variant_build.merge_variant` + :func:`write_variant`, the pure build
-  the service runs on a LoRA set's first request: read the LoRA, read only the base tensors it
-  touches from the exported ONNX files, merge, write the override safetensors. A fresh key per
-  repeat; the files are deleted after each repeat. The base index (where each initializer's bytes
-  are) is built once per service and reported separately.
+- **variant build**: :func:`export.variant_build.plan_variant` + :func:`write_variant`, the pure build
+  the service runs on a LoRA set's first request: read and check the LoRA, then for each base tensor
+  it touches (read alone from the exported ONNX file) merge and write it into the override file. A
+  fresh key per repeat; the files are deleted after each repeat. The base index (where each
+  initializer's bytes are) is built once per service and reported separately.
 - **read overrides**: what the python-onnx model does on a new variant's first batch: read its
   override tensors (``model.py``'s ``VariantOverrides``). Its overridable sessions (the base graph
   with weights as inputs, for the UNet and the text encoder) open once per model, timed apart; and
@@ -214,7 +214,7 @@ class Row:
     step_base: float = 0.0  # one UNet call, base session
     step_variant: float = 0.0  # the same call on the overridable session with overrides
     build: list[float] = field(default_factory=list)
-    merge: list[float] = field(default_factory=list)
+    plan: list[float] = field(default_factory=list)
     write: list[float] = field(default_factory=list)
     session: list[float] = field(default_factory=list)
     load: list[float] = field(default_factory=list)
@@ -250,19 +250,19 @@ class VariantBuilder:
         self._model = python_onnx_module()
 
     def build(self, lora_id: str, path: Path) -> tuple[str, float, float, int, int, int]:
-        """(key, merge s, write s, merged params, changed bytes, file bytes) for a fresh key."""
-        from export.variant_build import LoraInput, merge_variant, tensor_bytes, write_variant
+        """(key, plan s, merge+write s, merged params, changed bytes, file bytes) for a fresh key."""
+        from export.variant_build import LoraInput, plan_variant, write_variant
 
         key = uuid.uuid4().hex[:16]
         inputs = [LoraInput(_lora_file(path), lora_id, 1.0)]
         started = time.perf_counter()
-        merged = merge_variant(self.base, ("unet", *TEXT_ENCODERS), inputs)
-        merged_at = time.perf_counter()
-        files = write_variant(self.repository, key, merged, inputs)
+        plan = plan_variant(self.base, ("unet", *TEXT_ENCODERS), inputs)
+        planned = time.perf_counter()
+        files = write_variant(self.repository, key, plan)
         written = time.perf_counter()
-        params = sum(len(t) for t in merged.values())
+        params = sum(len(t) for t in plan.terms.values())
         on_disk = sum(f.stat().st_size for f in files.values())
-        return key, merged_at - started, written - merged_at, params, tensor_bytes(merged), on_disk
+        return key, planned - started, written - planned, params, plan.tensor_bytes(), on_disk
 
     def open_overridable(self) -> float:
         """Seconds to open the overridable sessions (UNet + text encoder): once per model, on the
@@ -473,12 +473,12 @@ def measure(
         builder.remove(key)
         baseline.run(path)
         for i in range(repeats):
-            key, merge_s, write_s, row.merged_params, row.changed_bytes, row.file_bytes = builder.build(
+            key, plan_s, write_s, row.merged_params, row.changed_bytes, row.file_bytes = builder.build(
                 lora_id, path
             )
-            row.merge.append(merge_s)
+            row.plan.append(plan_s)
             row.write.append(write_s)
-            row.build.append(merge_s + write_s)
+            row.build.append(plan_s + write_s)
             gc.collect()
             row.session.append(builder.session(key))
             if i == repeats - 1:
@@ -495,7 +495,7 @@ def measure(
                 fmt,
                 i + 1,
                 repeats,
-                merge_s + write_s,
+                plan_s + write_s,
                 row.session[-1],
                 load,
                 fuse,

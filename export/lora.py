@@ -19,10 +19,11 @@ same weights diffusers computes with ``load_lora_weights`` + ``set_adapters`` + 
      / ``.alpha`` (scale ``alpha / rank``; no alpha means scale 1), ``lora_te_`` / ``lora_te1_`` for
      the first text encoder and ``lora_te2_`` for the second.
 
-2. :func:`merge_deltas` resolves the LoRA's layer names against the base model's parameter names
+2. :func:`plan_merge` resolves the LoRA's layer names against the base model's parameter names
    (kohya names through a lookup built from the base's own module names, SDXL's SGM/LDM block
-   names through the block layout read off those names), checks every shape, and returns only
-   the changed parameters, computed in float32.
+   names through the block layout read off those names) and checks every shape;
+   :func:`merged_weight` adds a parameter's LoRA terms to its base weight in float32, and
+   :func:`merge_deltas` does both for a whole state dict, returning only the changed parameters.
 
 3. :func:`write_merged_onnx` puts those parameters into a copy of the exported ONNX graph
    (:func:`initializer_map` names the initializers; :func:`onnx_state` reads the base state out of
@@ -41,7 +42,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
@@ -68,7 +69,9 @@ __all__ = [
     "load_graph",
     "load_lora",
     "merge_deltas",
+    "merged_weight",
     "onnx_state",
+    "plan_merge",
     "write_merged_onnx",
 ]
 
@@ -125,8 +128,8 @@ class LoraLayer:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta(self, weight_shape: tuple[int, ...], where: str) -> torch.Tensor:
-        """``up @ down`` in float32, shaped like the weight; :class:`LoraIncompatible` if it cannot be."""
+    def check(self, weight_shape: tuple[int, ...], where: str) -> None:
+        """Raise :class:`LoraIncompatible` unless ``up @ down`` can be shaped like the weight."""
         down, up = self.down, self.up
         out_features = weight_shape[0]
         fan_in = math.prod(weight_shape[1:])
@@ -144,8 +147,6 @@ class LoraLayer:
                 f"{where} has weight shape {list(weight_shape)} but LoRA layer '{self.key}' has "
                 f"down {list(down.shape)} and up {list(up.shape)}"
             )
-        product = up.flatten(1).float() @ down.flatten(1).float()
-        return product.reshape(weight_shape)
 
 
 @dataclass(frozen=True)
@@ -594,41 +595,83 @@ class _Resolver:
         return self._layers_per_block
 
 
-def module_names(base_state: Mapping[str, torch.Tensor]) -> frozenset[str]:
-    """The names of the modules that own a ``weight`` in a state dict."""
-    return frozenset(k.removesuffix(".weight") for k in base_state if k.endswith(".weight"))
+MergeTerms = list[tuple[LoraLayer, float]]
+
+
+def plan_merge(
+    shapes: Mapping[str, tuple[int, ...]],
+    loras: Sequence[tuple[LoraWeights, float]],
+    component: str,
+) -> dict[str, MergeTerms]:
+    """What merging ``loras`` into ``component`` changes: ``{param: [(layer, strength * scale)]}``.
+
+    ``shapes`` maps each of the component's parameter names to its shape (only the touched ones are
+    looked up, so a lazy mapping reads nothing else). Every layer is checked against the base, a
+    LoRA with strength 0 too, though it adds no term. Raises :class:`LoraIncompatible` when a layer
+    names a module the base lacks or its shapes do not fit. Cheap: no tensor is multiplied.
+    """
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
+    names = frozenset(k.removesuffix(".weight") for k in shapes if k.endswith(".weight"))
+    terms: dict[str, MergeTerms] = {}
+    for lora, strength in loras:
+        for module, layer in lora.resolve(component, names).items():
+            param = f"{module}.weight"
+            layer.check(tuple(shapes[param]), f"{component} module '{module}'")
+            if strength != 0:
+                terms.setdefault(param, []).append((layer, float(strength) * layer.scale))
+    return terms
+
+
+def merged_weight(base: torch.Tensor, terms: MergeTerms, *, overwrite: bool = False) -> torch.Tensor:
+    """``base + sum(factor * up @ down)`` computed in float32, returned in ``base``'s dtype.
+
+    Each term is one fused in-place GEMM (``addmm_``) on the weight seen as ``[out, fan_in]``; no
+    delta tensor is allocated. ``overwrite``: a float32 ``base`` is the caller's own buffer and is
+    merged in place (what a streamed variant build does with the weight it has just read).
+    """
+    import torch
+
+    if overwrite and base.dtype == torch.float32 and base.is_contiguous():
+        weight = base
+    else:
+        weight = base.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    flat = weight.view(weight.shape[0], -1)
+    for layer, factor in terms:
+        flat.addmm_(layer.up.flatten(1).float(), layer.down.flatten(1).float(), alpha=factor)
+    return weight if weight.dtype == base.dtype else weight.to(base.dtype)
+
+
+class _Shapes(Mapping[str, tuple[int, ...]]):
+    """The shapes of a state dict's tensors, each looked up when asked for."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._state = state
+
+    def __getitem__(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
 
 
 def merge_deltas(
     base_state: Mapping[str, torch.Tensor],
-    loras: list[tuple[LoraWeights, float]],
+    loras: Sequence[tuple[LoraWeights, float]],
     component: str,
 ) -> dict[str, torch.Tensor]:
     """The merged weights of ``component``: ``{param: W + sum_i weight_i * scale_i * (B_i @ A_i)}``.
 
     ``base_state`` is the component's own state dict (``unet.state_dict()``, the CLIP model's),
     ``loras`` pairs of a LoRA and its strength. Only the parameters some LoRA touches are returned,
-    computed in float32 and stored in the base weight's dtype. A LoRA with strength 0 is still
-    checked against the base model but changes nothing. Raises :class:`LoraIncompatible` when a
-    layer names a module the base lacks or its shapes do not fit.
+    computed in float32 and stored in the base weight's dtype; ``base_state`` is left as it is. See
+    :func:`plan_merge` for what is checked.
     """
-    if component not in COMPONENTS:
-        raise ValueError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
-    names = module_names(base_state)
-    sums: dict[str, torch.Tensor] = {}
-    for lora, strength in loras:
-        for module, layer in lora.resolve(component, names).items():
-            param = f"{module}.weight"
-            weight = base_state[param]
-            delta = layer.delta(tuple(weight.shape), f"{component} module '{module}'")
-            if strength == 0:
-                continue
-            contribution = delta * (float(strength) * layer.scale)
-            sums[param] = sums[param] + contribution if param in sums else contribution
-    merged = {
-        param: (base_state[param].detach().float() + total).to(base_state[param].dtype)
-        for param, total in sums.items()
-    }
+    terms = plan_merge(_Shapes(base_state), loras, component)
+    merged = {param: merged_weight(base_state[param], t) for param, t in terms.items()}
     logger.info(
         "%s: merged %d LoRA(s) into %d parameters", component, sum(1 for _, w in loras if w), len(merged)
     )

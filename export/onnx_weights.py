@@ -10,7 +10,7 @@ bytes are (``raw_data``, or ``external_data`` beside the file). Only the tensors
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -141,36 +141,43 @@ def initializer_index(path: Path) -> dict[str, InitializerRef]:
     return index
 
 
-def read_initializers(refs: Iterable[InitializerRef]) -> dict[str, np.ndarray]:
-    """The values of ``refs`` (each read on its own: a few tensors out of a large file)."""
-    out: dict[str, np.ndarray] = {}
-    for ref in refs:
-        with ref.file.open("rb") as fh:
-            fh.seek(ref.offset)
-            data = fh.read(ref.length)
-        if len(data) != ref.length:
-            raise OnnxIndexError(f"{ref.file} ends inside initializer '{ref.name}'")
-        out[ref.name] = np.frombuffer(data, dtype=ref.dtype).reshape(ref.dims).copy()
-    return out
+def read_initializer(ref: InitializerRef, out: np.ndarray | None = None) -> np.ndarray:
+    """The value of ``ref``, read straight into ``out`` (C-contiguous, its shape and dtype) or a
+    new array."""
+    array = np.empty(ref.dims, dtype=ref.dtype) if out is None else out
+    if array.shape != ref.dims or array.dtype != ref.dtype or not array.flags.c_contiguous:
+        wanted = f"{ref.dtype}{list(ref.dims)}"
+        raise ValueError(f"initializer '{ref.name}' is {wanted}, not {array.dtype}{list(array.shape)}")
+    with ref.file.open("rb", buffering=0) as fh:
+        fh.seek(ref.offset)
+        view, done = array.reshape(-1).view(np.uint8).data, 0
+        while done < ref.length:
+            n = fh.readinto(view[done:])
+            if not n:
+                raise OnnxIndexError(f"{ref.file} ends inside initializer '{ref.name}'")
+            done += n
+    return array
 
 
 class LazyOnnxState(Mapping[str, "torch.Tensor"]):
     """A component's state dict read from its ONNX file on demand: keys are the torch parameter
-    names (``initializer name - prefix``), each value a torch tensor read when first asked for."""
+    names (``initializer name - prefix``), each value a new torch tensor read when asked for."""
 
     def __init__(self, index: Mapping[str, InitializerRef], prefix: str) -> None:
         self._refs = {
             name.removeprefix(prefix): ref for name, ref in index.items() if name.startswith(prefix)
         }
-        self._read: dict[str, torch.Tensor] = {}
+        self.shapes: Mapping[str, tuple[int, ...]] = {k: ref.dims for k, ref in self._refs.items()}
+        self.dtypes: Mapping[str, str] = {k: ref.dtype.name for k, ref in self._refs.items()}
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._read:
-            import torch
+        import torch
 
-            (array,) = read_initializers([self._refs[key]]).values()
-            self._read[key] = torch.from_numpy(array)
-        return self._read[key]
+        return torch.from_numpy(read_initializer(self._refs[key]))
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read ``key`` straight into ``out`` (contiguous, its shape and dtype)."""
+        read_initializer(self._refs[key], out.numpy())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._refs)

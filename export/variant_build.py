@@ -7,22 +7,36 @@ by the diffusers module's parameter names (those :func:`export.lora.merge_deltas
 base model's dtype. The header metadata names the ONNX initializer prefix (``onnx_prefix``) so a
 backend maps a parameter to its initializer without the exporter's code.
 
-Only the base tensors the LoRAs touch are read (:mod:`export.onnx_weights`), so a build costs about
-the LoRA's size, not the model's. Pure: no service state; the service, the benchmark and the tests
-call the same functions.
+A build is two calls: :func:`plan_variant` reads the LoRAs and checks them against the base shapes
+(nothing merged, so the caller can reserve the bytes first), then :func:`write_variant` streams each
+touched tensor: read it alone from the base (:mod:`export.onnx_weights`), add its LoRA terms in
+place, write it. A build costs about the LoRA's size, not the model's, and holds one tensor at a
+time. Pure: no service state; the service, the benchmark and the tests call the same functions.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import re
+import struct
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
-from export.lora import ONNX_PREFIXES, LoraWeights, check_components, load_lora, merge_deltas
+from export.lora import (
+    ONNX_PREFIXES,
+    LoraWeights,
+    MergeTerms,
+    check_components,
+    load_lora,
+    merged_weight,
+    plan_merge,
+)
 from export.onnx_weights import LazyOnnxState, initializer_index
 from export.torch_model import SOURCE_DIR
 
@@ -50,6 +64,32 @@ def variant_file(repository: Path, model: str, key: str) -> Path:
     return repository / model / VARIANTS_DIR / f"{key}.safetensors"
 
 
+# The dtypes base weights come in: name -> (safetensors code, bytes per item).
+_DTYPES: Final[dict[str, tuple[str, int]]] = {
+    "float64": ("F64", 8),
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+}
+_NAMES: Final[dict[str, str]] = {code: name for name, (code, _) in _DTYPES.items()}
+
+
+class BaseState(Protocol):
+    """A base model's state dict read on demand: each ``state[param]`` is a new tensor of the
+    caller's; ``shapes`` and ``dtypes`` (names: ``float32``, ...) are known without reading any."""
+
+    @property
+    def shapes(self) -> Mapping[str, tuple[int, ...]]: ...
+
+    @property
+    def dtypes(self) -> Mapping[str, str]: ...
+
+    def __getitem__(self, key: str) -> torch.Tensor: ...
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Read ``key`` into ``out``, a contiguous tensor of its shape and dtype."""
+
+
 class BaseIndex:
     """The base models' weights, read on demand: from the exported ONNX graph (python-onnx, tensorrt:
     where each initializer's bytes are, indexed once per model), or from the diffusers safetensors a
@@ -59,7 +99,7 @@ class BaseIndex:
         self.repository = repository
         self._indexes: dict[str, dict] = {}
 
-    def state(self, model: str) -> Mapping[str, torch.Tensor]:
+    def state(self, model: str) -> BaseState:
         version = self.repository / model / "1"
         if not (version / "model.onnx").is_file() and (version / SOURCE_DIR / model).is_dir():
             return LazySafetensorsState(sorted((version / SOURCE_DIR / model).glob("*.safetensors")))
@@ -75,15 +115,25 @@ class LazySafetensorsState(Mapping[str, "torch.Tensor"]):
         from safetensors import safe_open
 
         self._where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
         for file in files:
             with safe_open(str(file), framework="pt") as f:
-                self._where.update(dict.fromkeys(f.keys(), file))
+                names = f.keys()
+                for key in names:
+                    part = f.get_slice(key)
+                    self._where[key] = file
+                    self.shapes[key] = tuple(part.get_shape())
+                    self.dtypes[key] = _NAMES.get(part.get_dtype(), part.get_dtype())
 
     def __getitem__(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
         with safe_open(str(self._where[key]), framework="pt") as f:
             return f.get_tensor(key)
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        out.copy_(self[key])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -92,66 +142,115 @@ class LazySafetensorsState(Mapping[str, "torch.Tensor"]):
         return len(self._where)
 
 
-def merge_variant(
-    base: BaseIndex, models: Sequence[str], loras: Sequence[LoraInput]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """``{model: {param: merged tensor}}`` for the models some LoRA touches.
+@dataclass(frozen=True)
+class VariantPlan:
+    """What a variant changes, before anything is merged: per model, the parameters some LoRA
+    touches and their LoRA terms (:func:`export.lora.plan_merge`), over the base weights' shapes."""
+
+    loras: tuple[LoraInput, ...]
+    states: Mapping[str, BaseState]
+    terms: Mapping[str, Mapping[str, MergeTerms]]
+
+    def nbytes(self, model: str, param: str) -> int:
+        state = self.states[model]
+        return math.prod(state.shapes[param]) * _DTYPES[state.dtypes[param]][1]
+
+    def tensor_bytes(self) -> int:
+        """Bytes of the tensors the variant changes (what its files hold, less their small headers)."""
+        return sum(self.nbytes(m, p) for m, terms in self.terms.items() for p in terms)
+
+    def file_bytes_bound(self) -> int:
+        """An upper bound of the bytes :func:`write_variant` writes: the tensors plus their headers."""
+        header = 4096 + len(_described(self.loras))
+        per_tensor = 512  # name, dtype, shape and offsets in the JSON header
+        return self.tensor_bytes() + sum(header + per_tensor * len(t) for t in self.terms.values())
+
+
+def plan_variant(base: BaseIndex, models: Sequence[str], loras: Sequence[LoraInput]) -> VariantPlan:
+    """Read the LoRAs and check them against the base models (no tensor is merged yet).
 
     Raises :class:`export.lora.LoraError` when a LoRA does not fit the base."""
     weights: list[tuple[LoraWeights, float]] = [(load_lora(s.file, s.lora_id), s.weight) for s in loras]
     for lora, _ in weights:
         check_components(lora, models)
-    merged: dict[str, dict[str, torch.Tensor]] = {}
+    states: dict[str, BaseState] = {}
+    terms: dict[str, dict[str, MergeTerms]] = {}
     for model in models:
         if not any(lora.layers.get(model) for lora, _ in weights):
             continue
-        deltas = merge_deltas(base.state(model), weights, model)
-        if deltas:
-            merged[model] = deltas
-    return merged
+        states[model] = base.state(model)
+        planned = plan_merge(states[model].shapes, weights, model)
+        if planned:
+            terms[model] = planned
+    return VariantPlan(tuple(loras), states, terms)
 
 
-def tensor_bytes(merged: Mapping[str, Mapping[str, torch.Tensor]]) -> int:
-    """Bytes of the tensors a variant changes (what its files hold, less their small headers)."""
-    return sum(t.numel() * t.element_size() for tensors in merged.values() for t in tensors.values())
+def _described(loras: Sequence[LoraInput]) -> str:
+    return json.dumps([{"id": s.lora_id, "weight": s.weight} for s in loras])
 
 
-def file_bytes_bound(merged: Mapping[str, Mapping[str, torch.Tensor]], loras: Sequence[LoraInput]) -> int:
-    """An upper bound of the bytes :func:`write_variant` writes: the tensors plus their headers."""
-    header = 4096 + len(json.dumps([{"id": s.lora_id, "weight": s.weight} for s in loras]))
-    per_tensor = 512  # name, dtype, shape and offsets in the JSON header
-    return tensor_bytes(merged) + sum(header + per_tensor * len(t) for t in merged.values())
+def _header(plan: VariantPlan, model: str, order: Sequence[str]) -> bytes:
+    """The safetensors header of ``model``'s override file: its tensors back to back in ``order``."""
+    state = plan.states[model]
+    metadata = {"format": FORMAT, "onnx_prefix": ONNX_PREFIXES[model], "loras": _described(plan.loras)}
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for param in order:
+        end = offset + plan.nbytes(model, param)
+        code = _DTYPES[state.dtypes[param]][0]
+        header[param] = {"dtype": code, "shape": list(state.shapes[param]), "data_offsets": [offset, end]}
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
 
 
-def write_variant(
-    repository: Path,
-    key: str,
-    merged: Mapping[str, Mapping[str, torch.Tensor]],
-    loras: Sequence[LoraInput],
-) -> dict[str, Path]:
-    """Write each model's overrides atomically (a temporary file renamed into place)."""
-    from safetensors.torch import save_file
+def write_variant(repository: Path, key: str, plan: VariantPlan, threads: int = 2) -> dict[str, Path]:
+    """Merge each model's overrides into their file, one tensor at a time, ``threads`` at once.
 
-    described = json.dumps([{"id": s.lora_id, "weight": s.weight} for s in loras])
+    Each touched base weight is read alone from the base, its LoRA terms are added in place, and its
+    bytes are written at their offset in the file (a temporary name, renamed into place when whole).
+    Memory holds ``threads`` weights, not the variant. The file is safetensors, the tensors in the
+    base's dtype, largest items first (so each is aligned) then by name."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    import torch
+
+    def merge_one(fd: int, model: str, param: str, offset: int) -> None:
+        weight = merged_weight(plan.states[model][param], plan.terms[model][param], overwrite=True)
+        data = weight.reshape(-1).view(torch.uint8).numpy().data
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+
     written: dict[str, Path] = {}
-    for model, tensors in merged.items():
-        out = variant_file(repository, model, key)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-        metadata = {"format": FORMAT, "onnx_prefix": ONNX_PREFIXES[model], "loras": described}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
-        partial.rename(out)
-        written[model] = out
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="variant-write") as pool:
+        for model, terms in plan.terms.items():
+            state = plan.states[model]
+            order = sorted(terms, key=lambda p: (-_DTYPES[state.dtypes[p]][1], p))
+            out = variant_file(repository, model, key)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.partial")
+            header = _header(plan, model, order)
+            offsets = itertools.accumulate((plan.nbytes(model, p) for p in order), initial=len(header))
+            try:
+                with partial.open("wb") as fh:
+                    fh.write(header)
+                    fh.flush()
+                    jobs = [
+                        pool.submit(merge_one, fh.fileno(), model, param, offset)
+                        for param, offset in zip(order, offsets, strict=False)  # offsets has one more
+                    ]
+                    # Every job ends before the file is closed (its descriptor could be reused).
+                    done, _ = wait(jobs, return_when=FIRST_EXCEPTION)
+                    for job in jobs:
+                        job.cancel()
+                    wait(jobs)
+                    for job in done:
+                        job.result()
+                partial.rename(out)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            written[model] = out
     return written
-
-
-def build_variant(
-    repository: Path,
-    key: str,
-    models: Sequence[str],
-    loras: Sequence[LoraInput],
-    base: BaseIndex | None = None,
-) -> dict[str, Path]:
-    """LoRA files + base repository -> ``{model: override file}`` for variant ``key``."""
-    merged = merge_variant(base or BaseIndex(repository), models, loras)
-    return write_variant(repository, key, merged, loras)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from export.lora import ONNX_PREFIXES, load_graph, onnx_state
-from export.onnx_weights import initializer_index, read_initializers
+from export.onnx_weights import initializer_index, read_initializer
 from export.repository import python_onnx_module
 from export.tiny_lora import build_tiny_lora
-from export.variant_build import BaseIndex, LoraInput, build_variant, merge_variant, tensor_bytes
+from export.variant_build import BaseIndex, LoraInput, plan_variant, write_variant
 from server.errors import BadRequest, ServiceUnavailable
 from server.metrics import Metrics
 from server.variants.cache import DiskCache, download_entry, variant_entry
@@ -342,9 +342,8 @@ def test_initializer_index_reads_what_onnx_reads(repository: Callable[[str], Pat
     expected = onnx_state(load_graph(path), "")
     assert set(index) == set(expected)
     names = sorted(index)[:: max(1, len(index) // 25)]
-    values = read_initializers(index[n] for n in names)
     for name in names:
-        np.testing.assert_array_equal(values[name], expected[name].numpy())
+        np.testing.assert_array_equal(read_initializer(index[name]), expected[name].numpy())
 
 
 def test_build_writes_only_the_touched_tensors(
@@ -358,11 +357,11 @@ def test_build_writes_only_the_touched_tensors(
         "sd", tmp_path / "lora", "diffusers", 3, model_dir=tiny_model("sd"), text_encoder=True
     )
     inputs = [LoraInput(lora / "pytorch_lora_weights.safetensors", "x", 0.7)]
-    merged = merge_variant(BaseIndex(repo), ("unet", "text_encoder"), inputs)
-    files = build_variant(repo, "0123456789abcdef", ("unet", "text_encoder"), inputs)
+    plan = plan_variant(BaseIndex(repo), ("unet", "text_encoder"), inputs)
+    files = write_variant(repo, "0123456789abcdef", plan)
     assert set(files) == {"unet", "text_encoder"}
     size = sum(f.stat().st_size for f in files.values())
-    assert tensor_bytes(merged) <= size <= 1.2 * tensor_bytes(merged)
+    assert plan.tensor_bytes() <= size <= min(1.2 * plan.tensor_bytes(), plan.file_bytes_bound())
     # the same merge as from the fully loaded graph
     full = onnx_state(repo / "unet" / "1" / "model.onnx", ONNX_PREFIXES["unet"])
     from export.lora import load_lora, merge_deltas
@@ -375,6 +374,39 @@ def test_build_writes_only_the_touched_tensors(
     for name, value in expected.items():
         assert written[name].equal(value)
     assert len(written) < len(full) / 3
+
+
+def test_a_build_that_fails_midway_leaves_no_file(
+    tmp_path: Path,
+    repository: Callable[[str], Path],
+    tiny_model: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The streamed build writes into a temporary file: a failure on one tensor (here the third)
+    removes it, and no variant file appears."""
+    import shutil
+
+    import export.variant_build as variant_build
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository("sd"), repo, symlinks=True)
+    lora = build_tiny_lora("sd", tmp_path / "lora.safetensors", "kohya", 4, model_dir=tiny_model("sd"))
+    plan = plan_variant(BaseIndex(repo), ("unet",), [LoraInput(lora, "x", 0.7)])
+    assert len(plan.terms["unet"]) > 3
+    calls = 0
+    real = variant_build.merged_weight
+
+    def failing(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(variant_build, "merged_weight", failing)
+    with pytest.raises(OSError, match="No space left"):
+        write_variant(repo, "0123456789abcdef", plan)
+    assert not list((repo / "unet" / "variants").iterdir())
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
    request for another one waits, within its deadline); the variant is marked in use in the same
    step, before any await, so no other request's eviction can see it idle;
 4. build it once if the disk cache lacks it (concurrent requests share one build; at most
-   ``LORA_BUILD_CONCURRENCY`` builds run) with :func:`export.variant_build.merge_variant`;
+   ``LORA_BUILD_CONCURRENCY`` builds run) with :func:`export.variant_build.plan_variant` (checks, and
+   reserves its bytes in the cache) then :func:`~export.variant_build.write_variant` (merges and writes);
 5. make it resident through the serving mode of the target: python-backend targets serve a variant
    from the base model by the request parameter ``lora_variant`` (nothing to load; the model keeps
    its own LRU of sessions); the tensorrt target serves it as the Triton model ``M__K``, loaded and
@@ -36,7 +37,7 @@ from typing import Final, Protocol
 from export import specs
 from export.lora import LoraError
 from export.specs import FINGERPRINT_FILE
-from export.variant_build import BaseIndex, LoraInput, file_bytes_bound, merge_variant, write_variant
+from export.variant_build import BaseIndex, LoraInput, plan_variant, write_variant
 from server.errors import BadRequest, InferenceFailed
 from server.metrics import Metrics
 from server.variants.cache import DiskCache, VariantRecord, download_entry, variant_entry
@@ -305,19 +306,18 @@ class VariantManager:
             started = time.perf_counter()
             models = self.base.names
             try:
-                merged = await asyncio.to_thread(merge_variant, self._base_index, models, lora_set.inputs)
+                plan = await asyncio.to_thread(plan_variant, self._base_index, models, lora_set.inputs)
             except LoraError as e:
                 raise BadRequest(str(e)) from None
-            self.cache.reserve(name, file_bytes_bound(merged, lora_set.inputs))
+            self.cache.reserve(name, plan.file_bytes_bound())
             try:
-                files = await asyncio.to_thread(write_variant, self.repository, key, merged, lora_set.inputs)
+                files = await asyncio.to_thread(write_variant, self.repository, key, plan)
                 described = [{"id": s.lora_id, "weight": s.weight} for s in lora_set.inputs]
                 record = self.cache.commit_variant(key, files, described)
             except BaseException:
                 self.cache.release(name)
                 raise
             finally:
-                del merged
                 await asyncio.to_thread(return_free_memory)
         seconds = time.perf_counter() - started
         self.metrics.variant_builds.inc()
