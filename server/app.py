@@ -14,6 +14,7 @@ from litestar.openapi import OpenAPIConfig
 from server.api.errors import EXCEPTION_HANDLERS
 from server.api.request import APIRequest
 from server.api.routes import ROUTES
+from server.memory import limit_arenas
 from server.metrics import Metrics, request_metrics_middleware
 from server.runtime import Runtime
 from server.service import TextToImageService
@@ -29,6 +30,7 @@ def create_app(settings: Settings) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        limit_arenas(settings.malloc_arena_max)
         runtime.start()
         try:
             yield

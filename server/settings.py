@@ -46,6 +46,7 @@ ENV_NAMES: dict[str, str] = {
     "LORA_PRELOAD": "lora_preload",
     "WARMUP": "warmup",
     "TORCH_THREADS": "torch_threads",
+    "MALLOC_ARENA_MAX": "malloc_arena_max",
     "MAX_BODY_BYTES": "max_body_bytes",
     "TRITONSERVER": "tritonserver",
 }
@@ -113,6 +114,9 @@ class Settings:
     startup_timeout_s: float = 300.0
     warmup: bool = True
     torch_threads: int = 1
+    # glibc malloc arenas of the service process (glibc's own variable): more let the RSS creep with
+    # memory freed on many threads (server/memory.py).
+    malloc_arena_max: int = 2
     # Request body size; a larger body is 413 before it is read in full.
     max_body_bytes: int = 1024 * 1024
     # The tritonserver binary to start when TRITON_URL is empty: this path; empty: `tritonserver` on
@@ -135,6 +139,7 @@ class Settings:
             "max_lora_variants",
             "lora_build_concurrency",
             "torch_threads",
+            "malloc_arena_max",
             "max_body_bytes",
         ):
             if getattr(self, name) < 1:

@@ -481,3 +481,60 @@ def test_hub_model_id_is_served_from_the_model_dir_cache(
     with running_service(Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").grpc_url)) as local:
         (same,) = generate(local.url, prompt="x", **SMALL, seed=3)
     assert image["url"] == same["url"]
+
+
+ARENAS_SCRIPT = """
+import ctypes, os, sys, tempfile, threading
+import torch
+from server.memory import limit_arenas
+if sys.argv[1] != "unlimited":
+    assert limit_arenas(int(sys.argv[1]))
+def work():
+    for _ in range(300):
+        (torch.ones(256, 1024) * 2).sum()  # allocates without the GIL: threads contend for the heap
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+path = os.path.join(tempfile.mkdtemp(), "malloc.xml")
+stream = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(stream))
+libc.fclose(ctypes.c_void_p(stream))
+print(open(path).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
+def test_malloc_arenas_are_limited_so_memory_freed_on_many_threads_is_not_kept() -> None:
+    """Threads that contend for the heap get arenas of their own, each keeping what it freed (the
+    service's RSS crept with distinct LoRA sets); ``limit_arenas`` caps them."""
+
+    def arenas(limit: str) -> int:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("MALLOC_ARENA_MAX", None)
+        out = subprocess.run(
+            [sys.executable, "-c", ARENAS_SCRIPT, limit], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1])
+
+    assert arenas("unlimited") > 2  # the threads do contend here
+    assert arenas("2") <= 2
+
+
+def test_the_service_applies_its_malloc_arena_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import server.app
+
+    applied: list[int] = []
+    monkeypatch.setattr(server.app, "limit_arenas", applied.append)
+    settings = Settings(model_id=str(tmp_path / "no-model"), model_repository=tmp_path / "no-repository")
+    assert settings.malloc_arena_max == 2
+    with running_service(settings.with_overrides(malloc_arena_max="3"), wait_for="ERROR"):
+        assert applied == [3]
+    with pytest.raises(ValueError, match="malloc_arena_max must be at least 1"):
+        Settings(model_id="x", malloc_arena_max=0)

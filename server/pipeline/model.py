@@ -10,7 +10,6 @@ from typing import Any
 
 import diffusers
 import numpy as np
-from transformers import CLIPTokenizer, T5Tokenizer
 
 from export.source import ModelSource
 from server.errors import BadRequest
@@ -79,11 +78,15 @@ class DiffusionModel:
         self.rule = rule
         t5 = {name.replace("text_encoder", "tokenizer") for name in source.t5_encoders}
         self.tokenizers = [
-            (T5Tokenizer if name in t5 else CLIPTokenizer).from_pretrained(source.path / name)
-            for name in source.tokenizers
+            _tokenizer_class(name in t5).from_pretrained(source.path / name) for name in source.tokenizers
         ]
-        # T5 tokens per prompt: the rule's (FLUX.1-schnell 256, dev 512), else the pipeline's default.
-        self.max_sequence_length = rule.max_sequence_length or (512 if source.is_flux else 256)
+        # Tokens per prompt: CLIP's own length; for T5 the rule's (FLUX.1-schnell 256, dev 512), else
+        # the pipeline's default.
+        t5_length = rule.max_sequence_length or (512 if source.is_flux else 256)
+        self.max_lengths = [
+            t5_length if name in t5 else int(tokenizer.model_max_length)
+            for name, tokenizer in zip(source.tokenizers, self.tokenizers, strict=True)
+        ]
         config = source.config("scheduler")
         name = scheduler or str(config["_class_name"])
         if rule.scheduler is not None:
@@ -127,10 +130,7 @@ class DiffusionModel:
     def tokenize(self, encoder: int, texts: list[str]) -> np.ndarray:
         """Token ids [len(texts), max_length] as the tokenizer gives them for the whole texts (CPU
         work: callers on the event loop run it in a thread)."""
-        tokenizer = self.tokenizers[encoder]
-        max_length = (
-            self.max_sequence_length if isinstance(tokenizer, T5Tokenizer) else tokenizer.model_max_length
-        )
+        tokenizer, max_length = self.tokenizers[encoder], self.max_lengths[encoder]
         rows = [tokenize_truncated(tokenizer, text, max_length) for text in texts]
         return np.stack(rows).astype(np.int32)
 
@@ -161,6 +161,18 @@ class DiffusionModel:
             for i in range(self.encoders)
         )
         return Prompts(positive), Prompts(negative)
+
+
+def _tokenizer_class(t5: bool) -> Any:
+    """transformers' slow tokenizer class (what diffusers' pipelines load); T5's, which needs
+    sentencepiece, is imported only for a model that has a T5 encoder."""
+    if t5:
+        from transformers import T5Tokenizer
+
+        return T5Tokenizer
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer
 
 
 def _flow_scheduler(cls: type, *, needs_sigmas: bool) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import hashlib
 import logging
@@ -39,6 +38,7 @@ from export.lora import LoraError
 from export.specs import FINGERPRINT_FILE
 from export.variant_build import BaseIndex, LoraInput, plan_variant, write_variant
 from server.errors import BadRequest, InferenceFailed
+from server.memory import return_free_memory
 from server.metrics import Metrics
 from server.variants.cache import DiskCache, VariantRecord, download_entry, variant_entry
 from server.variants.sources import LoraSources, ResolvedLora, download_name, shown
@@ -129,20 +129,13 @@ class ModelPerVariant:
         for name in models.names:
             if "__" in name:
                 await client.unload_model(name)
+        self._files.pop(models.key, None)
 
 
 @dataclass
 class _Set:
     key: str
     inputs: list[LoraInput]
-
-
-def return_free_memory() -> None:
-    """Give the memory a build freed back to the system.  glibc keeps freed blocks in the arena of the
-    thread that used them: in a 200-set soak on the mid model the service's RSS stepped up ~470 MB
-    and stayed (bench/RESULTS.md).  A no-op where the C library has no ``malloc_trim``."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class VariantManager:
