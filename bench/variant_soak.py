@@ -37,6 +37,8 @@ from bench.variant_build import (
     Size,
     prepare,
 )
+from server.memory import limit_arenas
+from server.settings import Settings
 
 logger = logging.getLogger("bench.variant_soak")
 
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     log_to_stderr(args.verbose, logger)
+    # This process hosts the service: its heap gets the service's arena limit from the start, as
+    # `python -m server` does before any worker thread exists (later, existing arenas stay in use).
+    limit_arenas(Settings(model_id="-").malloc_arena_max)
     os.environ["MAX_LORA_VARIANTS"] = str(args.max_variants)  # read by the Triton model it starts
     prepared = prepare(cast(Size, args.size), args.work)
     formats = [f for f in args.formats.split(",") if f in FORMATS]
