@@ -141,13 +141,9 @@ def initializer_index(path: Path) -> dict[str, InitializerRef]:
     return index
 
 
-def read_initializer(ref: InitializerRef, out: np.ndarray | None = None) -> np.ndarray:
-    """The value of ``ref``, read straight into ``out`` (C-contiguous, its shape and dtype) or a
-    new array."""
-    array = np.empty(ref.dims, dtype=ref.dtype) if out is None else out
-    if array.shape != ref.dims or array.dtype != ref.dtype or not array.flags.c_contiguous:
-        wanted = f"{ref.dtype}{list(ref.dims)}"
-        raise ValueError(f"initializer '{ref.name}' is {wanted}, not {array.dtype}{list(array.shape)}")
+def read_initializer(ref: InitializerRef) -> np.ndarray:
+    """The value of ``ref`` in a new array, read straight into it (a few tensors out of a large file)."""
+    array = np.empty(ref.dims, dtype=ref.dtype)
     with ref.file.open("rb", buffering=0) as fh:
         fh.seek(ref.offset)
         view, done = array.reshape(-1).view(np.uint8).data, 0
@@ -174,10 +170,6 @@ class LazyOnnxState(Mapping[str, "torch.Tensor"]):
         import torch
 
         return torch.from_numpy(read_initializer(self._refs[key]))
-
-    def read_into(self, key: str, out: torch.Tensor) -> None:
-        """Read ``key`` straight into ``out`` (contiguous, its shape and dtype)."""
-        read_initializer(self._refs[key], out.numpy())
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._refs)

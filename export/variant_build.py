@@ -10,13 +10,13 @@ backend maps a parameter to its initializer without the exporter's code.
 A build is two calls: :func:`plan_variant` reads the LoRAs and checks them against the base shapes
 (nothing merged, so the caller can reserve the bytes first), then :func:`write_variant` streams each
 touched tensor: read it alone from the base (:mod:`export.onnx_weights`), add its LoRA terms in
-place, write it. A build costs about the LoRA's size, not the model's, and holds one tensor at a
-time. Pure: no service state; the service, the benchmark and the tests call the same functions.
+place, write it. A build costs about the LoRA's size, not the model's, and holds a few tensors at
+a time, not the variant. Pure: no service state; the service, the benchmark and the tests call the
+same functions.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -86,9 +86,6 @@ class BaseState(Protocol):
 
     def __getitem__(self, key: str) -> torch.Tensor: ...
 
-    def read_into(self, key: str, out: torch.Tensor) -> None:
-        """Read ``key`` into ``out``, a contiguous tensor of its shape and dtype."""
-
 
 class BaseIndex:
     """The base models' weights, read on demand: from the exported ONNX graph (python-onnx, tensorrt:
@@ -131,9 +128,6 @@ class LazySafetensorsState(Mapping[str, "torch.Tensor"]):
 
         with safe_open(str(self._where[key]), framework="pt") as f:
             return f.get_tensor(key)
-
-    def read_into(self, key: str, out: torch.Tensor) -> None:
-        out.copy_(self[key])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -189,20 +183,23 @@ def _described(loras: Sequence[LoraInput]) -> str:
     return json.dumps([{"id": s.lora_id, "weight": s.weight} for s in loras])
 
 
-def _header(plan: VariantPlan, model: str, order: Sequence[str]) -> bytes:
-    """The safetensors header of ``model``'s override file: its tensors back to back in ``order``."""
+def _layout(plan: VariantPlan, model: str, order: Sequence[str]) -> tuple[bytes, list[int]]:
+    """The safetensors header of ``model``'s override file (its tensors back to back in ``order``)
+    and where in the file each tensor's bytes start."""
     state = plan.states[model]
     metadata = {"format": FORMAT, "onnx_prefix": ONNX_PREFIXES[model], "loras": _described(plan.loras)}
     header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
+    starts, offset = [], 0
     for param in order:
+        starts.append(offset)
         end = offset + plan.nbytes(model, param)
         code = _DTYPES[state.dtypes[param]][0]
         header[param] = {"dtype": code, "shape": list(state.shapes[param]), "data_offsets": [offset, end]}
         offset = end
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded
+    prefix = struct.pack("<Q", len(encoded)) + encoded
+    return prefix, [len(prefix) + start for start in starts]
 
 
 def write_variant(repository: Path, key: str, plan: VariantPlan, threads: int = 2) -> dict[str, Path]:
@@ -231,15 +228,14 @@ def write_variant(repository: Path, key: str, plan: VariantPlan, threads: int = 
             out = variant_file(repository, model, key)
             out.parent.mkdir(parents=True, exist_ok=True)
             partial = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.partial")
-            header = _header(plan, model, order)
-            offsets = itertools.accumulate((plan.nbytes(model, p) for p in order), initial=len(header))
+            header, starts = _layout(plan, model, order)
             try:
                 with partial.open("wb") as fh:
                     fh.write(header)
                     fh.flush()
                     jobs = [
-                        pool.submit(merge_one, fh.fileno(), model, param, offset)
-                        for param, offset in zip(order, offsets, strict=False)  # offsets has one more
+                        pool.submit(merge_one, fh.fileno(), model, param, start)
+                        for param, start in zip(order, starts, strict=True)
                     ]
                     # Every job ends before the file is closed (its descriptor could be reused).
                     done, _ = wait(jobs, return_when=FIRST_EXCEPTION)

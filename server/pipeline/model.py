@@ -10,6 +10,7 @@ from typing import Any
 
 import diffusers
 import numpy as np
+from transformers import CLIPTokenizer, T5Tokenizer
 
 from export.source import ModelSource
 from server.errors import BadRequest
@@ -78,7 +79,8 @@ class DiffusionModel:
         self.rule = rule
         t5 = {name.replace("text_encoder", "tokenizer") for name in source.t5_encoders}
         self.tokenizers = [
-            _tokenizer_class(name in t5).from_pretrained(source.path / name) for name in source.tokenizers
+            (T5Tokenizer if name in t5 else CLIPTokenizer).from_pretrained(source.path / name)
+            for name in source.tokenizers
         ]
         # Tokens per prompt: CLIP's own length; for T5 the rule's (FLUX.1-schnell 256, dev 512), else
         # the pipeline's default.
@@ -161,18 +163,6 @@ class DiffusionModel:
             for i in range(self.encoders)
         )
         return Prompts(positive), Prompts(negative)
-
-
-def _tokenizer_class(t5: bool) -> Any:
-    """transformers' slow tokenizer class (what diffusers' pipelines load); T5's, which needs
-    sentencepiece, is imported only for a model that has a T5 encoder."""
-    if t5:
-        from transformers import T5Tokenizer
-
-        return T5Tokenizer
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer
 
 
 def _flow_scheduler(cls: type, *, needs_sigmas: bool) -> bool:

@@ -114,8 +114,7 @@ class TritonClient:
         outputs: Sequence[str],
         parameters: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]:
-        """One request: ``inputs`` share their batch axis.  A 1-D input is sent as [batch, 1]
-        (Triton's shape for per-row scalars; the model config reshapes it back to [batch]).
+        """One request: ``inputs`` share their batch axis (sent as :func:`triton_inputs` makes them).
         ``parameters`` are the request's parameters (e.g. ``lora_variant``)."""
         infer_inputs = triton_inputs(inputs)
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
