@@ -484,7 +484,7 @@ def test_hub_model_id_is_served_from_the_model_dir_cache(
 
 
 ARENAS_SCRIPT = """
-import ctypes, os, sys, tempfile, threading
+import ctypes, sys, threading
 import torch
 from server.memory import limit_arenas
 if sys.argv[1] != "unlimited":
@@ -499,7 +499,7 @@ for t in threads:
     t.join()
 libc = ctypes.CDLL("libc.so.6")
 libc.fopen.restype = ctypes.c_void_p
-path = os.path.join(tempfile.mkdtemp(), "malloc.xml")
+path = sys.argv[2]
 stream = libc.fopen(path.encode(), b"w")
 libc.malloc_info(0, ctypes.c_void_p(stream))
 libc.fclose(ctypes.c_void_p(stream))
@@ -508,15 +508,20 @@ print(open(path).read().count("<heap nr="))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc arenas")
-def test_malloc_arenas_are_limited_so_memory_freed_on_many_threads_is_not_kept() -> None:
+def test_malloc_arenas_are_limited_so_memory_freed_on_many_threads_is_not_kept(tmp_path: Path) -> None:
     """Threads that contend for the heap get arenas of their own, each keeping what it freed (the
     service's RSS crept with distinct LoRA sets); ``limit_arenas`` caps them."""
 
     def arenas(limit: str) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         env.pop("MALLOC_ARENA_MAX", None)
+        report = tmp_path / f"malloc-{limit}.xml"
         out = subprocess.run(
-            [sys.executable, "-c", ARENAS_SCRIPT, limit], capture_output=True, text=True, env=env, timeout=120
+            [sys.executable, "-c", ARENAS_SCRIPT, limit, str(report)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
         )
         assert out.returncode == 0, out.stderr[-2000:]
         return int(out.stdout.split()[-1])
