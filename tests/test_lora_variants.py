@@ -376,6 +376,44 @@ def test_build_writes_only_the_touched_tensors(
     assert len(written) < len(full) / 3
 
 
+def test_a_build_holds_a_few_weights_not_the_variant(
+    tmp_path: Path,
+    repository: Callable[[str], Path],
+    tiny_model: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The streamed build's memory bound: when a weight is merged, at most ``threads`` merged weights
+    are alive (those being written), however many the variant changes."""
+    import shutil
+    import threading
+    import weakref
+
+    import export.variant_build as variant_build
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository("sd"), repo, symlinks=True)
+    lora = build_tiny_lora("sd", tmp_path / "lora.safetensors", "kohya", 5, model_dir=tiny_model("sd"))
+    plan = plan_variant(BaseIndex(repo), ("unet",), [LoraInput(lora, "x", 0.7)])
+    merged: list[weakref.ref] = []
+    most_alive = 0
+    lock = threading.Lock()
+    real = variant_build.merged_weight
+
+    def tracked(*args, **kwargs):
+        nonlocal most_alive
+        with lock:
+            most_alive = max(most_alive, sum(ref() is not None for ref in merged))
+        weight = real(*args, **kwargs)
+        with lock:
+            merged.append(weakref.ref(weight))
+        return weight
+
+    monkeypatch.setattr(variant_build, "merged_weight", tracked)
+    write_variant(repo, "fedcba9876543210", plan, threads=2)
+    assert len(merged) == len(plan.terms["unet"]) > 50
+    assert most_alive <= 2
+
+
 def test_a_build_that_fails_midway_leaves_no_file(
     tmp_path: Path,
     repository: Callable[[str], Path],
