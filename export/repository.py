@@ -32,6 +32,7 @@ from export.precision import TOLERANCES, Precision, component_precision, default
 from export.safety import SafetyCheckerSource, model_safety_checker
 from export.source import ModelSource, resolve_model
 from export.specs import FINGERPRINT_FILE, MANIFEST_FILE, ModelSpec, TensorSpec
+from export.tokenizer import write_serving_tokenizers
 from export.torch_model import TorchOptions, check_torch_model, cuda_dtype_for, write_torch_model
 
 logger = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ def export_repository(
         logger.info("%s: %s (%s)", step, precision, reason)
         build = _Build(precision, source.vae_scale_factor, host, out / tensorrt.TIMING_CACHE_FILE)
         _build_model(component, options, model_dir, fingerprint, extras.get(name), build)
+    write_serving_tokenizers(source, out)
     manifest: dict[str, object] = {
         "model": str(source.path),
         "pipeline": source.pipeline_class,

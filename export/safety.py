@@ -40,7 +40,13 @@ from torch import nn
 
 from export.modules import Component
 from export.source import ModelSourceError, read_json_object
-from export.specs import SAFETY_CHECKER, ModelSpec, safety_checker_spec
+from export.specs import (
+    CLIP_PREPROCESSOR_CONFIG,
+    PREPROCESSOR_CONFIG,
+    SAFETY_CHECKER,
+    ModelSpec,
+    safety_checker_spec,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,7 +68,6 @@ logger = logging.getLogger(__name__)
 
 SAFETY_CHECKER_SUBFOLDER: Final = "safety_checker"
 FEATURE_EXTRACTOR_SUBFOLDER: Final = "feature_extractor"
-PREPROCESSOR_CONFIG: Final = "preprocessor_config.json"
 # Inside ``<repository>/safety_checker/``: the feature extractor's preprocessor_config.json, so that
 # ``CLIPImageProcessor.from_pretrained(<repository>/safety_checker/feature_extractor)`` works.
 FEATURE_EXTRACTOR_DIR: Final = "feature_extractor"
@@ -72,23 +77,6 @@ CHECKER_CLASS: Final = "StableDiffusionSafetyChecker"
 # special-care concept matches, and scores are rounded to this many decimals before the "> 0" test.
 SPECIAL_CARE_ADJUSTMENT: Final = 0.01
 SCORE_DECIMALS: Final = 3
-
-# The preprocessing every Stable Diffusion release ships with (CLIP's own): what
-# ``CLIPImageProcessor()`` defaults to.  Used when a bare checker folder comes without one.
-CLIP_PREPROCESSOR_CONFIG: Final[dict[str, Any]] = {
-    "crop_size": {"height": 224, "width": 224},
-    "do_center_crop": True,
-    "do_convert_rgb": True,
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_processor_type": "CLIPImageProcessor",
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "resample": 3,
-    "rescale_factor": 1 / 255,
-    "size": {"shortest_edge": 224},
-}
 
 
 def _cosine_similarity(image_embeds: torch.Tensor, concept_embeds: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,31 @@ VAE_DECODER = "vae_decoder"
 # buckets), and each model folder's export record.
 MANIFEST_FILE = "t2i-repository.json"
 FINGERPRINT_FILE = ".export.json"
+# The safety checker's CLIP image preprocessing, as transformers' image processors save it.
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# The preprocessing every Stable Diffusion release ships with (CLIP's own): what
+# ``CLIPImageProcessor()`` defaults to.  Used when a bare checker folder comes without one.
+CLIP_PREPROCESSOR_CONFIG: dict[str, object] = {
+    "crop_size": {"height": 224, "width": 224},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "CLIPImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "rescale_factor": 1 / 255,
+    "size": {"shortest_edge": 224},
+}
+
+
+def serving_tokenizer_file(tokenizer: str) -> str:
+    """The repository's file of the model's tokenizer folder ``tokenizer`` (``tokenizer_2``...): a
+    ``tokenizers`` JSON set to pad and truncate, which the service loads without transformers."""
+    return f"t2i-{tokenizer}.json"
+
 
 TOKEN_LENGTH = 77
 # T5 encoders (SD3, FLUX) take a model-dependent number of tokens (max_sequence_length): 256 for SD3

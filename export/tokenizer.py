@@ -20,7 +20,14 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+from export.specs import T5_TOKEN_RANGE_MAX, serving_tokenizer_file
+
+if TYPE_CHECKING:
+    import tokenizers
+
+    from export.source import ModelSource
 
 __all__ = [
     "BOS_TOKEN",
@@ -29,7 +36,10 @@ __all__ = [
     "VOCAB_SIZE",
     "bpe_vocab_path",
     "build_vocab_and_merges",
+    "padded_backend",
+    "transformers_tokenizer",
     "write_clip_tokenizer",
+    "write_serving_tokenizers",
     "write_t5_tokenizer",
 ]
 
@@ -227,3 +237,56 @@ def write_t5_tokenizer(out_dir: Path, *, model_max_length: int = 512) -> None:
     if len(tokenizer) != T5_VOCAB_SIZE:
         raise ValueError(f"T5 tokenizer has {len(tokenizer)} entries, expected {T5_VOCAB_SIZE}")
     logger.debug("wrote T5 tokenizer (%d entries) to %s", len(tokenizer), out_dir)
+
+
+def transformers_tokenizer(folder: Path, *, t5: bool) -> Any:
+    """The model's tokenizer in ``folder`` as diffusers' pipelines load it (``T5Tokenizer`` for a T5
+    encoder, ``CLIPTokenizer`` otherwise)."""
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    return (T5Tokenizer if t5 else CLIPTokenizer).from_pretrained(folder)
+
+
+def padded_backend(tokenizer: Any, max_length: int) -> tokenizers.Tokenizer:
+    """A copy of the ``tokenizers.Tokenizer`` behind a transformers tokenizer, set as
+    ``tokenizer(text, padding="max_length", max_length=max_length, truncation=True)`` sets it, so
+    its ``encode(text)`` gives that call's ids and attention mask.
+
+    Raises ``ValueError`` for a tokenizer whose call does more than its backend (no backend, or
+    ``split_special_tokens``, which the backend's JSON does not keep).
+    """
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "split_special_tokens", False):
+        raise ValueError(f"{type(tokenizer).__name__} is not served by its tokenizers backend alone")
+    tokenizer("", padding="max_length", max_length=max_length, truncation=True)  # sets the backend
+    return Tokenizer.from_str(backend.to_str())
+
+
+def write_serving_tokenizers(source: ModelSource, out: Path) -> list[Path]:
+    """Write each tokenizer of the model into the repository ``out`` as a ``tokenizers`` JSON set to
+    pad and truncate to its own length (the service sets a T5 tokenizer's length from its rule), so
+    the service tokenizes without importing transformers.  Returns the files written; none when one
+    of the tokenizers cannot be served that way (the service then loads them with transformers)."""
+    for name in source.tokenizers:  # a former export's, which the service must not take for these
+        (out / serving_tokenizer_file(name)).unlink(missing_ok=True)
+    t5 = {name.replace("text_encoder", "tokenizer") for name in source.t5_encoders}
+    backends = {}
+    for name in source.tokenizers:
+        tokenizer = transformers_tokenizer(source.path / name, t5=name in t5)
+        # CLIP: its own length.  T5: the service sets the length of the model's rule.
+        length = T5_TOKEN_RANGE_MAX if name in t5 else int(tokenizer.model_max_length)
+        try:
+            backends[name] = padded_backend(tokenizer, length)
+        except ValueError as e:
+            logger.warning("%s: %s; the service will load the tokenizers with transformers", name, e)
+            return []
+    written = []
+    for name, backend in backends.items():
+        path = out / serving_tokenizer_file(name)
+        partial = path.with_name(f".{path.name}.partial")
+        backend.save(str(partial))
+        partial.replace(path)
+        written.append(path)
+    return written

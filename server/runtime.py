@@ -185,7 +185,7 @@ class Runtime:
 
     def _load_model(self, source: ModelSource) -> tuple[DiffusionModel, VariantManager]:
         """The model's tokenizers and scheduler, and its LoRA variants (a worker thread).  The serving
-        code is imported here, not at module level: torch, diffusers and transformers take seconds."""
+        code is imported here, not at module level: torch and diffusers take seconds."""
         import torch
 
         from server.pipeline import flow, safety  # noqa: F401 - the pipeline's modules, loaded here
@@ -193,7 +193,9 @@ class Runtime:
         from server.variants.setup import variant_manager
 
         torch.set_num_threads(self.settings.torch_threads)  # a setting of the process, not the thread
-        model = DiffusionModel(source, self.settings.scheduler, rule_for(self.settings.model_id))
+        model = DiffusionModel(
+            source, self.settings.scheduler, rule_for(self.settings.model_id), self.settings.model_repository
+        )
         variants = variant_manager(
             self.settings, source.text_encoders, self._require_client, self.metrics, source.denoiser
         )

@@ -18,7 +18,7 @@ from export.modules import components
 from export.onnx_export import OnnxMismatchError, check_onnx
 from export.repository import export_repository
 from export.source import ModelSource, ModelSourceError
-from export.specs import MANIFEST_FILE
+from export.specs import MANIFEST_FILE, serving_tokenizer_file
 
 
 def read_config(model_dir: Path) -> mc.ModelConfig:
@@ -40,6 +40,11 @@ def test_repository_layout_and_configs(
     assert json.loads((repo / MANIFEST_FILE).read_text())["models"] == sorted(
         models, key=["text_encoder", "text_encoder_2", "unet", "vae_decoder", "safety_checker"].index
     )
+    # The tokenizers the service loads without transformers, one per text encoder.
+    tokenizers = {name.replace("text_encoder", "tokenizer") for name in models if name.startswith("text")}
+    assert {p.name for p in repo.glob("t2i-tokenizer*.json")} == {
+        serving_tokenizer_file(t) for t in tokenizers
+    }
     for name in models:
         config = read_config(repo / name)
         assert config.name == name

@@ -150,7 +150,7 @@ def test_rules(model_id: str, guidance: float, steps: int, max_sequence_length: 
 
 def test_prompt_parts_and_sequence_length(tiny_model: Callable[[str], Path]) -> None:
     sd3 = DiffusionModel(ModelSource(tiny_model("sd3")))
-    assert sd3.max_lengths == [77, 77, 256]  # CLIP, CLIP, T5
+    assert [t.max_length for t in sd3.tokenizers] == [77, 77, 256]  # CLIP, CLIP, T5
     positive, negative = sd3.prompts("a | b", "")
     assert positive.parts == ("a", "b", "a") and negative.parts == (None, None, None)
     assert sd3.tokenize(2, ["a cat"]).shape == (1, 256)
@@ -158,7 +158,7 @@ def test_prompt_parts_and_sequence_length(tiny_model: Callable[[str], Path]) -> 
     with pytest.raises(BadRequest, match="prompt has 4 parts"):
         sd3.prompts("a|b|c|d", "")
     flux = DiffusionModel(ModelSource(tiny_model("flux")), rule=rule_for("FLUX.1-schnell"))
-    assert flux.max_lengths == [77, 256] and flux.tokenize(1, ["a"]).shape == (1, 256)
+    assert [t.max_length for t in flux.tokenizers] == [77, 256] and flux.tokenize(1, ["a"]).shape == (1, 256)
     assert flux.prompts("a", "x|y|z")[0].parts == ("a", "a")  # FLUX ignores its negative prompt
 
 

@@ -36,6 +36,7 @@ from export.safety import (
 )
 from export.source import ModelSourceError
 from export.specs import MANIFEST_FILE
+from server.pipeline.safety import SafetyChecker
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 from tests.conftest import needs_triton
 
@@ -213,12 +214,63 @@ def test_repository_has_the_checker_model(checker_repository: Path, checker_mode
     assert json.loads((copied / PREPROCESSOR_CONFIG).read_text()) == json.loads(
         (checker_model / "feature_extractor" / PREPROCESSOR_CONFIG).read_text()
     )
-    image = Image.fromarray(calibration_images(1, seed=7)[0])
-    ours = CLIPImageProcessorPil.from_pretrained(copied)(image, return_tensors="np").pixel_values
+    image = calibration_images(1, seed=7)[0]
+    ours = SafetyChecker.from_folders(None, copied).preprocessing([image])  # type: ignore[arg-type]
     theirs = CLIPImageProcessorPil.from_pretrained(checker_model / "feature_extractor")(
-        image, return_tensors="np"
+        Image.fromarray(image), return_tensors="np"
     ).pixel_values
     np.testing.assert_array_equal(ours, theirs)
+
+
+SD15_FEATURE_EXTRACTOR = {  # Stable Diffusion 1.5's own file: sizes as ints, the old class name
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 224,
+}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        SD15_FEATURE_EXTRACTOR,
+        {"size": {"shortest_edge": 112}, "crop_size": {"height": 224, "width": 200}},  # zero-padded crop
+        {"size": {"height": 200, "width": 240}, "resample": 2, "do_center_crop": False},
+        {"do_normalize": False, "rescale_factor": 0.5, "resample": 0},
+        {"do_rescale": False, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.5, 1.0]},
+        {"do_resize": False, "crop_size": {"height": 224, "width": 224}},
+    ],
+    ids=["clip", "sd15", "padded-crop", "fixed-size", "no-normalize", "no-rescale", "no-resize"],
+)
+def test_the_services_preprocessing_is_transformers_value_for_value(
+    config: dict[str, object], tmp_path: Path
+) -> None:
+    (tmp_path / PREPROCESSOR_CONFIG).write_text(json.dumps(config))
+    ours = SafetyChecker.from_folders(None, tmp_path / "none", tmp_path).preprocessing  # type: ignore[arg-type]
+    theirs = CLIPImageProcessorPil.from_pretrained(tmp_path)
+    rng = np.random.default_rng(3)
+    # Square, landscape and portrait, smaller and larger than the crop, odd sides.
+    for height, width in [(256, 256), (256, 384), (768, 512), (64, 96), (9, 13), (225, 224), (1024, 1024)]:
+        images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(2)]
+        expected = theirs([Image.fromarray(i) for i in images], return_tensors="np").pixel_values
+        got = ours(images)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, expected.astype(np.float32), err_msg=f"{height}x{width}")
+
+
+def test_preprocessing_the_service_cannot_reproduce_is_refused(tmp_path: Path) -> None:
+    (tmp_path / PREPROCESSOR_CONFIG).write_text(
+        json.dumps({"size": {"shortest_edge": 224, "longest_edge": 300}})
+    )
+    with pytest.raises(ValueError, match="unsupported size"):
+        SafetyChecker.from_folders(None, tmp_path)  # type: ignore[arg-type]
 
 
 def test_unchanged_checker_is_reused_and_the_cli_takes_a_checker_path(

@@ -6,13 +6,15 @@ import copy
 import inspect
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import diffusers
 import numpy as np
-from transformers import CLIPTokenizer, T5Tokenizer
+import tokenizers
 
 from export.source import ModelSource
+from export.specs import serving_tokenizer_file
 from server.errors import BadRequest
 from server.pipeline.rules import DEFAULT_RULE, ModelRule
 
@@ -45,50 +47,102 @@ PREFIX_CHARS_PER_TOKEN = 16
 WORD_BREAKS = " \t\n\r"
 
 
-def tokenize_truncated(tokenizer: Any, text: str, max_length: int) -> np.ndarray:
-    """``tokenizer(text, padding="max_length", max_length, truncation=True).input_ids[0]``, without
-    letting the tokenizer read more of a long text than the ids it keeps.
+class PromptTokenizer:
+    """One of the model's tokenizers as a ``tokenizers.Tokenizer`` that pads and truncates to
+    ``max_length``: ``encode(text)`` gives what ``tokenizer(text, padding="max_length",
+    max_length=max_length, truncation=True)`` gives, without transformers."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, max_length: int | None = None) -> None:
+        """``backend`` is set to pad and truncate (as :func:`export.tokenizer.padded_backend` sets
+        it); only the length changes, to ``max_length`` when given."""
+        truncation, padding = backend.truncation, backend.padding
+        if truncation is None or padding is None:
+            raise ValueError("the tokenizer is not set to pad and truncate")
+        max_length = max_length or int(truncation["max_length"])
+        backend.enable_truncation(
+            max_length,
+            stride=truncation["stride"],
+            strategy=truncation["strategy"],
+            direction=truncation["direction"],
+        )
+        backend.enable_padding(
+            direction=padding["direction"],
+            pad_id=padding["pad_id"],
+            pad_type_id=padding["pad_type_id"],
+            pad_token=padding["pad_token"],
+            length=max_length,
+        )
+        self.backend = backend
+        self.max_length = max_length
+
+    def encode(self, text: str) -> tuple[np.ndarray, int]:
+        """The ids, ``max_length`` of them, and how many are the text's (not padding)."""
+        encoding = self.backend.encode(text)
+        return np.asarray(encoding.ids, dtype=np.int64), sum(encoding.attention_mask)
+
+
+def prompt_tokenizers(source: ModelSource, t5_length: int, repository: Path | None) -> list[PromptTokenizer]:
+    """The model's tokenizers: from the repository's serving files (:func:`export.tokenizer.
+    write_serving_tokenizers`) when it has them all, else from the model's folders with transformers
+    (seconds of imports).  CLIP keeps its own length; T5 takes ``t5_length``."""
+    t5 = {name.replace("text_encoder", "tokenizer") for name in source.t5_encoders}
+    files = [repository / serving_tokenizer_file(name) for name in source.tokenizers] if repository else []
+    if files and all(f.is_file() for f in files):
+        backends = [tokenizers.Tokenizer.from_file(str(f)) for f in files]
+        return [
+            PromptTokenizer(backend, t5_length if name in t5 else None)
+            for name, backend in zip(source.tokenizers, backends, strict=True)
+        ]
+    logger.info("the repository has no serving tokenizers (export it again for a faster start)")
+    from export.tokenizer import padded_backend, transformers_tokenizer
+
+    def from_folder(name: str) -> PromptTokenizer:
+        tokenizer = transformers_tokenizer(source.path / name, t5=name in t5)
+        return PromptTokenizer(
+            padded_backend(tokenizer, t5_length if name in t5 else tokenizer.model_max_length)
+        )
+
+    return [from_folder(name) for name in source.tokenizers]
+
+
+def tokenize_truncated(tokenizer: PromptTokenizer, text: str) -> np.ndarray:
+    """``tokenizer.encode(text)``'s ids, without letting the tokenizer read more of a long text than
+    the ids it keeps.
 
     The text is cut at a word break, so the prefix's tokens are the text's first tokens; when the
     prefix alone fills ``max_length`` (no padding), the truncated ids are the text's.
     """
-
-    def encode(part: str) -> Any:
-        return tokenizer(
-            part, padding="max_length", max_length=max_length, truncation=True, return_tensors="np"
-        )
-
+    max_length = tokenizer.max_length
     chars = PREFIX_CHARS_PER_TOKEN * max_length
     while chars < len(text):
         cut = max(text.rfind(c, 0, chars) for c in WORD_BREAKS)
         if cut > 0:
-            encoded = encode(text[:cut])
-            if int(encoded.attention_mask.sum()) >= max_length:
-                return np.asarray(encoded.input_ids[0])
+            ids, tokens = tokenizer.encode(text[:cut])
+            if tokens >= max_length:
+                return ids
         chars *= 2
-    return np.asarray(encode(text).input_ids[0])
+    return tokenizer.encode(text)[0]
 
 
 class DiffusionModel:
     """Tokenizers and scheduler of the loaded model, built once at start."""
 
-    def __init__(self, source: ModelSource, scheduler: str = "", rule: ModelRule = DEFAULT_RULE) -> None:
+    def __init__(
+        self,
+        source: ModelSource,
+        scheduler: str = "",
+        rule: ModelRule = DEFAULT_RULE,
+        repository: Path | None = None,
+    ) -> None:
         """``scheduler`` names a diffusers scheduler class to use instead of the model's own; a model
-        rule that requires its scheduler (SDXL-Lightning) takes precedence over both."""
+        rule that requires its scheduler (SDXL-Lightning) takes precedence over both.  ``repository``
+        is the exported repository, whose serving tokenizers spare the transformers import."""
         self.source = source
         self.rule = rule
-        t5 = {name.replace("text_encoder", "tokenizer") for name in source.t5_encoders}
-        self.tokenizers = [
-            (T5Tokenizer if name in t5 else CLIPTokenizer).from_pretrained(source.path / name)
-            for name in source.tokenizers
-        ]
         # Tokens per prompt: CLIP's own length; for T5 the rule's (FLUX.1-schnell 256, dev 512), else
         # the pipeline's default.
         t5_length = rule.max_sequence_length or (512 if source.is_flux else 256)
-        self.max_lengths = [
-            t5_length if name in t5 else int(tokenizer.model_max_length)
-            for name, tokenizer in zip(source.tokenizers, self.tokenizers, strict=True)
-        ]
+        self.tokenizers = prompt_tokenizers(source, t5_length, repository)
         config = source.config("scheduler")
         name = scheduler or str(config["_class_name"])
         if rule.scheduler is not None:
@@ -132,8 +186,7 @@ class DiffusionModel:
     def tokenize(self, encoder: int, texts: list[str]) -> np.ndarray:
         """Token ids [len(texts), max_length] as the tokenizer gives them for the whole texts (CPU
         work: callers on the event loop run it in a thread)."""
-        tokenizer, max_length = self.tokenizers[encoder], self.max_lengths[encoder]
-        rows = [tokenize_truncated(tokenizer, text, max_length) for text in texts]
+        rows = [tokenize_truncated(self.tokenizers[encoder], text) for text in texts]
         return np.stack(rows).astype(np.int32)
 
     def prompts(self, prompt: str, negative_prompt: str) -> tuple[Prompts, Prompts]:
