@@ -337,6 +337,7 @@ class Runtime:
                     max(1, self.settings.max_batch_pixels // self.source.vae_scale_factor**2)
                 ),
                 "T2I_LORA_PRELOAD": ",".join(self._lora_models()) if self.settings.lora_preload else "",
+                "T2I_MEMORY_RELEASE_S": str(self.settings.memory_release_s),
             },
         )
         self.triton = BundledTriton(config)

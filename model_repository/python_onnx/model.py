@@ -18,16 +18,20 @@ comma-separated) names this model, its overridable session opens in a background
 so the first variant request does not wait for it.
 
 Memory: onnxruntime's CPU arena is off, so what a large batch allocated goes back to the system
-afterwards (with it on, one 1024x1024 request left the process at 2.3 GB for good).  A batch whose
-latent input holds more than ``T2I_MAX_BATCH_LATENT_PIXELS`` (rows x height x width, from the
-service's ``MAX_BATCH_PIXELS``; environment of tritonserver) runs in chunks of rows under that cap.
+afterwards (with it on, one 1024x1024 request left the process at 2.3 GB for good).  Between
+batches malloc keeps what a batch freed and a thread gives it back once the model has run nothing
+for ``T2I_MEMORY_RELEASE_S`` seconds (see :class:`FreedMemory`).  A batch whose latent input holds
+more than ``T2I_MAX_BATCH_LATENT_PIXELS`` (rows x height x width, from the service's
+``MAX_BATCH_PIXELS``; environment of tritonserver) runs in chunks of rows under that cap.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
+import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +47,58 @@ _VARIANT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
 # Inputs whose rows x height x width the batch cap counts (UNet ``sample``, SD3 transformer
 # ``hidden_states``, VAE decoder ``latent``).
 _LATENT_INPUTS = ("sample", "hidden_states", "latent")
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Blocks up to this size come from the heap (glibc's largest; above it, mmap), and the heap's free top
+# is given back by malloc itself only beyond this much (int's largest): the rest is release's work.
+_KEPT_MMAP_THRESHOLD = 32 << 20
+_KEPT_TRIM_THRESHOLD = (1 << 31) - 1
+
+
+class FreedMemory:
+    """Keeps the memory a batch freed for the next batch, and gives it back once the model idles.
+
+    With onnxruntime's arena off, each run mallocs its intermediate tensors.  glibc returned those
+    pages to the system at each free (in the stub its mmap and trim thresholds stayed at 128 KiB),
+    so every run faulted every page in again: 12,000 page faults per tiny-UNet step, 40% of the
+    step.  Here malloc keeps freed blocks (mmap only above 32 MiB, no trimming below 2 GiB) and a
+    thread hands them back with ``malloc_trim`` once no batch has run for ``release_s`` seconds
+    (0: after every batch).  No-op where the C library is not glibc.
+    """
+
+    def __init__(self, release_s: float) -> None:
+        self.release_s = release_s
+        self._ran = threading.Event()
+        try:
+            self._libc: Any = ctypes.CDLL("libc.so.6")
+            kept = self._libc.mallopt(_M_MMAP_THRESHOLD, _KEPT_MMAP_THRESHOLD) and self._libc.mallopt(
+                _M_TRIM_THRESHOLD, _KEPT_TRIM_THRESHOLD
+            )
+        except (OSError, AttributeError):
+            self._libc, kept = None, False
+        if not kept:
+            self._libc = None
+        elif release_s > 0:
+            threading.Thread(target=self._release_when_idle, name="t2i-free-memory", daemon=True).start()
+
+    def batch_done(self) -> None:
+        if self._libc is None:
+            return
+        if self.release_s > 0:
+            self._ran.set()
+        else:
+            self._libc.malloc_trim(0)
+
+    def _release_when_idle(self) -> None:
+        while True:
+            self._ran.wait()
+            self._ran.clear()
+            while self._ran.wait(self.release_s):  # another batch ran: wait again
+                self._ran.clear()
+            self._libc.malloc_trim(0)
 
 
 def session_options(params: dict[str, str]) -> ort.SessionOptions:
@@ -75,6 +131,7 @@ class TritonPythonModel:
         if args["model_name"] in os.environ.get("T2I_LORA_PRELOAD", "").split(","):
             self.variants.preload()
         self.max_batch_pixels = int(os.environ.get("T2I_MAX_BATCH_LATENT_PIXELS", "0") or 0)
+        self.freed_memory = FreedMemory(float(os.environ.get("T2I_MEMORY_RELEASE_S", "2") or 0))
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
         self.output_dtypes = {
@@ -113,6 +170,7 @@ class TritonPythonModel:
                     for n in self.output_names
                 ]
                 responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+        self.freed_memory.batch_done()
         return responses
 
     def _inputs(self, request) -> dict[str, np.ndarray]:
