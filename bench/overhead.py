@@ -82,7 +82,8 @@ class LocalOnnxClient:
     """The pipeline's ``InferenceClient`` over onnxruntime sessions in this process.
 
     Each model's session is built with ``model_repository/python_onnx/model.py``'s own
-    ``session_options``, as in Triton, so the floor differs from the service only by the serving path.
+    ``session_options`` and malloc keeps freed memory between runs as that model's ``FreedMemory``
+    has it, as in Triton, so the floor differs from the service only by the serving path.
     """
 
     def __init__(self, repository: Path, names: Sequence[str]) -> None:
@@ -92,7 +93,9 @@ class LocalOnnxClient:
 
         from export.repository import python_onnx_module
 
-        session_options = python_onnx_module().session_options
+        module = python_onnx_module()
+        session_options = module.session_options
+        self.freed_memory = module.FreedMemory(float(os.environ.get("MEMORY_RELEASE_S", "2")))
         self.sessions: dict[str, Any] = {}
         self.batch: dict[str, int] = {}
         self.calls: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -116,6 +119,7 @@ class LocalOnnxClient:
         if model in self.calls:
             self.calls[model].append(dict(inputs))
         results = self.sessions[model].run(list(outputs), dict(inputs))
+        self.freed_memory.batch_done()
         return dict(zip(outputs, results, strict=True))
 
     async def max_batch_size(self, name: str) -> int:
