@@ -51,22 +51,22 @@ _LATENT_INPUTS = ("sample", "hidden_states", "latent")
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-# Blocks up to this size come from the heap (glibc's largest; above it, mmap), and the heap's free top
-# is given back by malloc itself only beyond this much (int's largest): the rest is release's work.
-_KEPT_MMAP_THRESHOLD = 32 << 20
+_M_MMAP_MAX = -4
+# The heap's free top is given back by malloc itself only beyond this much (int's largest): the rest
+# is FreedMemory's release.
 _KEPT_TRIM_THRESHOLD = (1 << 31) - 1
 
 
 class FreedMemory:
     """Keeps the memory a batch freed for the next batch, and gives it back once the model idles.
 
-    With onnxruntime's arena off, each run mallocs its intermediate tensors.  glibc returned those
-    pages to the system at each free (in the stub its mmap and trim thresholds stayed at 128 KiB),
-    so every run faulted every page in again: 12,000 page faults per tiny-UNet step, 40% of the
-    step.  Here malloc keeps freed blocks (mmap only above 32 MiB, no trimming below 2 GiB) and a
-    thread hands them back with ``malloc_trim`` once no batch has run for ``release_s`` seconds
-    (0: after every batch).  No-op where the C library is not glibc.
+    With onnxruntime's arena off, each run mallocs its intermediate tensors.  glibc mmaps large
+    blocks and unmaps them at free, and trims the heap's free top, so every run faulted its pages
+    in again: 12,000 page faults per tiny-UNet step in the stub (40% of the step), 35,000 per mid
+    UNet call (6%).  Here malloc never mmaps (every block comes from the heap, and a free keeps it)
+    and trims nothing below 2 GiB; a thread hands the freed memory back with ``malloc_trim`` once no
+    batch has run for ``release_s`` seconds (0: after every batch).  No-op where the C library is
+    not glibc.
     """
 
     def __init__(self, release_s: float) -> None:
@@ -74,7 +74,7 @@ class FreedMemory:
         self._ran = threading.Event()
         try:
             self._libc: Any = ctypes.CDLL("libc.so.6")
-            kept = self._libc.mallopt(_M_MMAP_THRESHOLD, _KEPT_MMAP_THRESHOLD) and self._libc.mallopt(
+            kept = self._libc.mallopt(_M_MMAP_MAX, 0) and self._libc.mallopt(
                 _M_TRIM_THRESHOLD, _KEPT_TRIM_THRESHOLD
             )
         except (OSError, AttributeError):
