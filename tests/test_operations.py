@@ -451,6 +451,7 @@ def test_model_that_cannot_load_is_error_and_its_bundled_triton_is_stopped(
         state_dir=work_dir / "state-unloadable",
         scheduler="NoSuchScheduler",
         lora_preload=True,
+        memory_release_s=0.5,
     )
     with running_service(settings, wait_for="ERROR") as running:
         runtime = running.app.state.runtime
@@ -459,6 +460,8 @@ def test_model_that_cannot_load_is_error_and_its_bundled_triton_is_stopped(
         assert runtime.triton is not None  # it was started beside the model's loading
         # LORA_PRELOAD: the models a LoRA can change open their variant session at start
         assert runtime.triton.config.environment["T2I_LORA_PRELOAD"] == "unet,text_encoder"
+        # MEMORY_RELEASE_S: the python-onnx workers read it from tritonserver's environment
+        assert runtime.triton.config.environment["T2I_MEMORY_RELEASE_S"] == "0.5"
         wait_until(lambda: not runtime.triton.is_running(), 60, "the bundled Triton to stop")
         response = httpx.post(f"{running.url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=30)
         assert response.status_code == 503

@@ -70,6 +70,8 @@ def test_settings_precedence_and_conversion() -> None:
         {"MODEL_ID": "m", "WARMUP": "perhaps"},
         {"MODEL_ID": "m", "PIPELINE": "image-to-image"},
         {"MODEL_ID": "m", "MAX_IMAGES": "0"},
+        {"MODEL_ID": "m", "MEMORY_RELEASE_S": "-1"},
+        {"MODEL_ID": "m", "MEMORY_RELEASE_S": "soon"},
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str]) -> None:
