@@ -112,6 +112,11 @@ class ModelSource:
         return tuple(name.replace("text_encoder", "tokenizer") for name in self.text_encoders)
 
     @property
+    def t5_tokenizers(self) -> tuple[str, ...]:
+        """The tokenizers of the T5 encoders (T5's, loaded as ``T5Tokenizer``); the others are CLIP's."""
+        return tuple(name.replace("text_encoder", "tokenizer") for name in self.t5_encoders)
+
+    @property
     def force_zeros_for_empty_prompt(self) -> bool:
         return self.is_sdxl and bool(self.model_index.get("force_zeros_for_empty_prompt", True))
 

@@ -37,6 +37,7 @@ __all__ = [
     "bpe_vocab_path",
     "build_vocab_and_merges",
     "padded_backend",
+    "padded_tokenizer",
     "transformers_tokenizer",
     "write_clip_tokenizer",
     "write_serving_tokenizers",
@@ -264,21 +265,26 @@ def padded_backend(tokenizer: Any, max_length: int) -> tokenizers.Tokenizer:
     return Tokenizer.from_str(backend.to_str())
 
 
+def padded_tokenizer(source: ModelSource, name: str, t5_length: int) -> tokenizers.Tokenizer:
+    """The model's tokenizer folder ``name`` loaded with transformers, as :func:`padded_backend`
+    gives it: CLIP at its own length, T5 at ``t5_length``."""
+    t5 = name in source.t5_tokenizers
+    tokenizer = transformers_tokenizer(source.path / name, t5=t5)
+    return padded_backend(tokenizer, t5_length if t5 else int(tokenizer.model_max_length))
+
+
 def write_serving_tokenizers(source: ModelSource, out: Path) -> list[Path]:
     """Write each tokenizer of the model into the repository ``out`` as a ``tokenizers`` JSON set to
-    pad and truncate to its own length (the service sets a T5 tokenizer's length from its rule), so
-    the service tokenizes without importing transformers.  Returns the files written; none when one
-    of the tokenizers cannot be served that way (the service then loads them with transformers)."""
+    pad and truncate (T5 at the longest length the export takes: the service sets the length of the
+    model's rule), so the service tokenizes without importing transformers.  Returns the files
+    written; none when one of the tokenizers cannot be served that way (the service then loads them
+    with transformers)."""
     for name in source.tokenizers:  # a former export's, which the service must not take for these
         (out / serving_tokenizer_file(name)).unlink(missing_ok=True)
-    t5 = {name.replace("text_encoder", "tokenizer") for name in source.t5_encoders}
     backends = {}
     for name in source.tokenizers:
-        tokenizer = transformers_tokenizer(source.path / name, t5=name in t5)
-        # CLIP: its own length.  T5: the service sets the length of the model's rule.
-        length = T5_TOKEN_RANGE_MAX if name in t5 else int(tokenizer.model_max_length)
         try:
-            backends[name] = padded_backend(tokenizer, length)
+            backends[name] = padded_tokenizer(source, name, T5_TOKEN_RANGE_MAX)
         except ValueError as e:
             logger.warning("%s: %s; the service will load the tokenizers with transformers", name, e)
             return []

@@ -85,24 +85,18 @@ def prompt_tokenizers(source: ModelSource, t5_length: int, repository: Path | No
     """The model's tokenizers: from the repository's serving files (:func:`export.tokenizer.
     write_serving_tokenizers`) when it has them all, else from the model's folders with transformers
     (seconds of imports).  CLIP keeps its own length; T5 takes ``t5_length``."""
-    t5 = {name.replace("text_encoder", "tokenizer") for name in source.t5_encoders}
     files = [repository / serving_tokenizer_file(name) for name in source.tokenizers] if repository else []
     if files and all(f.is_file() for f in files):
-        backends = [tokenizers.Tokenizer.from_file(str(f)) for f in files]
         return [
-            PromptTokenizer(backend, t5_length if name in t5 else None)
-            for name, backend in zip(source.tokenizers, backends, strict=True)
+            PromptTokenizer(
+                tokenizers.Tokenizer.from_file(str(f)), t5_length if name in source.t5_tokenizers else None
+            )
+            for name, f in zip(source.tokenizers, files, strict=True)
         ]
     logger.info("the repository has no serving tokenizers (export it again for a faster start)")
-    from export.tokenizer import padded_backend, transformers_tokenizer
+    from export.tokenizer import padded_tokenizer
 
-    def from_folder(name: str) -> PromptTokenizer:
-        tokenizer = transformers_tokenizer(source.path / name, t5=name in t5)
-        return PromptTokenizer(
-            padded_backend(tokenizer, t5_length if name in t5 else tokenizer.model_max_length)
-        )
-
-    return [from_folder(name) for name in source.tokenizers]
+    return [PromptTokenizer(padded_tokenizer(source, name, t5_length)) for name in source.tokenizers]
 
 
 def tokenize_truncated(tokenizer: PromptTokenizer, text: str) -> np.ndarray:
