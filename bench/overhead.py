@@ -92,10 +92,13 @@ class LocalOnnxClient:
         from tritonclient.grpc import model_config_pb2 as mc
 
         from export.repository import python_onnx_module
+        from server.settings import Settings
 
         module = python_onnx_module()
         session_options = module.session_options
-        self.freed_memory = module.FreedMemory(float(os.environ.get("MEMORY_RELEASE_S", "2")))
+        # the service's MEMORY_RELEASE_S (this process's environment, as the service it is compared to)
+        release_s = Settings.from_env(model_id=str(repository)).memory_release_s
+        self.freed_memory = module.FreedMemory(release_s)
         self.sessions: dict[str, Any] = {}
         self.batch: dict[str, int] = {}
         self.calls: dict[str, list[dict[str, np.ndarray]]] = {}
