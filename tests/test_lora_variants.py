@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from export.lora import ONNX_PREFIXES, load_graph, onnx_state
 from export.onnx_weights import initializer_index, read_initializer
 from export.repository import python_onnx_module
 from export.tiny_lora import build_tiny_lora
-from export.variant_build import BaseIndex, LoraInput, plan_variant, write_variant
+from export.variant_build import BaseIndex, LoraInput, VariantPlan, plan_variant, write_variant
 from server.errors import BadRequest, ServiceUnavailable
 from server.metrics import Metrics
 from server.variants.cache import DiskCache, download_entry, variant_entry
@@ -346,13 +347,24 @@ def test_initializer_index_reads_what_onnx_reads(repository: Callable[[str], Pat
         np.testing.assert_array_equal(read_initializer(index[name]), expected[name].numpy())
 
 
-def test_build_writes_only_the_touched_tensors(
-    tmp_path: Path, repository: Callable[[str], Path], tiny_model: Callable[[str], Path]
-) -> None:
-    import shutil
-
+@pytest.fixture
+def sd_copy(tmp_path: Path, repository: Callable[[str], Path]) -> Path:
+    """A copy of the session's tiny SD repository that a test may write variants into."""
     repo = tmp_path / "repo"
     shutil.copytree(repository("sd"), repo, symlinks=True)
+    return repo
+
+
+def _kohya_unet_plan(repo: Path, tmp_path: Path, tiny_model: Callable[[str], Path], seed: int) -> VariantPlan:
+    """The plan of a kohya LoRA (strength 0.7) on the UNet of ``repo``."""
+    lora = build_tiny_lora("sd", tmp_path / "lora.safetensors", "kohya", seed, model_dir=tiny_model("sd"))
+    return plan_variant(BaseIndex(repo), ("unet",), [LoraInput(lora, "x", 0.7)])
+
+
+def test_build_writes_only_the_touched_tensors(
+    tmp_path: Path, sd_copy: Path, tiny_model: Callable[[str], Path]
+) -> None:
+    repo = sd_copy
     lora = build_tiny_lora(
         "sd", tmp_path / "lora", "diffusers", 3, model_dir=tiny_model("sd"), text_encoder=True
     )
@@ -377,23 +389,16 @@ def test_build_writes_only_the_touched_tensors(
 
 
 def test_a_build_holds_a_few_weights_not_the_variant(
-    tmp_path: Path,
-    repository: Callable[[str], Path],
-    tiny_model: Callable[[str], Path],
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, sd_copy: Path, tiny_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The streamed build's memory bound: when a weight is merged, at most ``threads`` merged weights
     are alive (those being written), however many the variant changes."""
-    import shutil
     import threading
     import weakref
 
     import export.variant_build as variant_build
 
-    repo = tmp_path / "repo"
-    shutil.copytree(repository("sd"), repo, symlinks=True)
-    lora = build_tiny_lora("sd", tmp_path / "lora.safetensors", "kohya", 5, model_dir=tiny_model("sd"))
-    plan = plan_variant(BaseIndex(repo), ("unet",), [LoraInput(lora, "x", 0.7)])
+    plan = _kohya_unet_plan(sd_copy, tmp_path, tiny_model, 5)
     merged: list[weakref.ref] = []
     most_alive = 0
     lock = threading.Lock()
@@ -409,27 +414,20 @@ def test_a_build_holds_a_few_weights_not_the_variant(
         return weight
 
     monkeypatch.setattr(variant_build, "merged_weight", tracked)
-    write_variant(repo, "fedcba9876543210", plan, threads=2)
+    write_variant(sd_copy, "fedcba9876543210", plan, threads=2)
     assert len(merged) == len(plan.terms["unet"]) > 50
     assert most_alive <= 2
 
 
 def test_a_build_that_fails_midway_leaves_no_file(
-    tmp_path: Path,
-    repository: Callable[[str], Path],
-    tiny_model: Callable[[str], Path],
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, sd_copy: Path, tiny_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The streamed build writes into a temporary file: a failure on one tensor (here the third)
     removes it, and no variant file appears."""
-    import shutil
-
     import export.variant_build as variant_build
 
-    repo = tmp_path / "repo"
-    shutil.copytree(repository("sd"), repo, symlinks=True)
-    lora = build_tiny_lora("sd", tmp_path / "lora.safetensors", "kohya", 4, model_dir=tiny_model("sd"))
-    plan = plan_variant(BaseIndex(repo), ("unet",), [LoraInput(lora, "x", 0.7)])
+    repo = sd_copy
+    plan = _kohya_unet_plan(repo, tmp_path, tiny_model, 4)
     assert len(plan.terms["unet"]) > 3
     calls = 0
     real = variant_build.merged_weight
