@@ -25,7 +25,13 @@ from bench.worker_memory import memory_mb
 from server.errors import InferenceFailed, ModelUnavailable, ServiceUnavailable, TritonUnavailable
 from server.settings import Settings
 from server.triton.client import TritonClient
-from server.triton.launcher import BundledTriton, TritonLaunchConfig, stub_model, stub_processes
+from server.triton.launcher import (
+    BundledTriton,
+    TritonLaunchConfig,
+    process_stat,
+    stub_model,
+    stub_processes,
+)
 from tests.conftest import free_port, running_service
 from tests.test_operations import health, wait_until
 
@@ -44,7 +50,7 @@ def stubs(backend_directory: Path) -> dict[str, tuple[int, str]]:
 
 def alive(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return process_stat(pid)[0] != "Z"
     except OSError:
         return False
 
@@ -262,7 +268,7 @@ def unet_inputs(rows: int, side: int, seed: int) -> dict[str, np.ndarray]:
 
 def page_faults(pid: int) -> int:
     """Minor page faults of a process so far (/proc/PID/stat)."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    return int(process_stat(pid)[7])
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from server.triton.launcher import (
     TritonStartError,
     build_command,
     prepare_backend_directory,
+    process_stat,
     stub_model,
     stub_processes,
     tritonserver_binary,
@@ -472,7 +473,7 @@ def stub_pids(server: BundledTriton) -> dict[str, int]:
 
 def gone(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return process_stat(pid)[0] == "Z"
     except OSError:
         return True
 

@@ -369,18 +369,23 @@ def _cmdline(pid: int) -> list[str]:
     return [arg.decode("utf-8", errors="replace") for arg in raw.split(b"\0")[:-1]]
 
 
+def process_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (the state first, then the parent's
+    pid...); ``OSError`` when the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _start_time(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot), to tell it from a recycled pid."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(process_stat(pid)[19])
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _parent(pid: int) -> int | None:
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return int(process_stat(pid)[1])
     except (OSError, IndexError, ValueError):
         return None
 
