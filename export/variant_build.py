@@ -145,6 +145,10 @@ class VariantPlan:
     states: Mapping[str, BaseState]
     terms: Mapping[str, Mapping[str, MergeTerms]]
 
+    def described(self) -> list[dict[str, object]]:
+        """The LoRA set as the variant's files and its cache record name it: each id and weight."""
+        return [{"id": s.lora_id, "weight": s.weight} for s in self.loras]
+
     def nbytes(self, model: str, param: str) -> int:
         state = self.states[model]
         return math.prod(state.shapes[param]) * _DTYPES[state.dtypes[param]][1]
@@ -155,7 +159,7 @@ class VariantPlan:
 
     def file_bytes_bound(self) -> int:
         """An upper bound of the bytes :func:`write_variant` writes: the tensors plus their headers."""
-        header = 4096 + len(_described(self.loras))
+        header = 4096 + len(json.dumps(self.described()))
         per_tensor = 512  # name, dtype, shape and offsets in the JSON header
         return self.tensor_bytes() + sum(header + per_tensor * len(t) for t in self.terms.values())
 
@@ -179,15 +183,11 @@ def plan_variant(base: BaseIndex, models: Sequence[str], loras: Sequence[LoraInp
     return VariantPlan(tuple(loras), states, terms)
 
 
-def _described(loras: Sequence[LoraInput]) -> str:
-    return json.dumps([{"id": s.lora_id, "weight": s.weight} for s in loras])
-
-
 def _layout(plan: VariantPlan, model: str, order: Sequence[str]) -> tuple[bytes, list[int]]:
     """The safetensors header of ``model``'s override file (its tensors back to back in ``order``)
     and where in the file each tensor's bytes start."""
     state = plan.states[model]
-    metadata = {"format": FORMAT, "onnx_prefix": ONNX_PREFIXES[model], "loras": _described(plan.loras)}
+    metadata = {"format": FORMAT, "onnx_prefix": ONNX_PREFIXES[model], "loras": json.dumps(plan.described())}
     header: dict[str, object] = {"__metadata__": metadata}
     starts, offset = [], 0
     for param in order:

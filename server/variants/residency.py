@@ -305,8 +305,7 @@ class VariantManager:
             self.cache.reserve(name, plan.file_bytes_bound())
             try:
                 files = await asyncio.to_thread(write_variant, self.repository, key, plan)
-                described = [{"id": s.lora_id, "weight": s.weight} for s in lora_set.inputs]
-                record = self.cache.commit_variant(key, files, described)
+                record = self.cache.commit_variant(key, files, plan.described())
             except BaseException:
                 self.cache.release(name)
                 raise
