@@ -179,6 +179,9 @@ class TritonPythonModel:
     def _run(
         self, session: Any, batch: list[dict[str, np.ndarray]], overrides: dict[str, np.ndarray] | None = None
     ) -> list[dict[str, np.ndarray]]:
+        if len(batch) == 1:  # one request (concurrency 1): nothing to join or split
+            outputs = self._run_chunked(session, batch[0], overrides or {})
+            return [dict(zip(self.output_names, outputs))]
         sizes = [len(feeds[self.input_names[0]]) for feeds in batch]
         joined = {n: np.concatenate([feeds[n] for feeds in batch]) for n in self.input_names}
         outputs = self._run_chunked(session, joined, overrides or {})
