@@ -386,7 +386,7 @@ class Stack:
             **os.environ,
             "MODEL_ID": str(self.prepared.model_dir.resolve()),
             "MODEL_REPOSITORY": str(repository),
-            "TRITON_URL": self.grpc_url,
+            "TRITON_URL": self.triton.http_url,
             "STATE_DIR": str((self.work / "state").resolve()),
             "HOST": "127.0.0.1",
             "PORT": str(port),

@@ -54,7 +54,7 @@ def _inputs(rows: int, side: int) -> dict[str, np.ndarray]:
 
 async def _measure(server: BundledTriton, rows: int, side: int) -> None:
     pid = _unet_stub(server)
-    client = TritonClient(server.grpc_url, timeout_s=600)
+    client = TritonClient(server.http_url, timeout_s=600)
     try:
         await client.infer("unet", _inputs(1, 8), ["noise_pred"])
         before = memory_mb(pid)["VmRSS"]

@@ -342,7 +342,7 @@ class Runtime:
         )
         self.triton = BundledTriton(config)
         await asyncio.to_thread(self.triton.start)
-        self.client = TritonClient(self.triton.grpc_url, self.settings.triton_timeout_s)
+        self.client = TritonClient(self.triton.http_url, self.settings.triton_timeout_s)
 
 
 def repository_models(repository: Path) -> tuple[str, ...]:

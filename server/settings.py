@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # Environment variable -> settings field.  Names follow Livepeer's ai-runner where it has one.
 ENV_NAMES: dict[str, str] = {
@@ -57,13 +58,27 @@ class SettingsError(ValueError):
     pass
 
 
+def triton_address(url: str) -> tuple[str, int]:
+    """``host:port`` or ``http://host:port`` of Triton's HTTP endpoint -> (host, port)."""
+    parsed = urlsplit(url if "://" in url else f"http://{url}")
+    if parsed.scheme != "http" or not parsed.hostname or parsed.path not in ("", "/") or parsed.query:
+        raise SettingsError(
+            f"TRITON_URL must be Triton's HTTP address as host:port or http://host:port, got {url!r}"
+        )
+    try:
+        port = parsed.port or 8000  # Triton's own default
+    except ValueError as e:
+        raise SettingsError(f"TRITON_URL has a bad port: {url!r}") from e
+    return parsed.hostname, port
+
+
 @dataclass(frozen=True)
 class Settings:
     pipeline: str = "text-to-image"
     model_id: str = ""
     model_dir: Path = Path("/models")
     auth_token: str | None = None
-    # Empty: start the bundled tritonserver on ``model_repository``.
+    # Triton's HTTP endpoint (host:port); empty: start the bundled tritonserver on ``model_repository``.
     triton_url: str = ""
     model_repository: Path = Path("model_repository/default")
     state_dir: Path = Path("state")
@@ -157,6 +172,8 @@ class Settings:
             raise SettingsError("lora_hub_timeout_s, lora_max_mb and lora_cache_gb must be > 0")
         if self.safety_checker not in ("auto", "off"):
             raise SettingsError(f"safety_checker must be 'auto' or 'off', got '{self.safety_checker}'")
+        if self.triton_url:
+            triton_address(self.triton_url)
         if not 0 < self.port < 65536:
             raise SettingsError(f"port {self.port} is out of range")
 

@@ -173,7 +173,7 @@ def service(
                 overrides = {"model_repository": repository(family, target), **overrides}
             settings = Settings(
                 model_id=str(tiny_model(family)),
-                triton_url=triton(family, target).grpc_url,
+                triton_url=triton(family, target).http_url,
                 **overrides,  # type: ignore[arg-type]
             )
             urls[key] = stack.enter_context(running_service(settings)).url

@@ -343,7 +343,7 @@ def served(
     env = {
         **os.environ,
         "MODEL_ID": str(tiny_model("sd")),
-        "TRITON_URL": triton("sd").grpc_url,
+        "TRITON_URL": triton("sd").http_url,
         "HOST": "127.0.0.1",
         "PORT": str(port),
     }

@@ -161,7 +161,7 @@ def test_compose_wires_triton_and_the_service() -> None:
     service, triton = services["service"], services["triton"]
     env = service["environment"]
     assert set(env) <= set(ENV_NAMES)
-    assert env["TRITON_URL"] == "triton:8001"
+    assert env["TRITON_URL"] == "triton:8000"
     repository = env["MODEL_REPOSITORY"]
     assert f'repo = "{repository}"' in triton["command"][-1]
     assert f"--out {repository}" in services["export"]["command"][-1]

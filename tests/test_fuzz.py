@@ -108,7 +108,7 @@ def test_without_the_token_nothing_reaches_the_pipeline(
 ) -> None:
     config = Settings(
         model_id=str(tiny_model("sd")),
-        triton_url=triton("sd").grpc_url,
+        triton_url=triton("sd").http_url,
         auth_token="fuzz-token",
         **FUZZ_LIMITS,
     )  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ def _settings(
 ) -> Settings:
     return Settings(
         model_id=str(tiny_model("sd")),
-        triton_url=triton("sd").grpc_url,
+        triton_url=triton("sd").http_url,
         model_repository=repository("sd"),
         lora_dir=lora_dir,
         **overrides,  # type: ignore[arg-type]

@@ -100,7 +100,7 @@ def test_concurrent_first_requests_build_once_and_a_restart_reuses_the_variant(
 ) -> None:
     settings = Settings(
         model_id=str(tiny_model("sd")),
-        triton_url=triton("sd").grpc_url,
+        triton_url=triton("sd").http_url,
         model_repository=repository("sd"),
         lora_dir=lora_dir,
         lora_hub=False,
@@ -139,7 +139,7 @@ def test_lru_bound_keeps_the_most_recently_used_variants(
     server = triton("sd")
     settings = Settings(
         model_id=str(tiny_model("sd")),
-        triton_url=server.grpc_url,
+        triton_url=server.http_url,
         model_repository=repository("sd"),
         lora_dir=lora_dir,
         lora_hub=False,

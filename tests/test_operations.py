@@ -131,7 +131,7 @@ def test_lightning_model_forces_steps_scheduler_and_no_guidance(
 ) -> None:
     model = tmp_path / "sdxl-lightning-4step"
     shutil.copytree(tiny_model("sdxl"), model)
-    settings = Settings(model_id=str(model), triton_url=triton("sdxl").grpc_url)
+    settings = Settings(model_id=str(model), triton_url=triton("sdxl").http_url)
     with running_service(settings) as running:
         (image,) = generate(
             running.url,
@@ -169,7 +169,7 @@ def test_turbo_model_forces_no_guidance(
 ) -> None:
     model = tmp_path / "sd-turbo"
     shutil.copytree(tiny_model("sd"), model)
-    settings = Settings(model_id=str(model), triton_url=triton("sd").grpc_url)
+    settings = Settings(model_id=str(model), triton_url=triton("sd").http_url)
     with running_service(settings) as running:
         (image,) = generate(
             running.url,
@@ -283,7 +283,7 @@ def test_client_that_disconnects_stops_its_loop_within_one_step(service: Callabl
 def test_out_of_memory_is_500_with_the_contract_message_and_the_service_keeps_serving(
     tiny_model: Callable[[str], Path], triton: Callable[[str], BundledTriton]
 ) -> None:
-    settings = Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").grpc_url)
+    settings = Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").http_url)
     with running_service(settings) as running:
         client = running.app.state.runtime.client
         real_infer = client.infer
@@ -311,9 +311,9 @@ def test_out_of_memory_is_500_with_the_contract_message_and_the_service_keeps_se
 def test_triton_unreachable_at_start_is_error_then_ok_once_it_is_back(
     work_dir: Path, tiny_model: Callable[[str], Path], repository: Callable[[str], Path]
 ) -> None:
-    grpc_port = free_port()
+    http_port = free_port()
     settings = Settings(
-        model_id=str(tiny_model("sd")), triton_url=f"127.0.0.1:{grpc_port}", health_interval_s=0.2
+        model_id=str(tiny_model("sd")), triton_url=f"127.0.0.1:{http_port}", health_interval_s=0.2
     )
     with running_service(settings, wait_for="ERROR") as running:
         started = time.perf_counter()
@@ -322,7 +322,7 @@ def test_triton_unreachable_at_start_is_error_then_ok_once_it_is_back(
         assert response.status_code == 503 and response.headers["retry-after"]
         assert response.json()["detail"]["msg"]
         config = TritonLaunchConfig(
-            model_repository=repository("sd"), state_dir=work_dir / "state-late", grpc_port=grpc_port
+            model_repository=repository("sd"), state_dir=work_dir / "state-late", http_port=http_port
         )
         with BundledTriton(config):
             wait_until(lambda: health(running.url) == "OK", 60, "OK once Triton is up")
@@ -377,7 +377,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits(
     env = {
         **os.environ,
         "MODEL_ID": str(tiny_model("sd")),
-        "TRITON_URL": triton("sd").grpc_url,
+        "TRITON_URL": triton("sd").http_url,
         "HOST": "127.0.0.1",
         "PORT": str(port),
     }
@@ -477,11 +477,11 @@ def test_hub_model_id_is_served_from_the_model_dir_cache(
     shutil.copytree(tiny_model("sd"), repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    settings = Settings(model_id="someone/tiny-sd", triton_url=triton("sd").grpc_url, model_dir=tmp_path)
+    settings = Settings(model_id="someone/tiny-sd", triton_url=triton("sd").http_url, model_dir=tmp_path)
     with running_service(settings) as running:
         (image,) = generate(running.url, prompt="x", **SMALL, seed=3)
         assert running.app.state.runtime.model.source.path == repo / "snapshots" / revision
-    with running_service(Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").grpc_url)) as local:
+    with running_service(Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").http_url)) as local:
         (same,) = generate(local.url, prompt="x", **SMALL, seed=3)
     assert image["url"] == same["url"]
 

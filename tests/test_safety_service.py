@@ -46,7 +46,7 @@ def checked_service(work_dir: Path, checked_model: Path) -> Iterator[RunningServ
     repo = export_repository(str(checked_model), work_dir / "repositories" / "sd-checked")
     config = TritonLaunchConfig(model_repository=repo, state_dir=work_dir / "state-checked")
     with BundledTriton(config) as triton:
-        settings = Settings(model_id=str(checked_model), triton_url=triton.grpc_url, model_repository=repo)
+        settings = Settings(model_id=str(checked_model), triton_url=triton.http_url, model_repository=repo)
         with running_service(settings) as running:
             yield running
 

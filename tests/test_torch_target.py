@@ -320,12 +320,14 @@ def _infer(
     """Send ``requests`` to ``model`` at once (so the dynamic batcher may group them); each answer is a
     dict of outputs or the error's message."""
     import tritonclient.grpc.aio as grpcclient
-    from tritonclient.utils import InferenceServerException
-
-    from server.triton.client import triton_inputs
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
     async def one(client: Any, feeds: dict[str, np.ndarray], variant: object) -> Any:
-        inputs = triton_inputs(feeds)
+        inputs = []
+        for name, array in feeds.items():
+            data = np.ascontiguousarray(array.reshape(-1, 1) if array.ndim == 1 else array)
+            inputs.append(grpcclient.InferInput(name, list(data.shape), np_to_triton_dtype(data.dtype)))
+            inputs[-1].set_data_from_numpy(data)
         parameters = {"lora_variant": variant} if variant is not None else None
         try:
             result = await client.infer(model, inputs, parameters=parameters, client_timeout=120)

@@ -108,8 +108,8 @@ class TritonLaunchConfig:
     startup_timeout_s: float = 120.0
     stop_timeout_s: float = 15.0
     extra_args: tuple[str, ...] = ()
-    # A fixed gRPC port (None: a free one), so a restarted server can come back where clients look.
-    grpc_port: int | None = None
+    # A fixed HTTP port (None: a free one), so a restarted server can come back where clients look.
+    http_port: int | None = None
     # A tritonserver installed on the host (the Docker image's /opt/tritonserver/bin/tritonserver, with
     # its TensorRT, onnxruntime and python backends) run as it is: its own backend directory and
     # libraries. None: the nvidia-pytriton wheel's binary, prepared as described above.
@@ -625,7 +625,7 @@ class BundledTriton:
         parent_pid = os.getpid()
 
         ports = find_free_ports(3 if config.metrics else 2)
-        http_port, grpc_port = ports[0], config.grpc_port or ports[1]
+        http_port, grpc_port = config.http_port or ports[0], ports[1]
         metrics_port = ports[2] if config.metrics else None
         cmd = build_command(
             config,
