@@ -107,7 +107,7 @@ def overhead_chart(results: Sequence[SizeResult], out: Path) -> Path:
         rest,
         width=0.4,
         bottom=[a + b for a, b in zip(compute, queue, strict=True)],
-        label="service rest (gRPC, IPC, scheduler math)",
+        label="service rest (HTTP to Triton, IPC, scheduler math)",
     )
     ax.set_xticks(xs, labels)
     ax.set(ylabel="ms per UNet step", title="Per-step time: service against the same graph in-process")
