@@ -222,9 +222,10 @@ class Runtime:
         assert self.model is not None
         await self._connect()
         assert self.client is not None
-        if not await self.client.is_live():
+        reason = await self.client.not_live()
+        if reason:
             self._forget_variants()  # when it answers again it may be a new server
-            raise TritonUnavailable(f"Triton at {self.client.url} is not reachable")
+            raise TritonUnavailable(f"Triton at {self.client.url} is not reachable: {reason}")
         names = self._base_models()
         broken = await self._not_serving(names)
         if broken:

@@ -334,6 +334,16 @@ def test_triton_unreachable_at_start_is_error_then_ok_once_it_is_back(
             )
 
 
+def test_triton_url_at_the_grpc_port_is_an_error_that_says_so(
+    tiny_model: Callable[[str], Path], triton: Callable[[str], BundledTriton]
+) -> None:
+    """TRITON_URL used to be Triton's gRPC address; pointed there now, /health says which port to use."""
+    settings = Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").grpc_url)
+    with running_service(settings, wait_for="ERROR") as running:
+        error = running.app.state.runtime.error
+        assert "not its gRPC port" in error and "HTTP port" in error, error
+
+
 def test_bundled_triton_killed_mid_request_fails_that_request_and_comes_back(
     work_dir: Path, tiny_model: Callable[[str], Path], repository: Callable[[str], Path]
 ) -> None:

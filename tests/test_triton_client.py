@@ -290,6 +290,22 @@ def test_control_calls_and_the_model_config() -> None:
     assert "/v2/repository/models/m/load" in calls and "/v2/repository/models/m/unload" in calls
 
 
+def test_a_server_that_is_not_http_1_1_is_named_as_the_wrong_port() -> None:
+    async def http2(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00" + bytes(18))  # an HTTP/2 SETTINGS frame
+        await writer.drain()
+
+    async def scenario() -> str:
+        async with FakeTriton(http2) as fake:
+            client = TritonClient(fake.url, timeout_s=5)
+            reason = await client.not_live()
+            await client.close()
+            return reason
+
+    assert "not its gRPC port" in asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     ("url", "address"),
     [

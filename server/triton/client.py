@@ -52,6 +52,11 @@ INTERNAL = 500  # the backend failed the request (the python backend's model rai
 _DEAD_STUB = re.compile(r"Stub process '[^']*' is not healthy")
 
 DEFAULT_CONNECTIONS = 64
+# What a server that is not Triton's HTTP endpoint (most likely its gRPC port, HTTP/2 only) gets told.
+NOT_HTTP = (
+    "it does not answer HTTP/1.1: TRITON_URL must be Triton's HTTP port (8000 by default), "
+    "not its gRPC port (8001)"
+)
 # A response's status line and headers; Triton's are a few hundred bytes.
 _HEAD_LIMIT = 64 * 1024
 _JSON_HEADER = "Inference-Header-Content-Length"
@@ -94,11 +99,16 @@ class _Connection:
         """Send one request; the response and whether the connection may carry another."""
         self.writer.writelines([head, *body])
         await self.writer.drain()
-        raw = await self.reader.readuntil(b"\r\n\r\n")
+        try:
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as e:
+            if e.partial and not e.partial.startswith(b"HTTP/"):
+                raise ConnectionError(NOT_HTTP) from e
+            raise
         lines = raw[:-4].decode("latin-1").split("\r\n")
         parts = lines[0].split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise ConnectionError(f"not an HTTP/1.1 answer: {lines[0][:80]!r}")
+            raise ConnectionError(NOT_HTTP)
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
@@ -266,11 +276,15 @@ class TritonClient:
     async def is_live(self) -> bool:
         """Whether the server answers.  (Its *readiness* drops while any model loads, e.g. a LoRA
         variant, so the service checks the models it uses one by one instead.)"""
+        return not await self.not_live()
+
+    async def not_live(self) -> str:
+        """Why the server is not live ("" when it is): no answer, a wrong port, a status."""
         try:
             await self._call("GET", "/v2/health/live", 5)
-        except TritonCallError:
-            return False
-        return True
+        except TritonCallError as e:
+            return e.text if e.status in (NO_ANSWER, DEADLINE) else f"HTTP {e.status}: {e.text}"
+        return ""
 
     async def model_ready(self, name: str) -> bool:
         try:
