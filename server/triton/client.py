@@ -144,6 +144,7 @@ class _Pool:
     def __init__(self, host: str, port: int, size: int) -> None:
         self.host = host
         self.port = port
+        self._host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # IPv6 in brackets
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(size)
         self._closed = False
@@ -154,9 +155,8 @@ class _Pool:
         """One exchange.  A reused connection that fails before any answer (the server closed it while
         idle) is replaced once by a fresh one; any other failure is ``ConnectionError`` / ``OSError``."""
         length = sum(len(part) for part in body)
-        host = f"[{self.host}]" if ":" in self.host else self.host
         head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {host}:{self.port}\r\n{headers}"
+            f"{method} {path} HTTP/1.1\r\nHost: {self._host_header}\r\n{headers}"
             f"Content-Length: {length}\r\n\r\n"
         ).encode("latin-1")
         async with self._slots:
