@@ -17,6 +17,9 @@ width with SD 1.5's full text encoder, :func:`bench.variant_build.build_mid_mode
   ``unet_step`` is the same stage as the service's, without serving.
 - **interleaved**: each round runs the service at every level and then the floor, so drift of the
   machine lands on both; figures are medians over rounds.
+- **pairs** (concurrency 1, ``--requests`` per round): one request to the idle service, then the
+  same request to the floor (or the other way round, alternating), back to back; the concurrency-1
+  ratios are medians of the pairs' own ratios, since this VM's speed drifts within a minute.
 - **cold start**: ``python -m server`` with the bundled Triton on the exported repository, from the
   process start to ``/health`` OK (and, apart, ``import server.app`` in a fresh interpreter).
 
@@ -47,6 +50,7 @@ import numpy as np
 
 from bench import log_to_stderr, machine
 from bench.load import (
+    HTTP_TIMEOUT_S,
     PROMPT,
     REPO_ROOT,
     Body,
@@ -316,23 +320,24 @@ class FloorRound:
 
 
 @dataclass
+class Pair:
+    """One concurrency-1 request to the idle service and the same request (same seed) to the floor,
+    back to back: the machine's drift lands on both alike (a VM's speed drifts by tens of percent
+    within a minute), so the ratio of a pair is what the goals read."""
+
+    service_step_s: float
+    floor_step_s: float
+    service_latency_s: float
+    floor_latency_s: float
+
+
+@dataclass
 class SizeResult:
     size: str
     steps: int
     service: list[ServiceLevel] = field(default_factory=list)
     floor: list[FloorRound] = field(default_factory=list)
-
-
-def _body(steps: int, seed: int) -> dict[str, Any]:
-    return {
-        "prompt": PROMPT,
-        "height": IMAGE.height,
-        "width": IMAGE.width,
-        "guidance_scale": 7.5,
-        "num_inference_steps": steps,
-        "safety_check": True,
-        "seed": seed,
-    }
+    pairs: list[Pair] = field(default_factory=list)
 
 
 def measure_size(
@@ -343,9 +348,10 @@ def measure_size(
     result = SizeResult(size, steps)
     floor = FloorProcess(prepared)
     try:
-        floor.ask(op="record", body=_body(steps, 0))
+        floor.ask(op="record", body=body.json(0))
         with running_stack(prepared, work / size, max(levels), IMAGE.width * IMAGE.height) as stack:
             stats = TritonStats(stack.grpc_url)
+            client = httpx.Client(base_url=stack.url, timeout=HTTP_TIMEOUT_S)
             try:
                 asyncio.run(drive(stack.url, body, 1, 1, 0))  # warm
                 for round_ in range(rounds):
@@ -355,7 +361,7 @@ def measure_size(
                         result.service.append(level)
                         executed_rows.append(level.rows_per_execution)
                     # the service idles from here on: the floor runs alone
-                    answer = floor.ask(op="e2e", bodies=[_body(steps, 1000 + i) for i in range(requests)])
+                    answer = floor.ask(op="e2e", bodies=[body.json(1000 + i) for i in range(requests)])
                     per_request = answer["requests"]
                     graph = {}
                     for rows in sorted({2, *(max(2, round(r)) for r in executed_rows)}):
@@ -368,9 +374,13 @@ def measure_size(
                             graph_s=graph,
                         )
                     )
+                    for i in range(requests if 1 in levels else 0):
+                        seed = 2000 + round_ * requests + i
+                        result.pairs.append(_pair(client, stack.url, floor, body.json(seed), i % 2 == 1))
                     logger.info("%s: round %d of %d done", size, round_ + 1, rounds)
             finally:
                 stats.close()
+                client.close()
     finally:
         floor.close()
     return result
@@ -395,6 +405,30 @@ def _service_level(url: str, stats: TritonStats, body: Body, concurrency: int, r
         rows_per_execution=unet.rows_per_execution,
         cores=cpu_use(cpu_before, cpu_after).ours,
     )
+
+
+def _pair(
+    client: httpx.Client, url: str, floor: FloorProcess, body: dict[str, Any], floor_first: bool
+) -> Pair:
+    """The service and the floor on one request each, back to back (in alternating order)."""
+
+    def service() -> tuple[float, float]:
+        before = scrape_service(url)
+        t0 = time.perf_counter()
+        response = client.post("/text-to-image", json=body)
+        latency = time.perf_counter() - t0
+        if response.status_code != 200:
+            raise RuntimeError(f"paired request: HTTP {response.status_code}: {response.text[:200]}")
+        step = stage_deltas(before, scrape_service(url))[0]["unet_step"]
+        return step.seconds / step.count, latency
+
+    if floor_first:
+        (theirs,) = floor.ask(op="e2e", bodies=[body])["requests"]
+        ours = service()
+    else:
+        ours = service()
+        (theirs,) = floor.ask(op="e2e", bodies=[body])["requests"]
+    return Pair(ours[0], theirs["step"], ours[1], theirs["latency"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,6 +507,8 @@ def report(results: list[SizeResult], cold: ColdStart | None) -> str:
         f"Body: {PROMPT!r}, {IMAGE}, guidance 7.5, safety_check true, 1 image. Medians over rounds.",
         "service step: the service's unet_step stage per step (/metrics: scheduler math + Triton call).",
         "floor step: the same stage of the same pipeline code with the graphs in-process, one request.",
+        "Concurrency 1: step, p50 and their ratios are medians over pairs (one request to the idle "
+        "service, the same one to the floor, back to back), ratios taken per pair.",
         "graph: the UNet graph alone in that process on the pipeline's inputs at the rows Triton "
         "executed per batch. Triton queue: per UNet request; compute: per execution.",
         "",
@@ -482,24 +518,29 @@ def report(results: list[SizeResult], cold: ColdStart | None) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        floor_step = _median([f.step_s for f in r.floor])
-        floor_p50 = _median([_median(f.latencies) for f in r.floor])
         for concurrency in dict.fromkeys(s.concurrency for s in r.service):
             levels = [s for s in r.service if s.concurrency == concurrency]
-            step = _median([s.step_s for s in levels])
             rows = _median([s.rows_per_execution for s in levels])
             graph = _median([f.graph_s.get(max(2, round(rows)), float("nan")) for f in r.floor])
-            p50 = _median([_median(s.latencies) for s in levels])
-            # at concurrency 1 the floor is one request's step; under load a step waits for a batch
-            floor_ref = floor_step if concurrency == 1 else graph
+            if concurrency == 1:  # one request's step against the floor's, pair by pair
+                step = _median([p.service_step_s for p in r.pairs])
+                floor_step = _ms(_median([p.floor_step_s for p in r.pairs]))
+                step_ratio = _median([p.service_step_s / p.floor_step_s for p in r.pairs])
+                overhead = _median([p.service_step_s - p.floor_step_s for p in r.pairs])
+                p50 = _median([p.service_latency_s for p in r.pairs])
+                floor_p50 = f"{_median([p.floor_latency_s for p in r.pairs]):.3f}"
+                p50_ratio = f"{_median([p.service_latency_s / p.floor_latency_s for p in r.pairs]):.2f}"
+            else:  # under load a step waits for a batch: against the graph at the rows executed
+                step = _median([s.step_s for s in levels])
+                floor_step, floor_p50, p50_ratio = "-", "-", "-"
+                step_ratio, overhead = step / graph, step - graph
+                p50 = _median([_median(s.latencies) for s in levels])
             lines.append(
                 f"| {r.size} | {r.steps} | {concurrency} | {_ms(step)} "
                 f"| {_ms(_median([s.triton_queue_s for s in levels]))} "
                 f"| {_ms(_median([s.triton_compute_s for s in levels]))} | {rows:.2f} | {_ms(graph)} "
-                f"| {_ms(floor_step) if concurrency == 1 else '-'} | {step / floor_ref:.2f} "
-                f"| {_ms(step - floor_ref)} | {_median([s.images_per_s for s in levels]):.2f} "
-                f"| {p50:.3f} | {floor_p50 if concurrency == 1 else float('nan'):.3f} "
-                f"| {(p50 / floor_p50) if concurrency == 1 else float('nan'):.2f} |"
+                f"| {floor_step} | {step_ratio:.2f} | {_ms(overhead)} "
+                f"| {_median([s.images_per_s for s in levels]):.2f} | {p50:.3f} | {floor_p50} | {p50_ratio} |"
             )
     if cold is not None:
         lines += [
