@@ -1,16 +1,17 @@
-"""``python -m bench [variant_build|load|overhead|worker_memory] [args]``: one benchmark; without a name,
-all in turn."""
+"""``python -m bench [variant_build|load|overhead|transport|worker_memory] [args]``: one benchmark;
+without a name, all in turn."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import load, overhead, variant_build, worker_memory
+from bench import load, overhead, transport, variant_build, worker_memory
 
 BENCHMARKS = {
     "variant_build": variant_build.main,
     "load": load.main,
     "overhead": overhead.main,
+    "transport": transport.main,
     "worker_memory": worker_memory.main,
 }
 

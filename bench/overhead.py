@@ -132,6 +132,12 @@ class LocalOnnxClient:
     async def max_batch_size(self, name: str) -> int:
         return self.batch[name]
 
+    def shared(
+        self, arrays: Mapping[str, np.ndarray], uses: int
+    ) -> contextlib.nullcontext[Mapping[str, np.ndarray]]:
+        """In-process: the arrays themselves."""
+        return contextlib.nullcontext(arrays)
+
 
 class Floor:
     """What ``--floor-worker`` runs: the service's pipeline code over :class:`LocalOnnxClient`."""

@@ -311,7 +311,11 @@ class Runtime:
         assert self.source is not None
         if self.settings.triton_url:
             if self.client is None:
-                self.client = TritonClient(self.settings.triton_url, self.settings.triton_timeout_s)
+                self.client = TritonClient(
+                    self.settings.triton_url,
+                    self.settings.triton_timeout_s,
+                    share_inputs=self.settings.triton_shared_memory,
+                )
             return
         if self.triton is not None and self.triton.is_running():
             return
@@ -343,7 +347,11 @@ class Runtime:
         )
         self.triton = BundledTriton(config)
         await asyncio.to_thread(self.triton.start)
-        self.client = TritonClient(self.triton.http_url, self.settings.triton_timeout_s)
+        self.client = TritonClient(
+            self.triton.http_url,
+            self.settings.triton_timeout_s,
+            share_inputs=self.settings.triton_shared_memory,
+        )
 
 
 def repository_models(repository: Path) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ ENV_NAMES: dict[str, str] = {
     "MAX_PIXELS": "max_pixels",
     "MAX_BATCH_PIXELS": "max_batch_pixels",
     "TRITON_TIMEOUT_S": "triton_timeout_s",
+    "TRITON_SHARED_MEMORY": "triton_shared_memory",
     "STARTUP_TIMEOUT_S": "startup_timeout_s",
     "MAX_STEPS": "max_steps",
     "MAX_IN_FLIGHT": "max_in_flight",
@@ -127,6 +128,9 @@ class Settings:
     # "auto": use Triton's safety_checker model when the repository has one; "off": never.
     safety_checker: str = "auto"
     triton_timeout_s: float = 300.0
+    # A request's text embeddings go to Triton once, in a /dev/shm region it reads at every step, when
+    # Triton runs on this host (found out at the first request; each region lives for its request).
+    triton_shared_memory: bool = True
     startup_timeout_s: float = 300.0
     warmup: bool = True
     torch_threads: int = 1

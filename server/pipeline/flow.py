@@ -82,23 +82,24 @@ class FlowMatchPipeline(TextToImagePipeline):
         )
 
         # 3. denoising loop
-        for i, t in enumerate(timesteps):
-            if between_steps is not None:
-                await between_steps(i)
-            start = time.perf_counter()
-            model_input = torch.cat([latents] * 2) if do_cfg else latents
-            timestep = np.full(model_input.shape[0], float(t), dtype=np.float32)
-            out = await infer_rows(
-                self.client,
-                denoiser,
-                {"hidden_states": model_input.numpy(), "timestep": timestep, **cond},
-                "noise_pred",
-                request.model_parameters.get(denoiser),
-            )
-            latents = await asyncio.to_thread(
-                _flow_step, scheduler, torch.from_numpy(out), t, latents, request.guidance_scale, do_cfg
-            )
-            observe("unet_step", time.perf_counter() - start, len(model_input))
+        async with self.client.shared(cond, len(timesteps)) as step_cond:  # the same at every step
+            for i, t in enumerate(timesteps):
+                if between_steps is not None:
+                    await between_steps(i)
+                start = time.perf_counter()
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                timestep = np.full(model_input.shape[0], float(t), dtype=np.float32)
+                out = await infer_rows(
+                    self.client,
+                    denoiser,
+                    {"hidden_states": model_input.numpy(), "timestep": timestep, **step_cond},
+                    "noise_pred",
+                    request.model_parameters.get(denoiser),
+                )
+                latents = await asyncio.to_thread(
+                    _flow_step, scheduler, torch.from_numpy(out), t, latents, request.guidance_scale, do_cfg
+                )
+                observe("unet_step", time.perf_counter() - start, len(model_input))
 
         # 4. VAE decoder
         start = time.perf_counter()

@@ -16,6 +16,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -31,17 +32,27 @@ logger = logging.getLogger(__name__)
 
 
 class InferenceClient(Protocol):
-    """What the pipeline needs from the inference server (the Triton adapter implements it)."""
+    """What the pipeline needs from the inference server (the Triton adapter implements it).
+
+    ``inputs`` are arrays, or what :meth:`shared` gave in place of some (rows of them can be taken).
+    """
 
     async def infer(
         self,
         model: str,
-        inputs: Mapping[str, np.ndarray],
+        inputs: Mapping[str, Any],
         outputs: Sequence[str],
         parameters: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]: ...
 
     async def max_batch_size(self, name: str) -> int: ...
+
+    def shared(
+        self, arrays: Mapping[str, np.ndarray], uses: int
+    ) -> AbstractAsyncContextManager[Mapping[str, Any]]:
+        """``arrays`` as inputs of ``uses`` calls within the block (a request's conditioning across
+        its steps): the arrays themselves, or handles the server reads them through."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -96,31 +107,32 @@ class TextToImagePipeline:
         timesteps = list(scheduler.timesteps)
         cpu = _cpu_runner(latents.numel() * (2 if do_cfg else 1))
         model_input = await cpu(_model_input, scheduler, latents, timesteps[0], do_cfg)
-        for i, t in enumerate(timesteps):
-            if between_steps is not None:
-                await between_steps(i)
-            start = time.perf_counter()
-            timestep = np.full(model_input.shape[0], float(t), dtype=np.float32)
-            out = await infer_rows(
-                self.client,
-                request.unet,
-                {"sample": model_input.numpy(), "timestep": timestep, **cond},
-                "noise_pred",
-                request.model_parameters.get(request.unet),
-            )
-            rows = len(model_input)
-            latents, model_input = await cpu(
-                _advance,
-                scheduler,
-                torch.from_numpy(out),
-                t,
-                latents,
-                request.guidance_scale,
-                do_cfg,
-                step_kwargs,
-                timesteps[i + 1] if i + 1 < len(timesteps) else None,
-            )
-            observe("unet_step", time.perf_counter() - start, rows)
+        async with self.client.shared(cond, len(timesteps)) as step_cond:  # the same at every step
+            for i, t in enumerate(timesteps):
+                if between_steps is not None:
+                    await between_steps(i)
+                start = time.perf_counter()
+                timestep = np.full(model_input.shape[0], float(t), dtype=np.float32)
+                out = await infer_rows(
+                    self.client,
+                    request.unet,
+                    {"sample": model_input.numpy(), "timestep": timestep, **step_cond},
+                    "noise_pred",
+                    request.model_parameters.get(request.unet),
+                )
+                rows = len(model_input)
+                latents, model_input = await cpu(
+                    _advance,
+                    scheduler,
+                    torch.from_numpy(out),
+                    t,
+                    latents,
+                    request.guidance_scale,
+                    do_cfg,
+                    step_kwargs,
+                    timesteps[i + 1] if i + 1 < len(timesteps) else None,
+                )
+                observe("unet_step", time.perf_counter() - start, rows)
 
         # 4. VAE decoder
         start = time.perf_counter()
@@ -187,7 +199,7 @@ class TextToImagePipeline:
 async def infer_rows(
     client: InferenceClient,
     model: str,
-    inputs: dict[str, np.ndarray],
+    inputs: Mapping[str, Any],
     output: str,
     parameters: Mapping[str, str] | None = None,
 ) -> np.ndarray:

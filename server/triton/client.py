@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -37,6 +37,7 @@ from server.errors import (
 )
 from server.settings import triton_address
 from server.triton.oom import is_out_of_memory
+from server.triton.shared import Region, SharedArray, remove_stale_regions
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ INTERNAL = 500  # the backend failed the request (the python backend's model rai
 _DEAD_STUB = re.compile(r"Stub process '[^']*' is not healthy")
 
 DEFAULT_CONNECTIONS = 64
+# Constant inputs below this many bytes go inline: a region's register and unregister calls cost more
+# than they save (the tiny model's 19 KiB of embeddings: 0.03 ms a step; bench/RESULTS.md).
+SHARED_MIN_BYTES = 64 * 1024
 # What a server that is not Triton's HTTP endpoint (most likely its gRPC port, HTTP/2 only) gets told.
 NOT_HTTP = (
     "it does not answer HTTP/1.1: TRITON_URL must be Triton's HTTP port (8000 by default), "
@@ -190,13 +194,30 @@ class _Pool:
 
 
 def inference_body(
-    inputs: Mapping[str, np.ndarray], outputs: Sequence[str], parameters: Mapping[str, str] | None
+    inputs: Mapping[str, np.ndarray | SharedArray],
+    outputs: Sequence[str],
+    parameters: Mapping[str, str] | None,
 ) -> tuple[list[bytes | memoryview], str]:
     """The request body (JSON header, then each input's bytes) and its extra headers.  A 1-D array is
-    sent as [batch, 1] (Triton's shape for per-row scalars; the model config reshapes it back)."""
+    sent as [batch, 1] (Triton's shape for per-row scalars; the model config reshapes it back); a
+    :class:`SharedArray` is named, its bytes stay in its region."""
     described = []
     blobs: list[bytes | memoryview] = []
     for name, array in inputs.items():
+        if isinstance(array, SharedArray):
+            described.append(
+                {
+                    "name": name,
+                    "shape": list(array.shape),
+                    "datatype": np_to_triton_dtype(array.dtype),
+                    "parameters": {
+                        "shared_memory_region": array.region,
+                        "shared_memory_byte_size": array.nbytes,
+                        "shared_memory_offset": array.offset,
+                    },
+                }
+            )
+            continue
         data = np.ascontiguousarray(array.reshape(-1, 1) if array.ndim == 1 else array)
         described.append(
             {
@@ -243,12 +264,24 @@ def inference_outputs(response: _Response, outputs: Sequence[str]) -> dict[str, 
 class TritonClient:
     """Async inference against one Triton server.  Arrays in, arrays out; batch axis first."""
 
-    def __init__(self, url: str, timeout_s: float, connections: int = DEFAULT_CONNECTIONS) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float,
+        connections: int = DEFAULT_CONNECTIONS,
+        share_inputs: bool = True,
+        shared_min_bytes: int = SHARED_MIN_BYTES,
+    ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         host, port = triton_address(url)
         self._pool = _Pool(host, port, connections)
         self._configs: dict[str, dict[str, Any]] = {}
+        # Off once Triton refused a region: it does not share this host's /dev/shm.
+        self._share_inputs = share_inputs
+        self._shared_min_bytes = shared_min_bytes
+        if share_inputs:
+            remove_stale_regions()
 
     async def close(self) -> None:
         self._pool.close()
@@ -331,10 +364,68 @@ class TritonClient:
         self._configs[name] = config
         return config
 
+    @contextlib.asynccontextmanager
+    async def shared(self, arrays: Mapping[str, np.ndarray], uses: int) -> AsyncIterator[Mapping[str, Any]]:
+        """``arrays`` as inputs of ``uses`` calls (a request's text embeddings across its steps): in a
+        shared-memory region Triton reads in place, when Triton shares this host's ``/dev/shm``, they
+        hold at least ``shared_min_bytes`` and serve more than one call (a region costs a request
+        about what two calls save); else the arrays themselves.  The region is gone when the block
+        ends."""
+        # per-row scalars stay inline (they go as [batch, 1]; a few bytes)
+        rows = {name: a for name, a in arrays.items() if a.ndim > 1}
+        region = None
+        if self._share_inputs and uses > 1 and sum(a.nbytes for a in rows.values()) >= self._shared_min_bytes:
+            region = await self._register(rows)
+        if region is None:
+            yield arrays
+            return
+        try:
+            yield {**arrays, **region.arrays}
+        finally:
+            try:  # shielded: a cancelled request still gives its region back to Triton
+                await asyncio.shield(self._unregister(region.name))
+            finally:
+                region.close()
+
+    async def _register(self, arrays: Mapping[str, np.ndarray]) -> Region | None:
+        try:
+            region = await asyncio.to_thread(Region, arrays)
+        except OSError as e:  # no /dev/shm, or it is full: inline this time
+            logger.warning("no shared memory for a request's inputs (%s): they go inline", e)
+            return None
+        body = json.dumps({"key": f"/{region.name}", "offset": 0, "byte_size": region.size}).encode()
+        try:
+            await self._call(
+                "POST",
+                f"/v2/systemsharedmemory/region/{region.name}/register",
+                self.timeout_s,
+                [body],
+                "Content-Type: application/json\r\n",
+            )
+        except TritonCallError as e:
+            region.close()
+            if e.status not in (NO_ANSWER, DEADLINE):  # Triton answered: it cannot map the region
+                self._share_inputs = False
+                logger.warning(
+                    "Triton at %s cannot read this host's shared memory (%s %s): constant inputs go "
+                    "inline from now on",
+                    self.url,
+                    e.status,
+                    e.text,
+                )
+            return None
+        return region
+
+    async def _unregister(self, name: str) -> None:
+        try:
+            await self._call("POST", f"/v2/systemsharedmemory/region/{name}/unregister", self.timeout_s)
+        except TritonCallError as e:
+            logger.warning("Triton did not unregister shared-memory region %s: %s %s", name, e.status, e.text)
+
     async def infer(
         self,
         model: str,
-        inputs: Mapping[str, np.ndarray],
+        inputs: Mapping[str, np.ndarray | SharedArray],
         outputs: Sequence[str],
         parameters: Mapping[str, str] | None = None,
     ) -> dict[str, np.ndarray]:
