@@ -173,6 +173,8 @@ def test_compose_wires_triton_and_the_service() -> None:
         assert devices[0]["capabilities"] == ["gpu"]
     assert service["depends_on"]["triton"]["condition"] == "service_healthy"
     assert service["pid"] == "service:triton"
+    assert service["ipc"] == "service:triton", "the service's shared-memory regions are Triton's to read"
+    assert triton["ipc"] == "shareable" and "shm_size" in triton
     assert service["ports"] == ["8000:8000"]
     assert services["export"]["profiles"] == ["export"]
 
