@@ -404,7 +404,9 @@ class TritonClient:
             )
         except TritonCallError as e:
             region.close()
-            if e.status not in (NO_ANSWER, DEADLINE):  # Triton answered: it cannot map the region
+            # Triton answered (500 "Unable to open shared memory region" from another host): it
+            # cannot map this host's regions.  Not answering or unavailable: it says nothing of that.
+            if e.status not in (NO_ANSWER, DEADLINE, UNAVAILABLE):
                 self._share_inputs = False
                 logger.warning(
                     "Triton at %s cannot read this host's shared memory (%s %s): constant inputs go "
