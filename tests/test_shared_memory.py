@@ -70,6 +70,17 @@ def test_a_region_holds_the_arrays_and_is_unlinked_at_close() -> None:
     assert not path.exists()
 
 
+def test_a_region_that_would_leave_less_than_half_of_dev_shm_free_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = os.statvfs(SHM_DIR)
+    nearly_half = real.f_blocks // 2 + 1  # blocks free: one more than half
+    monkeypatch.setattr(os, "statvfs", lambda path: type(real)((*real[:4], nearly_half, *real[5:])))
+    with pytest.raises(OSError, match="less than half"):
+        Region({"a": np.zeros((64, 1024), np.float32)})
+    assert not own_regions()
+
+
 def test_regions_of_a_process_that_is_gone_are_removed() -> None:
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True

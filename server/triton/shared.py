@@ -1,18 +1,20 @@
 """A request's constant inputs in a system shared-memory region that Triton reads in place.
 
 A request's text embeddings are the same at each of its UNet steps.  Sent inline, Triton reads them
-off the socket at every step: with guidance, SD 1.5's 462 KiB cost 0.8 ms a call more than naming a
-region, SDXL's 1.2 MiB 2.5 ms (bench/RESULTS.md, 2 CPU cores).  When Triton runs on this host and
+off the socket at every step: with guidance, SD 1.5's 462 KiB cost 0.7 ms a call more than naming a
+region, SDXL's 1.2 MiB 2.1 ms (bench/RESULTS.md, 2 CPU cores).  When Triton runs on this host and
 shares its ``/dev/shm``, :class:`Region` holds them for the request and each call names the region
 (:class:`SharedArray`) instead of carrying the bytes.  The region's file is created with its pages
-allocated (a full ``/dev/shm`` is an error here, not a SIGBUS on the first write) and readable by
-this user only; it is unlinked when the request ends, and a crashed process's regions are removed
-by the next start (:func:`remove_stale_regions`).
+allocated (a full ``/dev/shm`` is an error here, not a SIGBUS on the first write), only while half
+of ``/dev/shm`` stays free (the python backend's stubs live there too), and readable by this user
+only; it is unlinked when the request ends, and a crashed process's regions are removed by the next
+start (:func:`remove_stale_regions`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import secrets
@@ -26,6 +28,7 @@ import numpy as np
 SHM_DIR: Final = Path("/dev/shm")
 STEM: Final = "t2i_inputs_"  # then the owning process's pid, "_", a random token
 _ALIGN: Final = 64
+_KEEP_FREE: Final = 0.5  # of /dev/shm, for the python backend
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Region:
             offsets[key] = size
             size += -(-array.nbytes // _ALIGN) * _ALIGN
         self.size = max(size, _ALIGN)
+        _check_room(self.size)
         path = SHM_DIR / self.name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -87,6 +91,15 @@ class Region:
     def close(self) -> None:
         self._map.close()
         (SHM_DIR / self.name).unlink(missing_ok=True)
+
+
+def _check_room(size: int) -> None:
+    """A region may not leave less than half of ``/dev/shm`` free: the python backend's stubs need it
+    too (a container's is 64 MiB unless set larger)."""
+    fs = os.statvfs(SHM_DIR)
+    total, free = fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
+    if free - size < total * _KEEP_FREE:
+        raise OSError(errno.ENOSPC, f"a {size}-byte region would leave less than half of {SHM_DIR} free")
 
 
 def remove_stale_regions() -> list[Path]:
