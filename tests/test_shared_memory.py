@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from export.source import ModelSource
-from server.pipeline.generate import TextToImagePipeline
+from server.pipeline.flow import pipeline_for
 from server.pipeline.model import DiffusionModel
 from server.pipeline.request import GenerationRequest
 from server.triton import client as client_module
@@ -170,9 +170,17 @@ def test_triton_reads_shared_inputs_as_it_reads_them_inline_and_keeps_no_region(
 
 
 @needs_triton
+@pytest.mark.parametrize(
+    "family", ["sd", "sdxl", pytest.param("sd3", marks=pytest.mark.slow), pytest.param("flux", marks=pytest.mark.slow)]
+)
 def test_a_generation_with_shared_conditioning_is_the_same_image(
-    triton: Callable[..., BundledTriton], tiny_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+    family: str,
+    triton: Callable[..., BundledTriton],
+    tiny_model: Callable[[str], Path],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Each loop (SD/SDXL's, SD3/FLUX's) with its conditioning shared: the same image, bit for bit.
+    (sd3, flux: ~25 s each, mostly starting a bundled Triton of their own.)"""
     regions: list[str] = []
 
     class Counted(Region):
@@ -181,13 +189,13 @@ def test_a_generation_with_shared_conditioning_is_the_same_image(
             regions.append(self.name)
 
     monkeypatch.setattr(client_module, "Region", Counted)
-    server = triton("sd")
+    server = triton(family)
     request = GenerationRequest(
         prompt="a cat",
         negative_prompt="",
         height=64,
         width=64,
-        guidance_scale=7.5,
+        guidance_scale=3.5,
         num_inference_steps=3,
         num_images=2,
         seed=7,
@@ -196,7 +204,7 @@ def test_a_generation_with_shared_conditioning_is_the_same_image(
     async def generate(share: bool) -> list[np.ndarray]:
         client = TritonClient(server.http_url, timeout_s=300, share_inputs=share, shared_min_bytes=0)
         try:
-            pipeline = TextToImagePipeline(DiffusionModel(ModelSource(tiny_model("sd"))), client)
+            pipeline = pipeline_for(DiffusionModel(ModelSource(tiny_model(family))), client)
             return (await pipeline(request)).images
         finally:
             await client.close()
