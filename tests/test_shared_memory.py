@@ -169,10 +169,11 @@ def test_triton_reads_shared_inputs_as_it_reads_them_inline_and_keeps_no_region(
     asyncio.run(scenario())
 
 
+SLOW = pytest.mark.slow
+
+
 @needs_triton
-@pytest.mark.parametrize(
-    "family", ["sd", "sdxl", pytest.param("sd3", marks=pytest.mark.slow), pytest.param("flux", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("family", ["sd", "sdxl", pytest.param("sd3", marks=SLOW), pytest.param("flux", marks=SLOW)])
 def test_a_generation_with_shared_conditioning_is_the_same_image(
     family: str,
     triton: Callable[..., BundledTriton],
