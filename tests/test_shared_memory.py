@@ -169,11 +169,12 @@ def test_triton_reads_shared_inputs_as_it_reads_them_inline_and_keeps_no_region(
     asyncio.run(scenario())
 
 
-SLOW = pytest.mark.slow
+# sd3, flux: slow (their own bundled Triton)
+FAMILIES = ("sd", "sdxl", *(pytest.param(f, marks=pytest.mark.slow) for f in ("sd3", "flux")))
 
 
 @needs_triton
-@pytest.mark.parametrize("family", ["sd", "sdxl", pytest.param("sd3", marks=SLOW), pytest.param("flux", marks=SLOW)])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_generation_with_shared_conditioning_is_the_same_image(
     family: str,
     triton: Callable[..., BundledTriton],
