@@ -124,6 +124,34 @@ def test_a_triton_that_cannot_map_a_region_gets_the_arrays_inline_from_then_on()
     assert not own_regions()
 
 
+def test_a_request_cancelled_while_its_region_registers_leaves_no_file() -> None:
+    registering = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        registering.set()
+        await asyncio.sleep(60)  # no answer
+
+    async def scenario() -> None:
+        async with FakeTriton(handler) as fake:
+            client = TritonClient(fake.url, timeout_s=30, shared_min_bytes=0)
+
+            async def request() -> None:
+                async with client.shared({"e": np.ones((2, 77, 32), np.float32)}, 20):
+                    raise AssertionError("not reached")
+
+            task = asyncio.create_task(request())
+            await registering.wait()
+            assert len(own_regions()) == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await client.close()
+
+    asyncio.run(scenario())
+    assert not own_regions()
+
+
 @needs_triton
 def test_triton_reads_shared_inputs_as_it_reads_them_inline_and_keeps_no_region(
     triton: Callable[..., BundledTriton],

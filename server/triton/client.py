@@ -402,8 +402,10 @@ class TritonClient:
                 [body],
                 "Content-Type: application/json\r\n",
             )
-        except TritonCallError as e:
-            region.close()
+        except BaseException as e:
+            region.close()  # cancelled mid-registration too: the file goes now
+            if not isinstance(e, TritonCallError):
+                raise
             # Triton answered (500 "Unable to open shared memory region" from another host): it
             # cannot map this host's regions.  Not answering or unavailable: it says nothing of that.
             if e.status not in (NO_ANSWER, DEADLINE, UNAVAILABLE):
