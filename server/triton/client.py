@@ -402,10 +402,8 @@ class TritonClient:
                 [body],
                 "Content-Type: application/json\r\n",
             )
-        except BaseException as e:
-            region.close()  # cancelled mid-registration too: the file goes now
-            if not isinstance(e, TritonCallError):
-                raise
+        except TritonCallError as e:
+            region.close()
             # Triton answered (500 "Unable to open shared memory region" from another host): it
             # cannot map this host's regions.  Not answering or unavailable: it says nothing of that.
             if e.status not in (NO_ANSWER, DEADLINE, UNAVAILABLE):
@@ -418,6 +416,9 @@ class TritonClient:
                     e.text,
                 )
             return None
+        except BaseException:  # cancelled mid-registration: the file goes now
+            region.close()
+            raise
         return region
 
     async def _unregister(self, name: str) -> None:

@@ -49,6 +49,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
+from server.triton.shared import SHM_DIR
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -74,7 +76,6 @@ _MAX_ERROR_LINES = 10
 _MAX_ERROR_LINE = 1000
 _FAILED_START_GRACE_S = 1.0
 _GROUP_KILL_WAIT_S = 5.0
-_SHM_DIR = Path("/dev/shm")
 # The python backend's regions are named <prefix><uuid>; ours get a prefix unique to one launch.
 _SHM_PREFIX_STEM = "t2i_triton_"
 # Regions younger than this are never taken for orphans (Triton makes one just before its stub).
@@ -424,7 +425,7 @@ def remove_shm_regions(prefix: str, keep: Collection[str] = (), min_age_s: float
         raise ValueError(f"not a prefix of this launcher's regions: {prefix!r}")
     removed = []
     now = time.time()
-    for region in sorted(_SHM_DIR.glob(f"{prefix}*")):
+    for region in sorted(SHM_DIR.glob(f"{prefix}*")):
         try:
             if region.name in keep or now - region.stat().st_mtime < min_age_s:
                 continue
