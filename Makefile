@@ -1,5 +1,6 @@
 # The README's commands.  `make serve` and `make test` work on a fresh machine: they create the
-# virtual environment, install (torch first: the pinned CPU build), and do the rest.
+# virtual environment, install (torch first: torch==2.13.0, which is PyPI's CUDA 13 build on Linux x86_64
+# and the CPU build where the index offers 2.13.0+cpu), and do the rest.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ MODEL_ID ?= models/tiny-$(FAMILY)
 MODEL_REPOSITORY ?= model_repository/tiny-$(FAMILY)$(if $(filter-out python-onnx,$(TARGET)),-$(TARGET))
 PORT ?= 8000
 
-.PHONY: install serve tiny export test test-gpu lint bench clean
+.PHONY: install serve tiny export test test-gpu check-image lint bench clean
 
 # Installs once per change of pyproject.toml.
 install: $(VENV)/.installed
@@ -40,11 +41,19 @@ export: install
 serve: export
 	MODEL_ID=$(MODEL_ID) MODEL_REPOSITORY=$(MODEL_REPOSITORY) PORT=$(PORT) $(BIN)/t2i-serve
 
-# GPU tests are left out here; `make test-gpu` runs them (on a GPU host, or in the Docker image).
+# GPU tests are left out here; `make test-gpu` runs them on a GPU host.
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu"
 
-# Engines for both tiny families, fp16 parity with diffusers, a refitted LoRA variant, OOM then 200.
+# The Docker image is one CUDA major: resolves the Dockerfile's pip lines on PyPI for the image's Python
+# and platform (downloads metadata only) and fails on a CUDA library of another major. Not in `make test`
+# (it needs the index).
+check-image: install
+	$(BIN)/python -m export.image_check
+
+# Runs on a GPU host from a checkout (`make install`, then `$(BIN)/pip install '.[tensorrt]'`), not in the
+# image (it has no tests/ and no pytest). Engines for both tiny families, fp16 parity with diffusers, a
+# refitted LoRA variant, an out-of-memory variant load then 200.
 # Without a GPU or TensorRT each test is skipped with the reason.
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu -rs

@@ -61,17 +61,22 @@ def model_source(target_dir: str) -> Path:
     raise FileNotFoundError(f"the Triton model source model_repository/{target_dir}/model.py is missing")
 
 
-PYTHON_ONNX_MODEL = model_source("python_onnx")
-PYTHON_TORCH_MODEL = model_source("python_torch")
-# The python-backend model.py each target copies into every model directory.
-PYTHON_MODELS: dict[str, Path] = {"python-onnx": PYTHON_ONNX_MODEL, "python-torch": PYTHON_TORCH_MODEL}
+# The python-backend model.py folder each python target copies into every model directory. Resolved
+# when used, not at import: an install may hold only some of them, and importing the export (the
+# tensorrt target needs none) must not depend on them.
+PYTHON_MODEL_DIRS: dict[str, str] = {"python-onnx": "python_onnx", "python-torch": "python_torch"}
+
+
+def python_model(target: str) -> Path:
+    """The ``model.py`` the python-backend ``target`` copies into each model directory."""
+    return model_source(PYTHON_MODEL_DIRS[target])
 
 
 def python_onnx_module() -> types.ModuleType:
     """The python-onnx target's ``model.py`` as a module outside Triton, for its session options and
     variant sessions (Triton's ``triton_python_backend_utils`` is an empty stand-in unless loaded)."""
     sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    spec = importlib.util.spec_from_file_location("t2i_python_onnx_model", PYTHON_ONNX_MODEL)
+    spec = importlib.util.spec_from_file_location("t2i_python_onnx_model", python_model("python-onnx"))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -281,7 +286,7 @@ def _build_model(
         config = model_config(spec, options, len(profiles))
         record["engine"] = build.host.as_dict()
     else:
-        shutil.copyfile(PYTHON_ONNX_MODEL, version_dir / "model.py")
+        shutil.copyfile(python_model("python-onnx"), version_dir / "model.py")
         config = model_config(spec, options)
     (staging / "config.pbtxt").write_text(config_text(config))
     if write_extras is not None:
@@ -310,7 +315,7 @@ def _build_torch_model(
     write_torch_model(component, root, version_dir, cuda_dtype=cuda_dtype_for(source, spec))
     if options.check:
         check_torch_model(version_dir)
-    shutil.copyfile(PYTHON_TORCH_MODEL, version_dir / "model.py")
+    shutil.copyfile(python_model("python-torch"), version_dir / "model.py")
     (staging / "config.pbtxt").write_text(config_text(model_config(spec, options)))
     if write_extras is not None:
         write_extras(staging)
@@ -335,8 +340,8 @@ def _fingerprint(root: Path, component: Component, options: RepositoryOptions) -
     """
     h = hashlib.sha256()
     h.update(f"{EXPORT_VERSION}|{component.spec!r}|{options!r}|{component.trace_sizes!r}".encode())
-    if options.target in PYTHON_MODELS:
-        h.update(PYTHON_MODELS[options.target].read_bytes())
+    if options.target in PYTHON_MODEL_DIRS:
+        h.update(python_model(options.target).read_bytes())
     for sub in component.subfolders:
         for f in sorted((root / sub).rglob("*")):
             if f.is_file():

@@ -7,6 +7,7 @@ the service listens on. tests/test_docker.py checks the Dockerfile against these
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import urllib.error
@@ -43,6 +44,11 @@ def check_health(url: str, timeout_s: float = HEALTHCHECK_TIMEOUT_S) -> tuple[bo
 
 def healthcheck_main(argv: list[str] | None = None) -> int:
     """``t2i-healthcheck``: exit 0 when the service in this container is up, 1 otherwise."""
+    argparse.ArgumentParser(
+        prog="t2i-healthcheck",
+        description="Exit 0 when the service of this container answers /health and is not ERROR, else 1 "
+        "(reads the service's settings from the environment: HOST, PORT).",
+    ).parse_args(argv)
     try:
         settings = Settings.from_env()
     except SettingsError as e:

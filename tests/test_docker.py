@@ -141,7 +141,7 @@ def test_healthcheck_command(answer: bytes, healthy: bool, monkeypatch: pytest.M
         monkeypatch.setenv("MODEL_ID", "m")
         monkeypatch.setenv("PORT", str(port))
         monkeypatch.setenv("HOST", "0.0.0.0")
-        assert healthcheck_main() == (0 if healthy else 1)
+        assert healthcheck_main([]) == (0 if healthy else 1)
 
 
 def test_healthcheck_without_a_service(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,9 +149,9 @@ def test_healthcheck_without_a_service(monkeypatch: pytest.MonkeyPatch) -> None:
         pass  # closed: nothing listens there now
     monkeypatch.setenv("MODEL_ID", "m")
     monkeypatch.setenv("PORT", str(port))
-    assert healthcheck_main() == 1
+    assert healthcheck_main([]) == 1
     monkeypatch.delenv("MODEL_ID")
-    assert healthcheck_main() == 1  # settings the service would refuse: unhealthy, no traceback
+    assert healthcheck_main([]) == 1  # settings the service would refuse: unhealthy, no traceback
 
 
 def test_compose_wires_triton_and_the_service() -> None:
