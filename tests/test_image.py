@@ -134,7 +134,8 @@ def _isolated(code: str, paths: list[str], cwd: Path, *argv: str) -> subprocess.
     """``code`` in a Python that sees only ``paths`` and this interpreter's site-packages, without
     site processing: no .pth file runs, so the checkout's editable install (a .pth finder) is absent."""
     site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    prelude = f"import sys; sys.path[:] = {[*paths, *dict.fromkeys(site)]!r} + sys.path; sys.argv = {list(argv)!r}\n"
+    path = [*paths, *dict.fromkeys(site)]
+    prelude = f"import sys; sys.path[:] = {path!r} + sys.path; sys.argv = {list(argv)!r}\n"
     return subprocess.run(
         [sys.executable, "-I", "-S", "-c", prelude + code],
         cwd=cwd,
@@ -171,7 +172,7 @@ def test_image_tree_holds_what_the_image_installs(installed_image: tuple[Path, P
 def test_image_import_check_runs_from_the_image_tree(installed_image: tuple[Path, Path]) -> None:
     """The Dockerfile's own ``python3 -c "..."`` after the project install, from its WORKDIR."""
     tree, target = installed_image
-    (install_run,) = [a for k, a in instructions() if k == "RUN" and "pip install \".[export]\"" in a]
+    (install_run,) = [a for k, a in instructions() if k == "RUN" and 'pip install ".[export]"' in a]
     check = re.findall(r'python3 -c "([^"]+)"', install_run)[-1]
     probe = check + "\nimport export, server; print(export.__file__); print(server.__file__)"
     result = _isolated(probe, ["", str(target)], tree)
@@ -261,4 +262,3 @@ def test_image_requirements_follow_the_dockerfile_and_pyproject() -> None:
     # The [tensorrt] extra is the image's TensorRT, exactly.
     (extra,) = pyproject["project"]["optional-dependencies"]["tensorrt"]
     assert extra == f"tensorrt-cu{args['CUDA_MAJOR']}=={args['TENSORRT_VERSION']}"
-
