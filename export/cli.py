@@ -1,5 +1,5 @@
 """``t2i-export MODEL --target python-onnx|python-torch|tensorrt --out DIR``: a diffusers model -> a Triton
-repository."""
+repository (``--target tensorrt --plan``: everything before TensorRT, on any host)."""
 
 from __future__ import annotations
 
@@ -109,7 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="TensorRT workspace limit (default: the GPU's)",
     )
+    engines.add_argument(
+        "--plan",
+        action="store_true",
+        help="stop before the first TensorRT call (no GPU or TensorRT needed): export and check each "
+        "graph on CPU, then write OUT/plan.json and print every model's profiles, builder flags, config "
+        "and GPU memory (weights exact, activations an estimate); the build consumes this same plan",
+    )
     args = parser.parse_args(argv)
+    if args.plan and args.target != "tensorrt":
+        parser.error("--plan is for --target tensorrt")
     try:
         torch_options = TorchOptions(
             channels_last=args.channels_last,
@@ -133,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 gpus=args.gpus,
                 workspace_gib=args.workspace_gib,
             ),
+            plan_only=args.plan,
         )
         export_repository(args.model, args.out, options, safety_checker=args.safety_checker)
     except TensorRTUnavailable as e:
@@ -146,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         tensorrt.EngineBuildError,
         tensorrt.EngineMismatchError,
         tensorrt.ResolutionError,
+        tensorrt.ProfileError,
+        tensorrt.GpuSelectionError,
     ) as e:
         logging.getLogger("t2i-export").error("%s", e)
         return 1

@@ -155,16 +155,16 @@ class CheckResult:
 OnnxRunner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 
-def onnx_runner(path: Path, spec: ModelSpec, gpu: bool = False) -> tuple[OnnxRunner, str]:
+def onnx_runner(path: Path, spec: ModelSpec, gpu: bool = False, device: int = 0) -> tuple[OnnxRunner, str]:
     """A runner of the graph at ``path`` and its name: onnxruntime (on CUDA too with ``gpu`` where
     onnxruntime-gpu is installed), or onnx's reference evaluator where onnxruntime's CPU provider has
     no kernel for an op at the graph's types (bf16)."""
     import onnxruntime as ort
 
     names = [t.name for t in spec.outputs]
-    providers = ["CPUExecutionProvider"]
+    providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
     if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device}))
     try:
         session = ort.InferenceSession(str(path), providers=providers)
     except Exception as e:  # onnxruntime raises its own NotImplemented/Fail classes
@@ -175,7 +175,14 @@ def onnx_runner(path: Path, spec: ModelSpec, gpu: bool = False) -> tuple[OnnxRun
         logger.info("%s: onnxruntime-CPU lacks a kernel (%s); using onnx's reference evaluator", path, e)
         evaluator = ReferenceEvaluator(str(path))
         return (lambda feeds: list(evaluator.run(names, feeds))), "onnx.reference"
-    return (lambda feeds: list(session.run(names, feeds))), f"onnxruntime ({providers[0]})"
+    # What the session runs on: get_available_providers() lists CUDA whenever onnxruntime-gpu is
+    # installed, even where its libraries or the driver cannot load; the session falls back to CPU then.
+    running = session.get_providers()
+    if gpu and running[0] != "CUDAExecutionProvider":
+        logger.warning(
+            "%s: onnxruntime runs on %s, not CUDA (its CUDA provider did not load)", path, *running[:1]
+        )
+    return (lambda feeds: list(session.run(names, feeds))), f"onnxruntime ({running[0]})"
 
 
 def check_onnx(

@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -25,10 +26,17 @@ from typing import Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export import tensorrt
+from export import engine_memory, tensorrt
 from export.modules import Component, components
 from export.onnx_export import check_onnx, export_onnx
-from export.precision import TOLERANCES, Precision, component_precision, default_precision, with_precision
+from export.precision import (
+    PRECISIONS,
+    TOLERANCES,
+    Precision,
+    component_precision,
+    default_precision,
+    with_precision,
+)
 from export.safety import SafetyCheckerSource, model_safety_checker
 from export.source import ModelSource, resolve_model
 from export.specs import FINGERPRINT_FILE, MANIFEST_FILE, ModelSpec, TensorSpec
@@ -99,6 +107,8 @@ class RepositoryOptions:
     precision: Precision | None = None
     # The tensorrt target's buckets, batch range, GPUs and workspace.
     engine: tensorrt.EngineOptions = field(default_factory=tensorrt.EngineOptions)
+    # tensorrt only: stop before the first TensorRT call and write the plan (no GPU, no TensorRT needed).
+    plan_only: bool = False
 
     @property
     def resolved_precision(self) -> Precision:
@@ -162,10 +172,12 @@ def export_repository(
     options = options or RepositoryOptions()
     # The same export whether its precision was named or defaulted (one fingerprint).
     options = replace(options, precision=options.resolved_precision)
+    if options.plan_only and options.target != "tensorrt":
+        raise ValueError("--plan is for --target tensorrt")
     host: tensorrt.EngineHost | None = None
-    if options.target == "tensorrt":
+    if options.target == "tensorrt" and not options.plan_only:
         # Before any work: without TensorRT and a GPU nothing of this export could be used.
-        host = tensorrt.current_host(options.engine.gpus[0] if options.engine.gpus else 0)
+        host = tensorrt.current_host(options.engine.gpus)
         logger.info("building TensorRT engines on %s", host)
     source = ModelSource(resolve_model(model_id, weights=True))
     if options.target == "tensorrt":
@@ -193,6 +205,16 @@ def export_repository(
         parts.append(checker_part)
         roots[parts[-1].spec.name] = checker.root
         extras[parts[-1].spec.name] = checker.write_feature_extractor
+    # Every engine's plan (profiles, flags, config) before any model is exported: a wrong one fails now.
+    plans: dict[str, tensorrt.EnginePlan] = {}
+    if options.target == "tensorrt":
+        for component in parts:
+            name = component.spec.name
+            plans[name] = engine_plan(
+                component, source if roots[name] == source.path else None, source.vae_scale_factor, options
+            )
+    if options.plan_only:
+        return _write_plan(parts, plans, out)
     start = time.perf_counter()
     for i, component in enumerate(parts, 1):
         name = component.spec.name
@@ -214,9 +236,13 @@ def export_repository(
             source if roots[name] == source.path else None, name, options.resolved_precision
         )
         logger.info("%s: %s (%s)", step, precision, reason)
-        build = _Build(precision, source.vae_scale_factor, host, out / tensorrt.TIMING_CACHE_FILE)
-        _build_model(component, options, model_dir, fingerprint, extras.get(name), build)
+        build = _Build(precision, host, out / tensorrt.TIMING_CACHE_FILE, plans.get(name))
+        built = _build_model(component, options, model_dir, fingerprint, extras.get(name), build)
+        if built is not None:
+            plans[name] = built
     write_serving_tokenizers(source, out)
+    if plans:
+        _write_plan_file(plans, out)
     manifest: dict[str, object] = {
         "model": str(source.path),
         "pipeline": source.pipeline_class,
@@ -225,12 +251,101 @@ def export_repository(
         "precision": options.resolved_precision,
     }
     if host is not None:
-        # The service reads the buckets from here (a size outside them is a 400) and checks the host.
+        # The service reads the buckets from here (a size outside them is a 400) and checks the host,
+        # on every GPU the models are placed on (empty: all).
         manifest["resolutions"] = [str(r) for r in options.engine.resolutions]
         manifest["engine"] = host.as_dict()
+        manifest["gpus"] = list(options.engine.gpus)
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("repository %s ready in %.1f s", out, time.perf_counter() - start)
     return out
+
+
+PLAN_FILE = "plan.json"
+
+
+def engine_plan(
+    component: Component, source: ModelSource | None, vae_scale: int, options: RepositoryOptions
+) -> tensorrt.EnginePlan:
+    """One engine's plan before its ONNX graph exists: precision, builder flags, profiles, config."""
+    spec = component.spec
+    precision, reason = component_precision(source, spec.name, options.resolved_precision)
+    profiles = tensorrt.engine_profiles(spec, options.engine.resolutions, vae_scale)
+    workspace = options.engine.workspace_gib
+    return tensorrt.EnginePlan(
+        name=spec.name,
+        precision=precision,
+        precision_reason=reason,
+        flags=tensorrt.build_flags(precision, spec.name in tensorrt.REFITTABLE_MODELS),
+        profiles=tuple(profiles),
+        config=config_text(model_config(spec, options, len(profiles))),
+        workspace_bytes=None if workspace is None else int(workspace * (1 << 30)),
+    )
+
+
+def with_memory(plan: tensorrt.EnginePlan, onnx_path: Path) -> tensorrt.EnginePlan:
+    """``plan`` with the weight bytes of its ONNX graph and the activation estimate of its largest
+    profile (the one every execution context is sized for)."""
+    estimates = [
+        engine_memory.activation_estimate(onnx_path, {name: s[2] for name, s in p.shapes.items()})
+        for p in plan.profiles
+    ]
+    largest = max(estimates, key=lambda e: e.peak_bytes)
+    return replace(
+        plan,
+        weight_bytes=engine_memory.weight_bytes(onnx_path),
+        activation_bytes=largest.peak_bytes,
+        unknown_shapes=largest.unknown_tensors,
+    )
+
+
+def _write_plan(parts: list[Component], plans: dict[str, tensorrt.EnginePlan], out: Path) -> Path:
+    """``--plan``: each model's fp16 (or fp32) ONNX graph exported and checked on CPU, its memory read
+    from it, and the whole plan written to ``out/plan.json`` and printed; nothing else is written."""
+    with tempfile.TemporaryDirectory(prefix="t2i-plan-") as tmp:
+        for i, component in enumerate(parts, 1):
+            name = component.spec.name
+            precision = component_precision_of(plans[name])
+            logger.info("[%d/%d] %s: exporting the %s graph for the plan ...", i, len(parts), name, precision)
+            onnx_path = Path(tmp) / name / "model.onnx"
+            onnx_path.parent.mkdir(parents=True)
+            _export_checked(component, precision, onnx_path, check=True)
+            plans[name] = with_memory(plans[name], onnx_path)
+    _write_plan_file(plans, out)
+    for plan in plans.values():
+        print(plan.summary())
+    total = sum(p.memory_estimate_bytes or 0 for p in plans.values())
+    print(f"all models, one instance each: {total / (1 << 20):.1f} MiB of GPU memory (estimate)")
+    return out / PLAN_FILE
+
+
+def component_precision_of(plan: tensorrt.EnginePlan) -> Precision:
+    precision = plan.precision
+    assert precision in PRECISIONS, precision
+    return precision  # type: ignore[return-value]
+
+
+def _write_plan_file(plans: dict[str, tensorrt.EnginePlan], out: Path) -> None:
+    document = {
+        "note": "weights exact (the ONNX initializers at the engine's precision); activations an estimate "
+        "per execution context (peak live intermediate tensors at the largest profile), until a build "
+        "records TensorRT's own size",
+        "models": [p.as_dict() for p in plans.values()],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PLAN_FILE).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def _export_checked(component: Component, precision: Precision, onnx_path: Path, check: bool) -> None:
+    """Export ``component`` at ``precision`` to ``onnx_path``; with ``check``, against torch fp32."""
+    spec = component.spec
+    module = component.load().eval()
+    export_onnx(with_precision(module, precision), spec, component.trace_sizes, onnx_path)
+    if check:
+        # Against the module in float32, whatever the graph's precision: that is what parity means
+        # (an fp16 export converted the module in place, so the check loads it again).
+        reference = module if precision == "fp32" else component.load().eval()
+        check_onnx(reference, spec, onnx_path, TOLERANCES[precision])
 
 
 @dataclass(frozen=True)
@@ -238,9 +353,9 @@ class _Build:
     """What one model's build needs beyond the component and the options."""
 
     precision: Precision = "fp32"
-    vae_scale: int = 8
     host: tensorrt.EngineHost | None = None
     timing_cache: Path | None = None
+    plan: tensorrt.EnginePlan | None = None
 
 
 def _build_model(
@@ -250,7 +365,9 @@ def _build_model(
     fingerprint: str,
     write_extras: Callable[[Path], object] | None = None,
     build: _Build | None = None,
-) -> None:
+) -> tensorrt.EnginePlan | None:
+    """Export one model directory; for the tensorrt target, build its engine from ``build.plan`` (and
+    return the plan with its memory filled in)."""
     build = build or _Build()
     spec = component.spec
     staging = model_dir.with_name(f".{model_dir.name}.partial")
@@ -258,43 +375,32 @@ def _build_model(
     version_dir = staging / "1"
     version_dir.mkdir(parents=True)
     onnx_path = version_dir / "model.onnx"
-    module = component.load().eval()
-    export_onnx(with_precision(module, build.precision), spec, component.trace_sizes, onnx_path)
-    if options.check:
-        # Against the module in float32, whatever the graph's precision: that is what parity means
-        # (an fp16 export converted the module in place, so the check loads it again).
-        reference = module if build.precision == "fp32" else component.load().eval()
-        check_onnx(reference, spec, onnx_path, TOLERANCES[build.precision])
-    del module
+    _export_checked(component, build.precision, onnx_path, options.check)
     record: dict[str, object] = {"fingerprint": fingerprint, "precision": build.precision}
+    plan: tensorrt.EnginePlan | None = None
     if options.target == "tensorrt":
-        assert build.host is not None and build.timing_cache is not None
-        profiles = tensorrt.engine_profiles(spec, options.engine.resolutions, build.vae_scale)
-        plan = version_dir / tensorrt.PLAN_FILE
-        tensorrt.build_engine(
-            onnx_path,
-            plan,
-            spec,
-            profiles,
-            precision=build.precision,
-            refittable=spec.name in tensorrt.REFITTABLE_MODELS,
-            options=options.engine,
-            timing_cache=build.timing_cache,
-        )
+        assert build.host is not None and build.timing_cache is not None and build.plan is not None
+        plan = with_memory(build.plan, onnx_path)
+        plan_file = version_dir / tensorrt.PLAN_FILE
+        tensorrt.build_engine(onnx_path, plan_file, plan, timing_cache=build.timing_cache)
         if options.check:
-            tensorrt.check_engine(plan, onnx_path, spec, profiles, TOLERANCES[build.precision])
-        config = model_config(spec, options, len(profiles))
+            tensorrt.check_engine(
+                plan_file, onnx_path, spec, plan.profiles, TOLERANCES[build.precision], build.host.device
+            )
+        config_pbtxt = plan.config
         record["engine"] = build.host.as_dict()
+        record["plan"] = plan.as_dict()
     else:
         shutil.copyfile(python_model("python-onnx"), version_dir / "model.py")
-        config = model_config(spec, options)
-    (staging / "config.pbtxt").write_text(config_text(config))
+        config_pbtxt = config_text(model_config(spec, options))
+    (staging / "config.pbtxt").write_text(config_pbtxt)
     if write_extras is not None:
         write_extras(staging)
     (staging / FINGERPRINT_FILE).write_text(json.dumps(record) + "\n")
     if model_dir.exists():
         shutil.rmtree(model_dir)
     staging.rename(model_dir)
+    return plan
 
 
 def _build_torch_model(

@@ -289,6 +289,24 @@ def flux_transformer_spec(
     )
 
 
+# FLUX packs 2x2 latent patches into one image token.
+FLUX_PACKING = 2
+# The dynamic axes an image size fixes (one TensorRT profile per resolution bucket); every other dynamic
+# axis (batch, sequence, text_length) keeps its range in each profile.
+RESOLUTION_AXES = ("height", "width", "image_height", "image_width", "image_tokens")
+
+
+def resolution_sizes(latent_height: int, latent_width: int, vae_scale: int) -> dict[str, int]:
+    """The size of each of :data:`RESOLUTION_AXES` for an image of these latent sides."""
+    return {
+        "height": latent_height,
+        "width": latent_width,
+        "image_height": latent_height * vae_scale,
+        "image_width": latent_width * vae_scale,
+        "image_tokens": (latent_height // FLUX_PACKING) * (latent_width // FLUX_PACKING),
+    }
+
+
 def _scaled(r: AxisRange, factor: int) -> AxisRange:
     return AxisRange(r.min * factor, r.opt * factor, r.max * factor)
 

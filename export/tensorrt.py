@@ -156,42 +156,198 @@ def engine_spec(spec: specs.ModelSpec, max_batch: int) -> specs.ModelSpec:
     return replace(spec, axes=axes)
 
 
+class ProfileError(ValueError):
+    """An optimisation profile that leaves a dynamic axis without a size or outside the spec's range."""
+
+
 def has_resolution(spec: specs.ModelSpec) -> bool:
-    return "height" in spec.axes and "width" in spec.axes
+    """Whether an image size fixes some of the spec's axes (latent sides, image sides, FLUX tokens)."""
+    return any(axis in spec.axes for axis in specs.RESOLUTION_AXES)
+
+
+_LEVELS = ("min", "opt", "max")
 
 
 def engine_profiles(
     spec: specs.ModelSpec, resolutions: Sequence[Resolution], vae_scale: int
 ) -> list[Profile]:
     """The optimisation profiles of ``spec`` (its batch axis already the engine's, see
-    :func:`engine_spec`): one per resolution for a model with latent sides, else one."""
-    batch = spec.axes["batch"]
+    :func:`engine_spec`), checked with :func:`check_profiles`.
+
+    One per resolution for a model with axes an image size fixes (:data:`specs.RESOLUTION_AXES`: those
+    are fixed in the profile), else one. Every other dynamic axis (batch, T5's ``sequence``, SD3's and
+    FLUX's ``text_length``) spans its range in the spec, min to max with the spec's opt.
+    """
     fixed: list[tuple[Resolution | None, dict[str, int]]]
     if has_resolution(spec):
         if not resolutions:
             raise ValueError(f"{spec.name}: an engine with latent sides needs at least one resolution")
         fixed = [
-            (
-                r,
-                {
-                    "height": r.height // vae_scale,
-                    "width": r.width // vae_scale,
-                    "image_height": r.height,
-                    "image_width": r.width,
-                },
-            )
+            (r, specs.resolution_sizes(r.height // vae_scale, r.width // vae_scale, vae_scale))
             for r in resolutions
         ]
     else:
         fixed = [(None, {})]
     profiles = []
-    for resolution, sides in fixed:
-        sizes = [{**sides, "batch": b} for b in (batch.min, batch.opt, batch.max)]
+    for resolution, bound in fixed:
+        sizes = [
+            {
+                axis: bound[axis] if axis in bound else getattr(axis_range, level)
+                for axis, axis_range in spec.axes.items()
+            }
+            for level in _LEVELS
+        ]
         shapes = {
             t.name: (t.concrete(sizes[0]), t.concrete(sizes[1]), t.concrete(sizes[2])) for t in spec.inputs
         }
         profiles.append(Profile(resolution, shapes, sizes[1]))
+    check_profiles(spec, profiles)
     return profiles
+
+
+def check_profiles(spec: specs.ModelSpec, profiles: Sequence[Profile]) -> None:
+    """Raise :class:`ProfileError` unless every profile gives every input a (min, opt, max) shape with
+    min <= opt <= max on each axis and each dynamic axis within the spec's range."""
+    if not profiles:
+        raise ProfileError(f"{spec.name}: no optimisation profile")
+    for index, profile in enumerate(profiles):
+        where = f"{spec.name} profile {index} ({profile.resolution or 'any size'})"
+        missing = {t.name for t in spec.inputs} - set(profile.shapes)
+        if missing:
+            raise ProfileError(f"{where}: no shapes for inputs {sorted(missing)}")
+        for t in spec.inputs:
+            triple = profile.shapes[t.name]
+            for level, shape in zip(_LEVELS, triple, strict=True):
+                if len(shape) != len(t.shape):
+                    raise ProfileError(f"{where}: {t.name} {level} shape {shape} is not rank {len(t.shape)}")
+            for position, axis in enumerate(t.shape):
+                low, opt, high = (shape[position] for shape in triple)
+                if not 1 <= low <= opt <= high:
+                    raise ProfileError(
+                        f"{where}: {t.name} axis {axis}: {low}/{opt}/{high}, not min<=opt<=max"
+                    )
+                if isinstance(axis, str):
+                    allowed = spec.axes[axis]
+                    if low < allowed.min or high > allowed.max:
+                        raise ProfileError(
+                            f"{where}: {t.name} axis {axis} {low}..{high} is outside the model's "
+                            f"{allowed.min}..{allowed.max}"
+                        )
+                elif low != axis or high != axis:
+                    raise ProfileError(f"{where}: {t.name} axis {position} is {low}..{high}, not {axis}")
+
+
+@dataclass(frozen=True)
+class BuildFlags:
+    """The TensorRT flags of one engine's build, by their TensorRT 10 Python names.
+
+    ``network``: ``NetworkDefinitionCreationFlag`` members; ``set`` / ``cleared``: ``BuilderFlag``
+    members set on, or cleared from, the builder config (TensorRT enables TF32 by default).
+    """
+
+    network: tuple[str, ...]
+    set: tuple[str, ...] = ()
+    cleared: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"network": list(self.network), "set": list(self.set), "cleared": list(self.cleared)}
+
+
+def build_flags(precision: Precision, refittable: bool) -> BuildFlags:
+    """Strongly typed (each layer runs in the ONNX graph's type: fp16 graphs in fp16, the SDXL VAE and
+    the safety checker kept fp32 in fp32); refittable for the models LoRA variants change; TF32 cleared
+    for fp32 graphs: they are fp32 because precision matters there (the SDXL VAE overflows fp16, the
+    safety checker's verdict is a threshold), and TF32 rounds matmul and convolution inputs to 10-bit
+    mantissas, which the fp32 engine check (1e-4 + 1e-3 x max) is not expected to meet."""
+    return BuildFlags(
+        network=("STRONGLY_TYPED",),
+        set=("REFIT",) if refittable else (),
+        cleared=("TF32",) if precision == "fp32" else (),
+    )
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Everything about one engine that is decided before TensorRT runs; the build consumes exactly this.
+
+    ``weight_bytes`` (exact) and ``activation_bytes`` (an estimate per execution context, see
+    :mod:`export.engine_memory`) are filled in once the ONNX graph exists.
+    """
+
+    name: str
+    precision: str
+    precision_reason: str
+    flags: BuildFlags
+    profiles: tuple[Profile, ...]
+    config: str  # the model's config.pbtxt (platform tensorrt_plan)
+    workspace_bytes: int | None = None
+    weight_bytes: int | None = None
+    activation_bytes: int | None = None
+    unknown_shapes: int = 0
+
+    @property
+    def contexts(self) -> int:
+        """Execution contexts Triton's TensorRT backend creates per instance: one per listed profile."""
+        return len(self.profiles)
+
+    @property
+    def memory_estimate_bytes(self) -> int | None:
+        if self.weight_bytes is None or self.activation_bytes is None:
+            return None
+        return self.weight_bytes + self.contexts * self.activation_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "precision": self.precision,
+            "precision_reason": self.precision_reason,
+            "builder_flags": self.flags.as_dict(),
+            "workspace_bytes": self.workspace_bytes,
+            "profiles": [
+                {
+                    "resolution": str(p.resolution) if p.resolution else None,
+                    "shapes": {
+                        name: {level: list(shape) for level, shape in zip(_LEVELS, triple, strict=True)}
+                        for name, triple in p.shapes.items()
+                    },
+                }
+                for p in self.profiles
+            ],
+            "config_pbtxt": self.config,
+            "memory": {
+                "weight_bytes": self.weight_bytes,
+                "activation_bytes_per_context_estimate": self.activation_bytes,
+                "activation_tensors_of_unknown_shape": self.unknown_shapes,
+                "execution_contexts": self.contexts,
+                "total_bytes_estimate": self.memory_estimate_bytes,
+            },
+        }
+
+    def summary(self) -> str:
+        """A few lines for the console: profiles, flags, memory."""
+        mib = 1 << 20
+
+        def size(n: int | None) -> str:
+            return "?" if n is None else f"{n / mib:.1f} MiB"
+
+        flags = ", ".join(
+            [*(f"network {f}" for f in self.flags.network), *(f"+{f}" for f in self.flags.set)]
+            + [f"-{f}" for f in self.flags.cleared]
+        )
+        lines = [f"{self.name}: {self.precision} ({self.precision_reason}); flags {flags}"]
+        for i, p in enumerate(self.profiles):
+            shapes = "; ".join(
+                f"{name} {'/'.join('x'.join(map(str, s)) for s in triple)}"
+                for name, triple in p.shapes.items()
+            )
+            lines.append(f"  profile {i} ({p.resolution or 'any size'}): {shapes}")
+        lines.append(
+            f"  memory: weights {size(self.weight_bytes)} (exact) + {self.contexts} context(s) x activations "
+            f"{size(self.activation_bytes)} (estimate"
+            + (f", {self.unknown_shapes} tensors of unknown shape" if self.unknown_shapes else "")
+            + f") = {size(self.memory_estimate_bytes)} per instance (estimate)"
+        )
+        return "\n".join(lines)
 
 
 def engine_config(
@@ -215,16 +371,29 @@ class EngineHost:
     gpu: str
     compute_capability: str
     tensorrt: str
+    # The CUDA device index it was built on (recorded; engines run on any GPU of the same model).
+    device: int = field(default=0, compare=False)
 
-    def as_dict(self) -> dict[str, str]:
-        return {"gpu": self.gpu, "compute_capability": self.compute_capability, "tensorrt": self.tensorrt}
+    def as_dict(self) -> dict[str, str | int]:
+        return {
+            "gpu": self.gpu,
+            "compute_capability": self.compute_capability,
+            "tensorrt": self.tensorrt,
+            "device": self.device,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EngineHost:
-        return cls(str(data["gpu"]), str(data.get("compute_capability", "")), str(data["tensorrt"]))
+        return cls(
+            str(data["gpu"]),
+            str(data.get("compute_capability", "")),
+            str(data["tensorrt"]),
+            int(data.get("device", 0)),
+        )
 
     def __str__(self) -> str:
-        return f"{self.gpu} (sm {self.compute_capability}) with TensorRT {self.tensorrt}"
+        where = f"sm {self.compute_capability}, CUDA device {self.device}"
+        return f"{self.gpu} ({where}) with TensorRT {self.tensorrt}"
 
 
 def engine_fingerprint(graph_fingerprint: str, host: EngineHost) -> str:
@@ -253,7 +422,12 @@ def host_mismatch(built: EngineHost, running: EngineHost) -> str | None:
 def require_tensorrt() -> Any:
     """The ``tensorrt`` module, or :class:`TensorRTUnavailable` with one line that says where it is."""
     try:
-        import tensorrt as trt
+        try:
+            import tensorrt as trt
+        except ImportError:
+            # The Docker image installs only the bindings wheel (tensorrt-cuXX-bindings, on the image's
+            # own libnvinfer); the 'tensorrt' package is a re-export of it.
+            import tensorrt_bindings as trt  # type: ignore[no-redef]
     except Exception as e:  # ImportError, or the PyPI stub package failing to fetch the real wheel
         raise TensorRTUnavailable(
             f"--target tensorrt needs TensorRT 10 (Python package 'tensorrt', {type(e).__name__}: "
@@ -275,14 +449,42 @@ def require_cuda() -> None:
         )
 
 
-def current_host(device: int = 0) -> EngineHost:
-    """The GPU ``device`` and the TensorRT version of this process."""
+class GpuSelectionError(ValueError):
+    """``--gpus`` names a device that is not there, or GPUs of different models (one engine each)."""
+
+
+def current_host(gpus: Sequence[int] = ()) -> EngineHost:
+    """Make the first of ``gpus`` (CUDA device indices as this process sees them, after
+    ``CUDA_VISIBLE_DEVICES``; empty: every visible GPU, built on device 0) the current CUDA device, where
+    TensorRT builds and the engine check runs, and return it with this process's TensorRT version.
+
+    Raises :class:`GpuSelectionError` for an index that is not visible, or when the GPUs Triton will
+    place the models on are not all one model (an engine runs only on the GPU model that built it)."""
     import torch
 
     trt = require_tensorrt()
     require_cuda()
-    major, minor = torch.cuda.get_device_capability(device)
-    return EngineHost(torch.cuda.get_device_name(device), f"{major}.{minor}", str(trt.__version__))
+    count = torch.cuda.device_count()
+    devices = list(gpus) or list(range(count))
+    missing = [d for d in devices if d >= count]
+    if missing:
+        raise GpuSelectionError(
+            f"--gpus {','.join(map(str, missing))}: this process sees {count} CUDA device(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
+    hosts = {}
+    for d in devices:
+        major, minor = torch.cuda.get_device_capability(d)
+        hosts[d] = EngineHost(torch.cuda.get_device_name(d), f"{major}.{minor}", str(trt.__version__), d)
+    models = {(h.gpu, h.compute_capability) for h in hosts.values()}
+    if len(models) > 1:
+        named = ", ".join(f"{d}: {h.gpu}" for d, h in hosts.items())
+        raise GpuSelectionError(
+            f"the GPUs the models would run on are of different models ({named}); engines run only on the "
+            "GPU model that built them: export once per GPU model, each with --gpus naming only its GPUs"
+        )
+    torch.cuda.set_device(devices[0])
+    return hosts[devices[0]]
 
 
 def _progress_monitor(trt: Any, name: str) -> Any:
@@ -314,42 +516,31 @@ def _progress_monitor(trt: Any, name: str) -> Any:
     return BuildProgress()
 
 
-def build_engine(
-    onnx_path: Path,
-    plan_path: Path,
-    spec: specs.ModelSpec,
-    profiles: Sequence[Profile],
-    *,
-    precision: Precision,
-    refittable: bool,
-    options: EngineOptions,
-    timing_cache: Path,
-) -> None:
-    """Build the engine of the ONNX graph ``onnx_path`` into ``plan_path`` (written atomically)."""
+def build_engine(onnx_path: Path, plan_path: Path, plan: EnginePlan, *, timing_cache: Path) -> None:
+    """Build the engine of the ONNX graph ``onnx_path`` into ``plan_path`` (written atomically), exactly
+    as ``plan`` says: its network and builder flags, profiles and workspace limit. Runs on the current
+    CUDA device (:func:`use_gpu`)."""
     trt = require_tensorrt()
     start = time.perf_counter()
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
-    # Strongly typed where the flag exists (TensorRT 9.1 to 10.x; where it is gone, as weak typing is in
-    # TensorRT 11, networks are strongly typed and the FP16/BF16 builder flags are gone with it).
-    # Explicit batch is the only mode since TensorRT 10 (its flag is deprecated, gone in 11): no flag.
-    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    strongly_typed = typed_flag is not None
-    network = builder.create_network(0 if typed_flag is None else 1 << int(typed_flag))
+    network_flags = 0
+    for name in plan.flags.network:
+        network_flags |= 1 << int(_flag(trt.NetworkDefinitionCreationFlag, name, plan.name))
+    network = builder.create_network(network_flags)
     parser = trt.OnnxParser(network, trt_logger)
     # parse_from_file finds external weight files (``model.onnx.data``) beside the graph.
     if not parser.parse_from_file(str(onnx_path)):
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"{spec.name}: TensorRT cannot parse {onnx_path}:\n{errors}")
+        raise EngineBuildError(f"{plan.name}: TensorRT cannot parse {onnx_path}:\n{errors}")
     config = builder.create_builder_config()
-    if options.workspace_gib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
-    precision_flag = getattr(trt.BuilderFlag, {"fp16": "FP16", "bf16": "BF16"}.get(precision, ""), None)
-    if not strongly_typed and precision_flag is not None:
-        config.set_flag(precision_flag)
-    if refittable:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    for p in profiles:
+    if plan.workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+    for name in plan.flags.set:
+        config.set_flag(_flag(trt.BuilderFlag, name, plan.name))
+    for name in plan.flags.cleared:
+        config.clear_flag(_flag(trt.BuilderFlag, name, plan.name))
+    for p in plan.profiles:
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in p.shapes.items():
             profile.set_shape(name, low, opt, high)
@@ -358,34 +549,40 @@ def build_engine(
     cache = config.create_timing_cache(cache_bytes)
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         logger.warning(
-            "%s: timing cache %s is from another GPU or TensorRT; starting a new one", spec.name, timing_cache
+            "%s: timing cache %s is from another GPU or TensorRT; starting a new one", plan.name, timing_cache
         )
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    monitor = _progress_monitor(trt, spec.name)
+    monitor = _progress_monitor(trt, plan.name)
     config.progress_monitor = monitor
     logger.info(
-        "%s: building the TensorRT engine (%s, %d profile(s), batch 1..%d%s%s) ...",
-        spec.name,
-        "strongly typed" if strongly_typed else precision,
-        len(profiles),
-        spec.axes["batch"].max,
-        ", refittable" if refittable else "",
+        "%s: building the TensorRT engine (%s, %d profile(s), flags %s%s) ...",
+        plan.name,
+        plan.precision,
+        len(plan.profiles),
+        plan.flags.as_dict(),
         f", timing cache {timing_cache}" if cache_bytes else "",
     )
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(
-            f"{spec.name}: TensorRT could not build the engine (see the TensorRT log above)"
+            f"{plan.name}: TensorRT could not build the engine (see the TensorRT log above)"
         )
     _write_atomic(plan_path, memoryview(serialized))
     _write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
     logger.info(
         "%s: engine %s (%.1f MiB) built in %.1f s",
-        spec.name,
+        plan.name,
         plan_path,
         plan_path.stat().st_size / (1 << 20),
         time.perf_counter() - start,
     )
+
+
+def _flag(enum: Any, name: str, model: str) -> Any:
+    try:
+        return getattr(enum, name)
+    except AttributeError:
+        raise EngineBuildError(f"{model}: this TensorRT has no {enum.__name__}.{name}") from None
 
 
 def _write_atomic(path: Path, data: memoryview | bytes) -> None:
@@ -448,15 +645,20 @@ def check_engine(
     spec: specs.ModelSpec,
     profiles: Sequence[Profile],
     tolerance: Tolerance,
+    device: int = 0,
 ) -> list[CheckResult]:
-    """Each output of the engine against onnxruntime on the same graph, at every profile's opt shape.
+    """Each output of the engine against onnxruntime on the same graph, at every profile's opt shape,
+    both on CUDA device ``device`` (the engine on the current device, see :func:`current_host`).
 
     Raises :class:`EngineMismatchError` listing every result when one is past ``tolerance``.
     """
     from export.onnx_export import CheckResult, example_inputs, onnx_runner
 
-    reference, runner = onnx_runner(onnx_path, spec, gpu=True)
+    reference, runner = onnx_runner(onnx_path, spec, gpu=True, device=device)
     engine = EngineRunner(plan_path.read_bytes(), spec.name)
+    # TensorRT's own activation memory of one execution context (the largest profile's).
+    device_memory = getattr(engine.engine, "device_memory_size_v2", None)
+    logger.info("%s: TensorRT's activation memory per execution context: %s bytes", spec.name, device_memory)
     outputs = [t.name for t in spec.outputs]
     results: list[CheckResult] = []
     for index, profile in enumerate(profiles):
