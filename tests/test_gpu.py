@@ -227,37 +227,53 @@ def test_refitted_lora_variant_matches_diffusers_lora(
         assert float(np.abs(got - expected).max()) <= allowed
 
 
-def test_out_of_memory_is_the_contract_500_then_serving_goes_on(engine_service: Callable[[str], str]) -> None:
-    """Fill the GPU from this process, ask for the largest image, free it, ask again.
+def test_out_of_memory_at_a_variant_load_is_the_contract_500_then_serving_goes_on(
+    work_dir: Path,
+    tiny_model: Callable[[str], Path],
+    engine_repository: Callable[[str], Path],
+    lora_dir: Path,
+) -> None:
+    """Fill the GPU from this process, ask for a LoRA variant (a new Triton model to load), free it,
+    ask again.
 
-    Not run yet on a GPU. Triton's TensorRT backend allocates each engine's context memory at load
-    (its default STATIC strategy), so what this request allocates is Triton's I/O and the CUDA work
-    space of a step; if it still fits, the request answers 200 and this test fails: then the tensorrt
-    target cannot run out of memory per request, and the test belongs on a variant load instead."""
-    url = engine_service("sd")
+    Triton's TensorRT backend allocates each engine's execution contexts at load (its default STATIC
+    strategy), so out of memory is a load failure ("unable to create TensorRT context: ..."), not a
+    request failure: the variant's load fails, no idle variant is there to evict, and the answer is the
+    contract's 500; once memory is free the same request loads the variant and answers 200."""
+    import json
+
+    settings = Settings(
+        model_id=str(tiny_model("sd")),
+        model_repository=engine_repository("sd"),
+        state_dir=work_dir / "gpu-state-oom",
+        tritonserver=_tritonserver(),
+        lora_dir=lora_dir,
+    )
     body = {
         "prompt": "a cat",
         "width": 128,
         "height": 64,
-        "num_images_per_prompt": 4,
         "num_inference_steps": 2,
         "seed": 1,
         "safety_check": False,
+        "loras": json.dumps({"sd-diffusers-b": 1.0}),
     }
-    hog: list[torch.Tensor] = []
-    try:
-        while True:
-            free, _ = torch.cuda.mem_get_info()
-            if free < 64 << 20:
-                break
-            hog.append(torch.empty(max(free - (32 << 20), 1 << 20), dtype=torch.uint8, device="cuda"))
-        response = httpx.post(f"{url}/text-to-image", json=body, timeout=300)
-    finally:
-        hog.clear()
-        torch.cuda.empty_cache()
-    assert response.status_code == 500, response.text
-    assert response.json() == {
-        "detail": {"msg": "Out of memory error. Try reducing output image resolution."}
-    }
-    again = httpx.post(f"{url}/text-to-image", json=body, timeout=300)
-    assert again.status_code == 200, again.text
+    with running_service(settings, timeout_s=600) as service:
+        url = service.url
+        hog: list[torch.Tensor] = []
+        try:
+            while True:
+                free, _ = torch.cuda.mem_get_info()
+                if free < 64 << 20:
+                    break
+                hog.append(torch.empty(max(free - (32 << 20), 1 << 20), dtype=torch.uint8, device="cuda"))
+            response = httpx.post(f"{url}/text-to-image", json=body, timeout=300)
+        finally:
+            hog.clear()
+            torch.cuda.empty_cache()
+        assert response.status_code == 500, response.text
+        assert response.json() == {
+            "detail": {"msg": "Out of memory error. Try reducing output image resolution."}
+        }
+        again = httpx.post(f"{url}/text-to-image", json=body, timeout=300)
+        assert again.status_code == 200, again.text

@@ -19,8 +19,9 @@ from export.onnx_weights import initializer_index, read_initializer
 from export.repository import python_onnx_module
 from export.tiny_lora import build_tiny_lora
 from export.variant_build import BaseIndex, LoraInput, VariantPlan, plan_variant, write_variant
-from server.errors import BadRequest, ServiceUnavailable
+from server.errors import BadRequest, InferenceFailed, OutOfMemory, ServiceUnavailable
 from server.metrics import Metrics
+from server.triton.client import classify
 from server.variants.cache import DiskCache, download_entry, variant_entry
 from server.variants.residency import ModelPerVariant, ParameterServing, VariantManager
 from server.variants.sources import HubPolicy, LoraSources, shown
@@ -182,6 +183,28 @@ class FakeTriton:
     async def unload_model(self, name: str) -> None:
         self.events.append(f"unload {name}")
         self.loaded.discard(name)
+
+
+class OutOfMemoryTriton(FakeTriton):
+    """Loads fail as Triton's TensorRT backend fails them when the GPU is full (its execution contexts
+    are allocated at load): at most ``capacity`` variant models fit at once."""
+
+    LOAD_FAILURE = (
+        "load failed for model '{name}': version 1 is at UNAVAILABLE state: Internal: unable to "
+        "create TensorRT context: [executionContext.cpp::initializeExecutionContext::...] Error Code 1: "
+        "Cuda Runtime (out of memory)"
+    )
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    async def load_model(self, name: str) -> None:
+        self.events.append(f"load {name}")
+        if len(self.loaded) >= self.capacity:
+            # What TritonClient.load_model raises for Triton's 400 answer with that text.
+            raise classify(name, 400, self.LOAD_FAILURE.format(name=name), 30)
+        self.loaded.add(name)
 
 
 def _fake_repository(root: Path, loras: int) -> tuple[Path, Path]:
@@ -551,3 +574,63 @@ def test_hub_downloads_are_one_safetensors_file_within_the_size_limit(
         asyncio.run(sources.fetch("o/big", reserved.append))
     assert reserved == []  # refused before the disk cache was asked for room
     sources.close()
+
+
+def test_load_failures_of_tensorrt_are_out_of_memory_only_where_they_are() -> None:
+    assert isinstance(
+        classify("unet__k", 400, OutOfMemoryTriton.LOAD_FAILURE.format(name="unet__k"), 30), OutOfMemory
+    )
+    # A context that could not be created: its creation is its allocation, whatever the last log line.
+    assert isinstance(classify("unet__k", 400, "unable to create TensorRT context: ", 30), OutOfMemory)
+    enqueue = classify("unet", 500, "unable to enqueue for inference unet", 30)
+    assert isinstance(enqueue, InferenceFailed) and not isinstance(enqueue, OutOfMemory)
+    assert str(enqueue) == "Inference failed in model 'unet'."
+
+
+async def _noop_prepare(model: str, key: str, overrides: Path) -> None:
+    return None
+
+
+def test_out_of_memory_at_load_evicts_the_lru_idle_variant_and_retries_once(tmp_path: Path) -> None:
+    triton = OutOfMemoryTriton(capacity=2)
+    manager, _ = _manager(tmp_path, ModelPerVariant(lambda: triton, _noop_prepare), max_resident=3)
+
+    async def use(name: str) -> str:
+        async with manager.use({name: 1.0}) as models:
+            assert models.unet in triton.loaded
+            return models.unet
+
+    async def run() -> list[str]:
+        return [await use("l0"), await use("l1"), await use("l0"), await use("l2")]
+
+    first, second, _, third = asyncio.run(run())
+    # l1 is the least recently used idle variant when l2 does not fit: it goes, l2 loads on the retry
+    assert triton.loaded == {first, third}
+    assert triton.events[-3:] == [f"load {third}", f"unload {second}", f"load {third}"]
+    assert [m.unet for m in manager.loaded()] == [first, third]
+
+
+def test_out_of_memory_at_load_without_an_idle_variant_is_the_contract_500(tmp_path: Path) -> None:
+    triton = OutOfMemoryTriton(capacity=1)
+    manager, _ = _manager(tmp_path, ModelPerVariant(lambda: triton, _noop_prepare), max_resident=2)
+
+    async def run() -> None:
+        async with manager.use({"l0": 1.0}) as held:
+            with pytest.raises(
+                OutOfMemory, match=r"^Out of memory error\. Try reducing output image resolution\.$"
+            ):
+                async with manager.use({"l1": 1.0}):
+                    pass
+            assert triton.loaded == {held.unet}, "the variant in use stays; nothing of l1 is left loaded"
+        assert [m.key for m in manager.loaded()] == [held.key]
+        # l0 is idle now: l1 evicts it on its retry and loads
+        async with manager.use({"l1": 1.0}) as models:
+            assert triton.loaded == {models.unet}
+        # a second failure after the eviction is the 500 too, and leaves nothing half loaded
+        triton.capacity = 0
+        with pytest.raises(OutOfMemory):
+            async with manager.use({"l2": 1.0}):
+                pass
+        assert triton.loaded == set() and manager.loaded() == []
+
+    asyncio.run(run())

@@ -14,9 +14,16 @@ quoted from the library that writes it, lower-cased (the match is case-insensiti
   "Failed to allocate memory for requested buffer of size <n>";
 - TensorRT's logger (``[defaultAllocator.cpp::allocate::...]``, ``[executionContext.cpp::...]``):
   "Error Code 1: Cuda Runtime (out of memory)" and "Error Code 2: OutOfMemory (Requested size was
-  <n> bytes.)"; Triton's TensorRT backend writes these to its log and answers the request with
-  "unable to enqueue for inference <model>" (``tensorrt_backend/src/instance_state.cc``), which is
-  not specific to memory and so stays an ordinary inference failure (also a 500);
+  <n> bytes.)". Triton's TensorRT backend allocates at LOAD (tensorrt_backend r25.01 / r25.08
+  ``src/instance_state.cc``): each execution context is created with the model's allocation strategy
+  (STATIC by default) and a null context fails the load with "unable to create TensorRT context: "
+  followed by the TensorRT logger's last error (the out-of-memory line above, or empty); deserializing
+  fails it with "unable to create TensorRT engine: <last error>" (``src/loader.cc``), and the I/O
+  buffers with "unable to allocate memory for input|output '<name>' for <model>: out of memory"
+  (``cudaGetErrorString``). A context's creation is its memory allocation, so that failure counts as
+  out of memory whatever the last error says. A failed RUN says only "unable to enqueue for inference
+  <model>": with the contexts' memory allocated at load it is not an allocation failure, so it stays
+  an ordinary inference failure (also a 500);
 - torch (the python-torch target): ``torch.OutOfMemoryError`` "CUDA out of memory. Tried to allocate
   <n> GiB"; CUDA's own driver name ``CUDA_ERROR_OUT_OF_MEMORY``.
 
@@ -34,6 +41,7 @@ OOM_MARKERS: tuple[str, ...] = (
     "cublas_status_alloc_failed",  # onnxruntime "CUBLAS failure 3"
     "cudnn_status_alloc_failed",  # onnxruntime "CUDNN failure 4"
     "failed to allocate",  # Triton core's pinned / GPU memory pools ("failed to allocate ... memory")
+    "unable to create tensorrt context",  # tensorrt_backend: createExecutionContext allocates, at load
 )
 
 

@@ -37,7 +37,7 @@ from export import specs
 from export.lora import LoraError
 from export.specs import FINGERPRINT_FILE
 from export.variant_build import BaseIndex, LoraInput, plan_variant, write_variant
-from server.errors import BadRequest, InferenceFailed
+from server.errors import BadRequest, InferenceFailed, OutOfMemory
 from server.memory import return_free_memory
 from server.metrics import Metrics
 from server.variants.cache import DiskCache, VariantRecord, download_entry, variant_entry
@@ -354,8 +354,47 @@ class VariantManager:
         return models
 
     async def _load(self, models: VariantModels, victims: list[VariantModels]) -> None:
+        """Unload ``victims``, then load ``models``. A load that runs out of GPU memory (the tensorrt
+        target allocates each engine's execution contexts at load) evicts the least recently used idle
+        variant and retries once; failing again, it leaves nothing of the variant loaded and raises
+        :class:`OutOfMemory` (the contract's 500)."""
         async with self._serving_lock:
             for victim in victims:
                 await self.serving.unload(victim)
                 logger.info("unloaded LoRA variant %s (least recently used)", victim.key)
-            await self.serving.load(models)
+            try:
+                await self.serving.load(models)
+                return
+            except OutOfMemory:
+                victim = self._idle_victim(models.key)
+                if victim is None:
+                    await self._unload_quietly(models)
+                    raise
+            logger.warning(
+                "out of GPU memory loading LoRA variant %s: unloading idle variant %s and retrying once",
+                models.key,
+                victim.key,
+            )
+            await self.serving.unload(victim)
+            try:
+                await self.serving.load(models)
+            except OutOfMemory:
+                await self._unload_quietly(models)
+                raise
+
+    def _idle_victim(self, loading: str) -> VariantModels | None:
+        """The least recently used resident variant that no request uses, other than ``loading``;
+        removed from the resident list."""
+        for key, (models, task) in self._resident.items():
+            if key != loading and not self._in_use[key] and task.done():
+                del self._resident[key]
+                self.metrics.variants_loaded.set(len(self._resident))
+                return models
+        return None
+
+    async def _unload_quietly(self, models: VariantModels) -> None:
+        """Unload what a failed load left (its text encoder may have loaded before its UNet failed)."""
+        try:
+            await self.serving.unload(models)
+        except Exception as e:  # the model may not be there at all: nothing to free then
+            logger.info("unloading what failed to load of LoRA variant %s: %s", models.key, e)
