@@ -366,16 +366,16 @@ class VariantManager:
                 await self.serving.load(models)
                 return
             except OutOfMemory:
-                victim = self._idle_victim(models.key)
-                if victim is None:
+                spare = self._idle_victim(models.key)
+                if spare is None:
                     await self._unload_quietly(models)
                     raise
             logger.warning(
                 "out of GPU memory loading LoRA variant %s: unloading idle variant %s and retrying once",
                 models.key,
-                victim.key,
+                spare.key,
             )
-            await self.serving.unload(victim)
+            await self.serving.unload(spare)
             try:
                 await self.serving.load(models)
             except OutOfMemory:
