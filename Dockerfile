@@ -35,10 +35,13 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Ubuntu 24.04's Python is "externally managed" (PEP 668); this image is the environment, so the
 # service goes into the image's Python itself, as the issue asks, not into a venv.
+# CUDA_DEVICE_ORDER: CUDA numbers GPUs as NVML does (PCI bus order), so the indices of t2i-export --gpus,
+# Triton's instance groups and the service's NVML check name the same GPUs.
 ENV PIP_BREAK_SYSTEM_PACKAGES=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    CUDA_DEVICE_ORDER=PCI_BUS_ID
 
 WORKDIR /opt/triton-t2i
 

@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,8 @@ class RepositoryEngines:
     # Sizes the engines serve; empty: any size the service's own rules allow.
     resolutions: tuple[Resolution, ...] = ()
     built_on: EngineHost | None = None
+    # GPU indices Triton places the models on (t2i-export --gpus); empty: every GPU.
+    gpus: tuple[int, ...] = ()
 
     def serves(self, width: int, height: int) -> bool:
         return not self.resolutions or Resolution(width, height) in self.resolutions
@@ -75,7 +78,8 @@ def read_repository(repository: Path) -> RepositoryEngines:
     resolutions = tuple(Resolution.parse(str(r)) for r in manifest.get("resolutions") or ())
     engine = manifest.get("engine")
     built_on = EngineHost.from_dict(engine) if isinstance(engine, dict) else None
-    return RepositoryEngines(str(manifest.get("target", "")), resolutions, built_on)
+    gpus = tuple(int(g) for g in manifest.get("gpus") or ())
+    return RepositoryEngines(str(manifest.get("target", "")), resolutions, built_on, gpus)
 
 
 def tensorrt_version() -> str:
@@ -91,31 +95,44 @@ def tensorrt_version() -> str:
     return os.environ.get("TRT_VERSION", "")
 
 
-def running_host(gpu: int = 0) -> EngineHost | None:
-    """This host's GPU ``gpu`` (NVML) and TensorRT version; None without a GPU."""
-    device = hardware.gpu_devices(stats=False).get(gpu)
-    if device is None:
-        return None
-    return EngineHost(str(device["name"]), f"{device['major']}.{device['minor']}", tensorrt_version())
+def running_hosts() -> dict[int, EngineHost]:
+    """This host's GPUs by NVML index (their model) with this host's TensorRT version; empty without
+    GPUs. NVML counts every GPU in PCI bus order; the image sets CUDA_DEVICE_ORDER=PCI_BUS_ID so that
+    CUDA's (Triton's, t2i-export's) indices are the same."""
+    version = tensorrt_version()
+    return {
+        index: EngineHost(str(d["name"]), f"{d['major']}.{d['minor']}", version, index)
+        for index, d in hardware.gpu_devices(stats=False).items()
+    }
 
 
 def check_engine_host(
-    engines: RepositoryEngines, running: EngineHost | None, repository: Path, model_id: str
+    engines: RepositoryEngines, running: Mapping[int, EngineHost], repository: Path, model_id: str
 ) -> None:
-    """Raise :class:`EngineHostMismatch` when ``running`` cannot run the repository's engines."""
+    """Raise :class:`EngineHostMismatch` unless every GPU Triton runs the engines on (the manifest's
+    ``gpus``, else all of ``running``) can run them."""
     if engines.built_on is None:
         return
     rebuild = f"re-export on this host: t2i-export {model_id} --target tensorrt --out {repository}"
-    if running is None:
+    if not running:
         raise EngineHostMismatch(
             f"the TensorRT engines in {repository} need a GPU ({engines.built_on}) and NVML finds none "
             "here; run the service on the GPU host they were built on, or " + rebuild
         )
-    reason = host_mismatch(engines.built_on, running)
-    if reason is not None:
+    devices = engines.gpus or tuple(running)
+    reasons = []
+    for device in devices:
+        host = running.get(device)
+        if host is None:
+            reasons.append(f"GPU {device} (named by --gpus at export) is not on this host")
+            continue
+        reason = host_mismatch(engines.built_on, host)
+        if reason is not None:
+            reasons.append(f"GPU {device}: {reason}")
+    if reasons:
         raise EngineHostMismatch(
             f"the TensorRT engines in {repository} were built on {engines.built_on} and cannot run "
-            f"here ({reason}); {rebuild}"
+            f"here ({'; '.join(reasons)}); {rebuild}"
         )
-    if not running.tensorrt:
+    if not all(running[d].tensorrt for d in devices):
         logger.info("TensorRT version of this host unknown: engines checked against the GPU model only")

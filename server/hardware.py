@@ -1,9 +1,10 @@
 """GPU information through NVML (``nvidia-ml-py``); an empty result where there is no GPU or driver.
 
-Each GPU also reports the memory Triton's processes hold on it (``triton_memory_used``): the NVML
-process list of the GPU, summed over ``tritonserver`` and its python backend stubs. NVML sees the
-processes of this PID namespace: the bundled Triton always, a Triton in another container when the
-two share it (docker-compose.yml's ``pid: service:triton``); 0 where none is visible.
+The fields are the reference runner's (id, name, memory; utilisation or compute capability). There
+is no per-process figure of Triton's GPU memory: NVML's process list carries host PIDs, which a
+container's PID namespace (the image's bundled Triton, or compose's ``pid: service:triton``) never
+matches. Triton reports its GPU memory itself, per GPU UUID, on its metrics port
+(``nv_gpu_memory_used_bytes``, port 8002 by default): scrape that.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import threading
 from typing import Any
 
 logger = logging.getLogger(__name__)
-# Executable names of Triton's processes that hold GPU memory (the server, python backend stubs).
-TRITON_PROCESSES = frozenset({"tritonserver", "triton_python_backend_stub"})
 _lock = threading.Lock()
 _initialised: bool | None = None
 
@@ -54,7 +53,6 @@ def gpu_devices(*, stats: bool) -> dict[int, dict[str, Any]]:
                 "name": _text(nvml.nvmlDeviceGetName(handle)),
                 "memory_total": int(memory.total),
                 "memory_free": int(memory.free),
-                "triton_memory_used": _triton_memory(nvml, handle),
             }
             if stats:
                 rates = nvml.nvmlDeviceGetUtilizationRates(handle)
@@ -67,24 +65,6 @@ def gpu_devices(*, stats: bool) -> dict[int, dict[str, Any]]:
         logger.warning("NVML query failed: %s", e)
         return {}
     return devices
-
-
-def _triton_memory(nvml: Any, handle: Any) -> int:
-    """Bytes of GPU memory held by Triton's processes on the GPU ``handle`` (those NVML shows)."""
-    used = 0
-    try:
-        processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-    except Exception as e:  # NVMLError_NotSupported on some boards
-        logger.debug("NVML process list unavailable: %s", e)
-        return 0
-    for process in processes:
-        try:
-            name = _text(nvml.nvmlSystemGetProcessName(process.pid))
-        except Exception:  # the process ended, or lives in another PID namespace
-            continue
-        if name.rsplit("/", 1)[-1] in TRITON_PROCESSES and process.usedGpuMemory is not None:
-            used += int(process.usedGpuMemory)
-    return used
 
 
 def _text(value: str | bytes) -> str:

@@ -27,7 +27,7 @@ from server.engines import (
     check_engine_host,
     read_repository,
     require_exported,
-    running_host,
+    running_hosts,
 )
 from server.errors import ModelUnavailable, ServiceError, ServiceUnavailable, TritonUnavailable
 from server.metrics import Metrics
@@ -176,9 +176,9 @@ class Runtime:
         """The model's folder (configs only) and the repository's engines, checked against this host."""
         path = resolve_model(self.settings.model_id, weights=False, cache_dir=self.settings.model_dir)
         repository = self.settings.model_repository.resolve()
-        running = running_host()
+        running = running_hosts()
         if not self.settings.triton_url:
-            require_exported(repository, self.settings.model_id, gpu=running is not None)
+            require_exported(repository, self.settings.model_id, gpu=bool(running))
         engines = read_repository(repository)
         check_engine_host(engines, running, repository, self.settings.model_id)
         return ModelSource(path), engines

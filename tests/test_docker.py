@@ -36,6 +36,7 @@ NOT_SETTINGS = {
     "PIP_DISABLE_PIP_VERSION_CHECK",
     "PYTHONUNBUFFERED",
     "HF_HOME",
+    "CUDA_DEVICE_ORDER",
 }
 
 
@@ -75,6 +76,7 @@ def test_base_image_is_a_pinned_triton_release() -> None:
     assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", args["TRITON_IMAGE"])
     assert one("FROM") == "${TRITON_IMAGE}"
     assert re.fullmatch(r"10\.\d+\.\d+\.\d+", args["TENSORRT_VERSION"])  # the image's TensorRT 10
+    assert args["CUDA_MAJOR"].isdigit()
 
 
 def test_commands_come_from_the_service_settings() -> None:
@@ -183,7 +185,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".git", ".venv", "tests", "models", "state", "model_repository/*"):
         assert entry in ignored
-    assert "!model_repository/python_onnx" in ignored
+    assert "!model_repository/python_onnx" in ignored and "!model_repository/python_torch" in ignored
 
 
 def test_dockerfile_passes_hadolint() -> None:

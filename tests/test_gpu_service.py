@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from server import hardware
+from server.api.schemas import GPUComputeInfo, GPUUtilizationInfo
 from server.errors import InferenceFailed, OutOfMemory, ServiceUnavailable
 from server.settings import Settings
 from server.triton.client import INTERNAL, classify
@@ -63,21 +64,7 @@ def test_other_failures_are_not_out_of_memory(message: str) -> None:
 
 
 class FakeNvml:
-    """The few pynvml calls /hardware makes, for one GPU with four processes on it."""
-
-    def __init__(self) -> None:
-        self.names = {
-            10: b"/opt/tritonserver/bin/tritonserver",
-            11: "/opt/tritonserver/backends/python/triton_python_backend_stub",
-            12: "/usr/bin/python3",
-        }
-        self.processes = [
-            SimpleNamespace(pid=10, usedGpuMemory=3 << 30),
-            SimpleNamespace(pid=11, usedGpuMemory=1 << 30),
-            SimpleNamespace(pid=12, usedGpuMemory=5 << 30),  # another process
-            SimpleNamespace(pid=13, usedGpuMemory=7 << 30),  # gone (or in another PID namespace)
-            SimpleNamespace(pid=10, usedGpuMemory=None),  # memory not reported
-        ]
+    """The few pynvml calls /hardware makes, for one GPU."""
 
     def nvmlDeviceGetCount(self) -> int:
         return 1
@@ -100,30 +87,32 @@ class FakeNvml:
     def nvmlDeviceGetCudaComputeCapability(self, handle: str) -> tuple[int, int]:
         return 9, 0
 
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: str) -> list[Any]:
-        return self.processes
 
-    def nvmlSystemGetProcessName(self, pid: int) -> str | bytes:
-        if pid not in self.names:
-            raise RuntimeError("NVMLError_NotFound")
-        return self.names[pid]
-
-
-def test_hardware_reports_tritons_gpu_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hardware_reports_the_reference_runners_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No per-process Triton memory: NVML's PIDs are the host's, which no container's namespace matches
+    (Triton's own metrics port reports it per GPU)."""
     monkeypatch.setattr(hardware, "_nvml", FakeNvml)
     (info,) = hardware.gpu_devices(stats=False).values()
-    assert info["name"] == "NVIDIA H100 80GB HBM3" and (info["major"], info["minor"]) == (9, 0)
-    assert info["triton_memory_used"] == 4 << 30  # tritonserver + its python stub, nothing else
+    assert info == {
+        "id": "GPU-1234",
+        "name": "NVIDIA H100 80GB HBM3",
+        "memory_total": 80 << 30,
+        "memory_free": 60 << 30,
+        "major": 9,
+        "minor": 0,
+    }
     (stats,) = hardware.gpu_devices(stats=True).values()
-    assert stats["triton_memory_used"] == 4 << 30 and stats["utilization_compute"] == 40
-
-    def unsupported(_: str) -> list[Any]:
-        raise RuntimeError("NVMLError_NotSupported")
-
-    fake = FakeNvml()
-    fake.nvmlDeviceGetComputeRunningProcesses = unsupported  # type: ignore[method-assign]
-    monkeypatch.setattr(hardware, "_nvml", lambda: fake)
-    assert hardware.gpu_devices(stats=True)[0]["triton_memory_used"] == 0
+    assert set(stats) == {
+        "id",
+        "name",
+        "memory_total",
+        "memory_free",
+        "utilization_compute",
+        "utilization_memory",
+    }
+    assert stats["utilization_compute"] == 40
+    assert set(GPUComputeInfo.__struct_fields__) == set(info)
+    assert set(GPUUtilizationInfo.__struct_fields__) == set(stats)
 
 
 def test_host_tritonserver_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -290,18 +290,28 @@ def test_fingerprint_changes_with_gpu_and_tensorrt_version() -> None:
 
 def test_engine_host_check(tmp_path: Path) -> None:
     engines = RepositoryEngines("tensorrt", (Resolution(512, 512),), H100)
-    check_engine_host(engines, H100, tmp_path, "m")
-    check_engine_host(engines, replace(H100, tensorrt=""), tmp_path, "m")  # unknown version: GPU only
-    check_engine_host(RepositoryEngines(), None, tmp_path, "m")  # python targets: nothing to check
+    check_engine_host(engines, {0: H100}, tmp_path, "m")
+    check_engine_host(engines, {0: replace(H100, tensorrt="")}, tmp_path, "m")  # unknown version: GPU only
+    check_engine_host(RepositoryEngines(), {}, tmp_path, "m")  # python targets: nothing to check
+    L4 = replace(H100, gpu="NVIDIA L4", device=1)
     for running, reason in (
-        (replace(H100, gpu="NVIDIA L4"), "GPU NVIDIA H100 80GB HBM3 != this host's NVIDIA L4"),
-        (replace(H100, tensorrt="10.9.0.34"), "TensorRT 10.8.0.43 != this host's 10.9.0.34"),
-        (None, "NVML finds none"),
+        ({0: replace(H100, gpu="NVIDIA L4")}, "GPU 0: GPU NVIDIA H100 80GB HBM3 != this host's NVIDIA L4"),
+        ({0: replace(H100, tensorrt="10.9.0.34")}, "TensorRT 10.8.0.43 != this host's 10.9.0.34"),
+        ({}, "NVML finds none"),
+        # a host of mixed GPUs: Triton places the models on every GPU unless --gpus named some
+        ({0: H100, 1: L4}, "GPU 1: GPU NVIDIA H100 80GB HBM3 != this host's NVIDIA L4"),
     ):
         with pytest.raises(EngineHostMismatch) as info:
             check_engine_host(engines, running, tmp_path, "some/model")
         assert reason in str(info.value)
         assert f"t2i-export some/model --target tensorrt --out {tmp_path}" in str(info.value)
+    # --gpus 1 at export: the engines run on GPU 1 only, whatever GPU 0 is
+    on_l4 = RepositoryEngines("tensorrt", (), replace(L4, device=1), gpus=(1,))
+    check_engine_host(on_l4, {0: H100, 1: L4}, tmp_path, "m")
+    with pytest.raises(EngineHostMismatch, match="GPU 1: GPU NVIDIA L4 != this host's NVIDIA H100"):
+        check_engine_host(on_l4, {0: L4, 1: H100}, tmp_path, "m")
+    with pytest.raises(EngineHostMismatch, match=r"GPU 1 \(named by --gpus at export\) is not on this host"):
+        check_engine_host(on_l4, {0: L4}, tmp_path, "m")
 
 
 def test_service_reads_buckets_and_host_from_the_manifest(tmp_path: Path) -> None:
@@ -313,10 +323,12 @@ def test_service_reads_buckets_and_host_from_the_manifest(tmp_path: Path) -> Non
                 "models": [],
                 "resolutions": ["1024x576", "512x512"],
                 "engine": H100.as_dict(),
+                "gpus": [1],
             }
         )
     )
     engines = read_repository(tmp_path)
+    assert engines.gpus == (1,)
     assert engines.resolutions == (Resolution(1024, 576), Resolution(512, 512))
     assert engines.built_on == H100
     assert engines.serves(1024, 576) and engines.serves(512, 512)

@@ -58,8 +58,6 @@ class GPUComputeInfo(msgspec.Struct):
     memory_free: int
     major: int
     minor: int
-    # GPU memory held by Triton's processes on this GPU (those NVML shows this service), bytes.
-    triton_memory_used: int = 0
 
 
 class GPUUtilizationInfo(msgspec.Struct):
@@ -69,7 +67,6 @@ class GPUUtilizationInfo(msgspec.Struct):
     memory_free: int
     utilization_compute: int
     utilization_memory: int
-    triton_memory_used: int = 0
 
 
 class HardwareInformation(msgspec.Struct):
