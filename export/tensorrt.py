@@ -224,7 +224,7 @@ def check_profiles(spec: specs.ModelSpec, profiles: Sequence[Profile]) -> None:
                 low, opt, high = (shape[position] for shape in triple)
                 if not 1 <= low <= opt <= high:
                     raise ProfileError(
-                        f"{where}: {t.name} axis {axis}: {low}/{opt}/{high}, not min<=opt<=max"
+                        f"{where}: {t.name} axis {axis}: {low}/{opt}/{high} not ascending (min, opt, max)"
                     )
                 if isinstance(axis, str):
                     allowed = spec.axes[axis]

@@ -323,9 +323,16 @@ def _run_plan(model: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tup
     return json.loads((out / PLAN_FILE).read_text()), printed
 
 
+# SD3 has every kind of axis (batch, latent sides, T5's sequence, the joint text_length): in `make test`
+# (~30 s here). The other three families cost 30-40 s each on this 2-core machine: slow.
 @pytest.mark.parametrize(
     "family",
-    ["sd", pytest.param("sdxl", marks=pytest.mark.slow), "sd3", pytest.param("flux", marks=pytest.mark.slow)],
+    [
+        pytest.param("sd", marks=pytest.mark.slow),
+        pytest.param("sdxl", marks=pytest.mark.slow),
+        "sd3",
+        pytest.param("flux", marks=pytest.mark.slow),
+    ],
 )
 def test_plan_without_gpu_or_tensorrt(
     family: str, tmp_path: Path, tiny_model: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
