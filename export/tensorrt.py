@@ -11,9 +11,16 @@ host identity that goes into the fingerprint. The build and the engine check imp
   without a resolution axis (text encoders) get one profile. Triton picks the profile that fits
   each batch; a size outside every bucket is refused by the service with a 400 before it reaches
   Triton (the buckets are recorded in the repository manifest, ``t2i-repository.json``).
-- The network is strongly typed where TensorRT has it (9.1 and later): each layer runs in the type
-  the ONNX graph gives it, so an fp16 graph runs in fp16 and the SDXL VAE kept fp32 stays fp32.
-  Older TensorRT gets the weakly typed network with the FP16/BF16 builder flag instead.
+- Everything decided before TensorRT runs is one :class:`EnginePlan` per model (precision, builder
+  flags, profiles, config, memory), computed for every model before any export, printed by
+  ``t2i-export --plan`` on any host, and consumed as it is by :func:`build_engine`.
+- The network is strongly typed (TensorRT 9.1 and later; the image has 10.13): each layer runs in the
+  type the ONNX graph gives it, so an fp16 graph runs in fp16 and the SDXL VAE kept fp32 stays fp32;
+  TF32 is cleared for fp32 graphs (:func:`build_flags`).
+- Not Polygraphy (what NVIDIA's demo/Diffusion builds with): it would replace the ~100 lines of
+  :func:`build_engine` and :class:`EngineRunner` with its loaders, but the plan, the flag choices and
+  the check stay ours, the build would be tested through another library's wrapper of the same calls,
+  and it is one more pinned package in the image; the direct TensorRT 10 calls here are fewer.
 - The UNet and text encoders are built refittable (``BuilderFlag.REFIT``, not ``REFIT_IDENTICAL``:
   LoRA variants change the weights), so a variant is the base engine refitted (export/refit.py).
 - A timing cache beside the engines (``<repository>/tensorrt-timing.cache``) is read before and
