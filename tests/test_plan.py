@@ -315,9 +315,11 @@ def test_fp32_parts_are_built_without_tf32(tmp_path: Path, tiny_model: Callable[
 # --------------------------------------------------------------------------------------------------
 
 
-def _run_plan(model: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, Any], str]:
+def _run_plan(
+    model: Path, out: Path, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[dict[str, Any], str]:
     assert "tensorrt" not in sys.modules
-    assert export_main([str(model), "--target", "tensorrt", "--plan", "--out", str(out)]) == 0
+    assert export_main([str(model), "--target", "tensorrt", "--plan", "--out", str(out), *args]) == 0
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [PLAN_FILE], "--plan writes only the plan"
     return json.loads((out / PLAN_FILE).read_text()), printed
@@ -391,7 +393,7 @@ def test_the_build_consumes_exactly_the_plan(
 ) -> None:
     model = tiny_model("sd")
     monkeypatch.delitem(sys.modules, "tensorrt")
-    planned, _ = _run_plan(model, tmp_path / "plan", capsys)
+    planned, _ = _run_plan(model, tmp_path / "plan", capsys, "--gpus", "1")
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.module())
     host = tensorrt.EngineHost("Fake GPU", "9.0", "10.13.2.6", 1)
     monkeypatch.setattr(tensorrt, "current_host", lambda gpus=(): host)
