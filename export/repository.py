@@ -178,7 +178,7 @@ def export_repository(
     if options.target == "tensorrt" and not options.plan_only:
         # Before any work: without TensorRT and a GPU nothing of this export could be used.
         host = tensorrt.current_host(options.engine.gpus)
-        logger.info("building TensorRT engines on %s", host)
+        logger.info("building TensorRT engines on %s, CUDA device %d", host, host.device)
     source = ModelSource(resolve_model(model_id, weights=True))
     if options.target == "tensorrt":
         resolutions = options.engine.resolutions or tensorrt.default_resolutions(source.default_size)

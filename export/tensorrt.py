@@ -399,8 +399,7 @@ class EngineHost:
         )
 
     def __str__(self) -> str:
-        where = f"sm {self.compute_capability}, CUDA device {self.device}"
-        return f"{self.gpu} ({where}) with TensorRT {self.tensorrt}"
+        return f"{self.gpu} (sm {self.compute_capability}) with TensorRT {self.tensorrt}"
 
 
 def engine_fingerprint(graph_fingerprint: str, host: EngineHost) -> str:

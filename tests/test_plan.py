@@ -427,3 +427,34 @@ def test_flux_transformer_is_bf16_when_fp16_is_asked(tiny_model: Callable[[str],
     assert component_precision(flux, specs.TRANSFORMER, "fp32")[0] == "fp32"
     assert component_precision(flux, specs.VAE_DECODER, "fp16")[0] == "fp16"
     assert component_precision(ModelSource(tiny_model("sd3")), specs.TRANSFORMER, "fp16")[0] == "fp16"
+
+
+def test_the_engine_checks_reference_is_named_by_what_its_session_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """onnxruntime-gpu lists CUDA as available even where its libraries or the driver cannot load; the
+    session then runs on CPU, and the label says so (and asks CUDA for the device named by --gpus)."""
+    import onnxruntime as ort
+
+    from export.onnx_export import onnx_runner
+
+    asked: list[object] = []
+
+    class Session:
+        def __init__(self, path: str, providers: list[object]) -> None:
+            asked.extend(providers)
+
+        def get_providers(self) -> list[str]:
+            return ["CPUExecutionProvider"]
+
+        def run(self, names: list[str], feeds: dict[str, object]) -> list[object]:
+            return []
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    spec = specs.safety_checker_spec()
+    _, label = onnx_runner(tmp_path / "model.onnx", spec, gpu=True, device=2)
+    assert label == "onnxruntime (CPUExecutionProvider)"
+    assert asked == [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
