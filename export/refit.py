@@ -75,15 +75,25 @@ def refit_weights(
     return weights
 
 
-def _tensorrt() -> Any:
+def import_tensorrt() -> Any:
+    """The TensorRT Python API: the ``tensorrt`` package, or where only its bindings wheel is installed
+    (the Docker image: ``tensorrt-cuXX-bindings`` on the image's own libnvinfer) ``tensorrt_bindings``,
+    which ``tensorrt`` merely re-exports. Raises ImportError (or the stub package's error)."""
     try:
         import tensorrt as trt
+    except ImportError:
+        import tensorrt_bindings as trt  # type: ignore[no-redef]
+    return trt
+
+
+def _tensorrt() -> Any:
+    try:
+        return import_tensorrt()
     except ImportError as e:  # also the PyPI stub that fails to fetch the real wheel
         raise TensorRTUnavailable(
             "refitting needs TensorRT (the 'tensorrt' package, e.g. pip install '.[tensorrt]' on a GPU host "
             f"or the Docker image): {e}"
         ) from e
-    return trt
 
 
 def refit_engine(

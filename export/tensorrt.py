@@ -47,7 +47,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export import specs
-from export.refit import TensorRTUnavailable
+from export.refit import TensorRTUnavailable, import_tensorrt
 
 if TYPE_CHECKING:  # the service reads engine metadata here without importing torch
     from export.onnx_export import CheckResult
@@ -428,12 +428,7 @@ def host_mismatch(built: EngineHost, running: EngineHost) -> str | None:
 def require_tensorrt() -> Any:
     """The ``tensorrt`` module, or :class:`TensorRTUnavailable` with one line that says where it is."""
     try:
-        try:
-            import tensorrt as trt
-        except ImportError:
-            # The Docker image installs only the bindings wheel (tensorrt-cuXX-bindings, on the image's
-            # own libnvinfer); the 'tensorrt' package is a re-export of it.
-            import tensorrt_bindings as trt  # type: ignore[no-redef]
+        trt = import_tensorrt()
     except Exception as e:  # ImportError, or the PyPI stub package failing to fetch the real wheel
         raise TensorRTUnavailable(
             f"--target tensorrt needs TensorRT 10 (Python package 'tensorrt', {type(e).__name__}: "

@@ -10,7 +10,6 @@ slowly on a GPU they were not tuned for).
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.refit import import_tensorrt
 from export.specs import MANIFEST_FILE
 from export.tensorrt import EngineHost, Resolution, host_mismatch
 from server import hardware
@@ -86,7 +86,7 @@ def tensorrt_version() -> str:
     """The TensorRT version of this host: the Python package's, else the NGC images' ``TRT_VERSION``
     variable, else "" (unknown: not compared)."""
     try:
-        trt = importlib.import_module("tensorrt")
+        trt = import_tensorrt()
         version = str(getattr(trt, "__version__", ""))
         if version:
             return version

@@ -458,3 +458,19 @@ def test_the_engine_checks_reference_is_named_by_what_its_session_runs(
     _, label = onnx_runner(tmp_path / "model.onnx", spec, gpu=True, device=2)
     assert label == "onnxruntime (CPUExecutionProvider)"
     assert asked == [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
+
+
+def test_the_images_bindings_only_tensorrt_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image installs only the bindings wheel (import name ``tensorrt_bindings``, which the
+    ``tensorrt`` package re-exports): the export, the refit and the service's version check find it."""
+    from export.refit import _tensorrt
+    from server.engines import tensorrt_version
+
+    bindings = FakeTensorRT().module()
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    monkeypatch.setitem(sys.modules, "tensorrt_bindings", bindings)
+    assert tensorrt.require_tensorrt() is bindings and _tensorrt() is bindings
+    assert tensorrt_version() == "10.13.2.6"
+    monkeypatch.setitem(sys.modules, "tensorrt_bindings", None)
+    with pytest.raises(tensorrt.TensorRTUnavailable):
+        tensorrt.require_tensorrt()
