@@ -50,7 +50,8 @@ COPY pyproject.toml README.md ./
 # The base image is the CUDA major the rest is pinned for, and its libnvinfer is TENSORRT_VERSION
 # (getInferLibVersion: major * 10000 + minor * 100 + patch).
 # hadolint ignore=DL3013
-RUN test "${CUDA_VERSION%%.*}" = "${CUDA_MAJOR}" \
+RUN { test "${CUDA_VERSION%%.*}" = "${CUDA_MAJOR}" \
+        || { echo "base image CUDA_VERSION=${CUDA_VERSION:-unset}, not CUDA ${CUDA_MAJOR}" >&2; exit 1; }; } \
     && pip install "torch==${TORCH_VERSION}" \
     && pip install --no-deps "tensorrt-cu${CUDA_MAJOR}-bindings==${TENSORRT_VERSION}" \
     && python3 -c "import ctypes, sys; v = ctypes.CDLL('libnvinfer.so.10').getInferLibVersion(); \
