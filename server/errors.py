@@ -24,7 +24,9 @@ class UnprocessableBody(ServiceError):
     (``("body", "height")`` and ``"int_type"``; ``("body", 12)`` and ``"json_invalid"`` for JSON that
     does not parse at character 12)."""
 
-    def __init__(self, message: str, loc: tuple[str | int, ...] = ("body",), type: str = "json_invalid") -> None:
+    def __init__(
+        self, message: str, loc: tuple[str | int, ...] = ("body",), type: str = "json_invalid"
+    ) -> None:
         super().__init__(message)
         self.loc = loc
         self.type = type

@@ -61,7 +61,8 @@ class Runtime:
     """Owns the Triton connection and keeps it healthy.
 
     A supervisor task checks Triton every ``health_interval_s``: while it (or one of the models) is
-    unreachable after the service has served, the status is ``ERROR`` and generations are refused at once; a bundled Triton that died is
+    unreachable after the service has served, the status is ``ERROR`` and generations are refused at
+    once; a bundled Triton that died is
     started again, and a base model that stopped serving (not ready, its python-backend stub gone, or
     a request told so) is loaded again through the repository API.  Once every model answers and a
     warm-up generation has run, the status is ``OK``.  One failed call (a deadline, a variant that is
@@ -93,30 +94,33 @@ class Runtime:
     @property
     def pipeline(self) -> TextToImagePipeline:
         if self._pipeline is None or self.status is not Health.OK:
-            raise self._not_serving()
+            raise self._refusal()
         return self._pipeline
 
     def require_model(self) -> DiffusionModel:
         """The model's description (tokenizers, VAE scale); available before Triton is."""
         if self.model is None:
-            raise self._not_serving()
+            raise self._refusal()
         return self.model
 
     @property
     def variants(self) -> VariantManager:
         if self._variants is None:
-            raise self._not_serving()
+            raise self._refusal()
         return self._variants
 
-    def _not_serving(self) -> ServiceUnavailable:
+    def _refusal(self) -> ServiceUnavailable:
         """Why a request cannot be served now (the status is not ``OK``)."""
         if self.status is Health.ERROR and not self._ready.is_set():
             return ServiceUnavailable(
-                f"The service could not load model '{self.settings.model_id}'; see its log.", reason="not_loaded"
+                f"The service could not load model '{self.settings.model_id}'; see its log.",
+                reason="not_loaded",
             )
         if self.status is Health.ERROR:
             return TritonUnavailable("The inference server is unavailable; try again shortly.")
-        return ServiceUnavailable("The service is still loading the model; try again shortly.", reason="loading")
+        return ServiceUnavailable(
+            "The service is still loading the model; try again shortly.", reason="loading"
+        )
 
     async def wait_model(self) -> DiffusionModel:
         """The model's description, waiting while the service loads it (refused at ``ERROR``)."""
@@ -131,7 +135,7 @@ class Runtime:
 
     async def _wait_loading(self) -> None:
         if self.status is Health.ERROR:
-            raise self._not_serving()
+            raise self._refusal()
         await self._changed.wait()
 
     def _set_status(self, status: Health, error: str | None) -> None:

@@ -72,7 +72,7 @@ class TextToImageService:
         try:
             async with asyncio.timeout(timeout_s):
                 # admission first: a full service refuses before resolving or building anything
-                async with self.admission.slot(prepare) as (request, loras):
+                async with self.admission.slot(prepare) as (request, loras):  # noqa: SIM117 - loras from the first
                     async with self.runtime.variants.use(loras) as models:
                         waiting_for = "it was generating"
                         request = replace(

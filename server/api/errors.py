@@ -108,7 +108,10 @@ _PYDANTIC = {
     "int": ("int_type", "Input should be a valid integer"),
     "float": ("float_type", "Input should be a valid number"),
     "bool": ("bool_type", "Input should be a valid boolean"),
-    "object": ("model_attributes_type", "Input should be a valid dictionary or object to extract fields from"),
+    "object": (
+        "model_attributes_type",
+        "Input should be a valid dictionary or object to extract fields from",
+    ),
 }
 _FROM_STRING = {
     "int": ("int_parsing", "Input should be a valid integer, unable to parse string as an integer"),
@@ -147,7 +150,9 @@ def validation_error(_: Request, exc: ValidationException) -> Response[HTTPValid
         for item in (exc.extra if isinstance(exc.extra, list) else [])
         if isinstance(item, dict)
     ]
-    return validation_response(problems or [ValidationError(loc=["body"], msg=str(exc.detail), type="value_error")])
+    return validation_response(
+        problems or [ValidationError(loc=["body"], msg=str(exc.detail), type="value_error")]
+    )
 
 
 def http_error(_: Request, exc: HTTPException) -> Response[HTTPError]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-
 from typing import Any
 
 import msgspec
