@@ -124,6 +124,8 @@ _INT_FROM_FLOAT = ("int_from_float", "Input should be a valid integer, got a num
 def body_problem(key: str | None, message: str) -> ValidationError:
     """One of Litestar's validation problems (msgspec's message for ``key``) as FastAPI's."""
     field = None if key in (None, "", "data") else key  # msgspec names the whole body "data"
+    if field is None and message == "'data'":  # no body at all: Litestar's KeyError for the body itself
+        return ValidationError(loc=["body"], msg="Field required", type="missing")
     missing = _MISSING.fullmatch(message)
     if missing:
         return ValidationError(loc=["body", missing["field"]], msg="Field required", type="missing")

@@ -100,4 +100,4 @@ class ValidationError(msgspec.Struct):
 class HTTPValidationError(msgspec.Struct):
     """422: FastAPI's ``{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}``."""
 
-    detail: list[ValidationError]
+    detail: list[ValidationError] = msgspec.field(default_factory=list)  # optional there too
