@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from server.admission import Admission
 from server.api.schemas import ImageResponse, Media, TextToImageParams
 from server.errors import BadRequest, ClientGone, InferenceFailed, ServiceUnavailable, brief
@@ -175,7 +177,7 @@ class TextToImageService:
         n = params.num_images_per_prompt
         if not 1 <= n <= s.max_images:
             raise BadRequest(f"num_images_per_prompt must be between 1 and {s.max_images}, got {n}.")
-        seed = secrets.randbelow(2**32) if params.seed is None else params.seed
+        seed = secrets.randbelow(2**32) if params.seed is msgspec.UNSET else params.seed
         if not 0 <= seed <= MAX_SEED - (n - 1):
             raise BadRequest(f"seed must be between 0 and {MAX_SEED - (n - 1)}, got {seed}.")
         guidance_scale, steps = apply_rule(self.rule, params.guidance_scale, params.num_inference_steps)

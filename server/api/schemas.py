@@ -20,7 +20,8 @@ class TextToImageParams(msgspec.Struct, kw_only=True):
     guidance_scale: float = 7.5
     negative_prompt: str = ""
     safety_check: bool = True
-    seed: int | None = None
+    # absent: a random seed; null is a 422 as in the reference (an integer without a default there)
+    seed: int | msgspec.UnsetType = msgspec.UNSET
     num_inference_steps: int = 50
     num_images_per_prompt: int = 1
 
