@@ -419,7 +419,7 @@ class Stack:
                 )
             with contextlib.suppress(httpx.TransportError, ValueError, KeyError):
                 status = httpx.get(f"{self.url}/health", timeout=5).json()["status"]
-                if status == "OK":
+                if status in ("OK", "IDLE"):
                     return
                 if status == "ERROR":  # Triton is up already: an error now is the service's own
                     raise RuntimeError(f"the service failed to start; see {self.service_log}")

@@ -483,7 +483,7 @@ def _time_to_ok(prepared: Prepared, state: Path) -> float:
                 if process.poll() is not None:
                     raise RuntimeError(f"the service exited with {process.returncode}; see {log}")
                 with contextlib.suppress(httpx.TransportError, ValueError, KeyError):
-                    if httpx.get(url, timeout=1).json()["status"] == "OK":
+                    if httpx.get(url, timeout=1).json()["status"] in ("OK", "IDLE"):
                         return time.perf_counter() - started
                 time.sleep(0.05)
             raise TimeoutError(f"no /health OK within {COLD_START_TIMEOUT_S:g} s; see {log}")

@@ -397,7 +397,7 @@ class HttpService:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=5).json()["status"] == "OK":
+                if httpx.get(f"{self.url}/health", timeout=5).json()["status"] in ("OK", "IDLE"):
                     return self
             time.sleep(0.5)
         raise TimeoutError("the service did not become ready")

@@ -13,7 +13,7 @@ from litestar.openapi import OpenAPIConfig
 
 from server.api.errors import EXCEPTION_HANDLERS
 from server.api.request import APIRequest
-from server.api.routes import ROUTES
+from server.api.routes import SECURITY_COMPONENTS, route_handlers
 from server.memory import limit_arenas
 from server.metrics import Metrics, request_metrics_middleware
 from server.runtime import Runtime
@@ -41,7 +41,7 @@ def create_app(settings: Settings) -> Litestar:
         return Provide(lambda: value, sync_to_thread=False)
 
     return Litestar(
-        route_handlers=ROUTES,
+        route_handlers=route_handlers(settings),
         request_class=APIRequest,
         request_max_body_size=settings.max_body_bytes,
         lifespan=[lifespan],
@@ -53,6 +53,8 @@ def create_app(settings: Settings) -> Litestar:
         },
         middleware=[request_metrics_middleware(metrics)],  # type: ignore[list-item]
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        openapi_config=OpenAPIConfig(title="triton-t2i", version=settings.version),
+        openapi_config=OpenAPIConfig(
+            title="triton-t2i", version=settings.version, components=SECURITY_COMPONENTS
+        ),
         state=State({"settings": settings, "runtime": runtime, "service": service, "metrics": metrics}),
     )

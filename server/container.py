@@ -19,7 +19,8 @@ SERVE_COMMAND = ("t2i-serve",)
 HEALTHCHECK_COMMAND = ("t2i-healthcheck",)
 HEALTHCHECK_TIMEOUT_S = 2.0
 # /health statuses of a container that is up: LOADING while engines load and warm up (the
-# HEALTHCHECK's start period covers it), OK, IDLE. ERROR (and no answer) is unhealthy.
+# HEALTHCHECK's start period covers it), IDLE when serving with nothing to do, OK while generating.
+# ERROR (start-up failed, or Triton gone after serving) and no answer are unhealthy.
 HEALTHY = frozenset({"OK", "LOADING", "IDLE"})
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

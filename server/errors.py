@@ -4,9 +4,7 @@ from __future__ import annotations
 
 
 class ServiceError(Exception):
-    """Base: ``status_code`` and a concise message that is safe to show a client."""
-
-    status_code = 500
+    """Base: a concise message that is safe to show a client."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -14,41 +12,55 @@ class ServiceError(Exception):
 
 
 class BadRequest(ServiceError):
-    status_code = 400
+    """A rule of the API is broken (the reference's 400)."""
 
 
 class BodyTooLarge(ServiceError):
     """The request body is over the operator's ``MAX_BODY_BYTES``."""
 
-    status_code = 413
-
 
 class UnprocessableBody(ServiceError):
-    """The body is not JSON this service can decode (malformed, not UTF-8, nested too deeply)."""
+    """The body does not decode into the request schema; ``loc`` and ``type`` as FastAPI names them
+    (``("body", "height")`` and ``"int_type"``; ``("body", 12)`` and ``"json_invalid"`` for JSON that
+    does not parse at character 12)."""
 
-    status_code = 422
+    def __init__(
+        self, message: str, loc: tuple[str | int, ...] = ("body",), type: str = "json_invalid"
+    ) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.type = type
 
 
 class Unauthorized(ServiceError):
-    status_code = 401
-
     def __init__(self, message: str = "Invalid bearer token.") -> None:
         super().__init__(message)
 
 
 class ServiceUnavailable(ServiceError):
-    """The service cannot take the request now (still loading, Triton unreachable)."""
+    """The service cannot serve the request now; ``reason`` says why in a word (the label of the
+    refusals metric): ``queue_full``, ``loading``, ``deadline``, ``triton_unavailable``,
+    ``model_unavailable``, ``hub_timeout``, ``lora_cache_full``, ``not_loaded``."""
 
-    status_code = 503
+    reason = "unavailable"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class TritonUnavailable(ServiceUnavailable):
     """Triton itself does not answer (gone, restarting): the service is unhealthy until it is back."""
 
+    reason = "triton_unavailable"
+
 
 class ModelUnavailable(ServiceUnavailable):
     """Triton answers but does not serve ``model`` now: not loaded, or its worker process died
     (``worker_dead``); the service reloads a base model that is in this state."""
+
+    reason = "model_unavailable"
 
     def __init__(self, message: str, model: str, worker_dead: bool = False) -> None:
         super().__init__(message)
@@ -59,11 +71,9 @@ class ModelUnavailable(ServiceUnavailable):
 class ClientGone(ServiceError):
     """The client disconnected; the generation stopped and nobody reads the answer."""
 
-    status_code = 499
-
 
 class InferenceFailed(ServiceError):
-    status_code = 500
+    pass
 
 
 class OutOfMemory(InferenceFailed):

@@ -51,6 +51,13 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("t2i_images", "Images returned", registry=r)
+        self.refused = Counter(
+            "t2i_requests_refused",
+            "Generation requests the service could not serve now, by reason (queue_full, loading, "
+            "deadline, triton_unavailable, model_unavailable, hub_timeout, lora_cache_full, not_loaded)",
+            ["reason"],
+            registry=r,
+        )
         self.cancelled = Counter(
             "t2i_generations_cancelled", "Generations stopped early, by reason", ["reason"], registry=r
         )

@@ -4,7 +4,11 @@ Start-up runs in the background so ``/health`` answers ``LOADING`` at once: reso
 start the bundled Triton when no ``TRITON_URL`` is set and, while it starts, import the serving code
 (torch, diffusers, transformers: seconds) and load the model's tokenizers and scheduler in a worker
 thread; wait for every model to be ready, then run one warm-up generation.  Only then is the status
-``OK``.  This module imports none of that code itself, so the service starts listening at once.
+``OK`` (``IDLE`` on ``/health`` when no request runs or waits).  A request that arrives while the
+service loads waits for it within its deadline.  Until the service has served once, a problem it can
+recover from (Triton not up yet) keeps it ``LOADING``: go-livepeer registers an external runner at the
+first ``/health`` that is not ``ERROR`` and gives up for good at an ``ERROR``.  This module imports
+none of that code itself, so the service starts listening at once.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ class Runtime:
     """Owns the Triton connection and keeps it healthy.
 
     A supervisor task checks Triton every ``health_interval_s``: while it (or one of the models) is
-    unreachable the status is ``ERROR`` and generations get 503 at once; a bundled Triton that died is
+    unreachable after the service has served, the status is ``ERROR`` and generations are refused at
+    once; a bundled Triton that died is
     started again, and a base model that stopped serving (not ready, its python-backend stub gone, or
     a request told so) is loaded again through the repository API.  Once every model answers and a
     warm-up generation has run, the status is ``OK``.  One failed call (a deadline, a variant that is
@@ -80,6 +85,8 @@ class Runtime:
         self._variants: VariantManager | None = None
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        # Set (and replaced) at every change of ``status``: what waiting requests wait on.
+        self._changed = asyncio.Event()
         self._wake = asyncio.Event()
         # Base models a request found not serving; the supervisor loads them again.
         self._suspects: set[str] = set()
@@ -87,23 +94,60 @@ class Runtime:
     @property
     def pipeline(self) -> TextToImagePipeline:
         if self._pipeline is None or self.status is not Health.OK:
-            if self.status is Health.ERROR:
-                raise ServiceUnavailable("The inference server is unavailable; try again shortly.")
-            raise ServiceUnavailable("The service is still loading the model; try again shortly.")
+            raise self._refusal()
         return self._pipeline
 
     def require_model(self) -> DiffusionModel:
         """The model's description (tokenizers, VAE scale); available before Triton is."""
         if self.model is None:
-            return self.pipeline.model  # raises the 503 that says why
+            raise self._refusal()
         return self.model
 
     @property
     def variants(self) -> VariantManager:
         if self._variants is None:
-            self.pipeline  # noqa: B018 - raises the 503 that says why
-            raise ServiceUnavailable("LoRA variants are not available yet; try again shortly.")
+            raise self._refusal()
         return self._variants
+
+    def _refusal(self) -> ServiceUnavailable:
+        """Why a request cannot be served now (the status is not ``OK``)."""
+        if self.status is Health.ERROR and not self._ready.is_set():
+            return ServiceUnavailable(
+                f"The service could not load model '{self.settings.model_id}'; see its log.",
+                reason="not_loaded",
+            )
+        if self.status is Health.ERROR:
+            return TritonUnavailable("The inference server is unavailable; try again shortly.")
+        return ServiceUnavailable(
+            "The service is still loading the model; try again shortly.", reason="loading"
+        )
+
+    async def wait_model(self) -> DiffusionModel:
+        """The model's description, waiting while the service loads it (refused at ``ERROR``)."""
+        while self.model is None:
+            await self._wait_loading()
+        return self.model
+
+    async def wait_serving(self) -> None:
+        """Return once the service serves (``OK``): wait while it loads, refuse at ``ERROR``."""
+        while self.status is not Health.OK or self._pipeline is None:
+            await self._wait_loading()
+
+    async def _wait_loading(self) -> None:
+        if self.status is Health.ERROR:
+            raise self._refusal()
+        await self._changed.wait()
+
+    def _set_status(self, status: Health, error: str | None) -> None:
+        changed = (status, error) != (self.status, self.error)
+        self.status, self.error = status, error
+        if changed:
+            self._notify()
+
+    def _notify(self) -> None:
+        """Wake the requests that wait for the service."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def report_failure(self, error: ServiceError) -> None:
         """A request's call failed: Triton gone is ERROR now; a base model not serving (or a failure
@@ -150,6 +194,7 @@ class Runtime:
                 await asyncio.to_thread(self.triton.stop)  # nothing will use it
             return
         self.model, self._variants = loaded
+        self._notify()  # requests waiting for the model's description
         if isinstance(connected, BaseException):
             self._fail(str(connected) or type(connected).__name__)
             await self._rest()
@@ -158,8 +203,8 @@ class Runtime:
                 await self._check()
                 if self.status is not Health.OK:
                     logger.info("serving (%.1f s after start)", time.perf_counter() - started)
-                self.status, self.error = Health.OK, None
                 self._ready.set()
+                self._set_status(Health.OK, None)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -202,10 +247,18 @@ class Runtime:
         return model, variants
 
     def _fail(self, reason: str, permanent: bool = False) -> None:
-        if self.status is not Health.ERROR or self.error != reason:
-            logger.error("unhealthy: %s%s", reason, " (not retrying)" if permanent else "")
-        self.status, self.error = Health.ERROR, reason
+        """``ERROR`` for ``reason``; but ``LOADING`` while the service has not served yet and can still
+        get there (go-livepeer gives up on a runner that says ``ERROR`` at its start)."""
+        status = Health.ERROR if permanent or self._ready.is_set() else Health.LOADING
+        if self.status is not status or self.error != reason:
+            logger.error(
+                "%s: %s%s",
+                "unhealthy" if status is Health.ERROR else "not ready yet",
+                reason,
+                " (not retrying)" if permanent else "",
+            )
         self._pipeline = None
+        self._set_status(status, reason)
 
     def _forget_variants(self) -> None:
         if self._variants is not None:

@@ -9,17 +9,23 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from server.admission import Admission
 from server.api.schemas import ImageResponse, Media, TextToImageParams
-from server.errors import BadRequest, ClientGone, InferenceFailed, ServiceUnavailable
+from server.errors import BadRequest, ClientGone, InferenceFailed, ServiceUnavailable, brief
 from server.loras import parse_loras
 from server.metrics import Metrics
 from server.pipeline.images import png_data_url
 from server.pipeline.request import GenerationRequest
 from server.pipeline.rules import apply_rule, rule_for
-from server.runtime import Runtime
+from server.runtime import Health, Runtime
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.pipeline.model import DiffusionModel
 
 logger = logging.getLogger(__name__)
 
@@ -35,27 +41,55 @@ class TextToImageService:
         self.rule = rule_for(settings.model_id)
         self.admission = Admission(settings.max_in_flight, settings.max_queue, metrics)
 
+    def health(self) -> Health:
+        """``/health``: the runtime's status, and ``IDLE`` for ``OK`` while no request runs or waits
+        (go-livepeer returns a container it took out of its pool only at ``IDLE``)."""
+        status = self.runtime.status
+        return Health.IDLE if status is Health.OK and self.admission.idle else status
+
+    @staticmethod
+    def require_prompt(params: TextToImageParams) -> None:
+        """The reference checks this first, before the bearer token."""
+        if not params.prompt.strip():
+            raise BadRequest("Prompt must be provided.")
+
     async def generate(
         self, params: TextToImageParams, client_gone: Callable[[], bool] = lambda: False
     ) -> ImageResponse:
-        """Check the request, wait for a slot (bounded), run it; the deadline covers the wait too."""
-        model = self.runtime.require_model()
-        request, loras = self._request(params, model.vae_scale_factor, model.size_multiple, model.max_side)
+        """Check the request, take a place in the bounded queue, wait there for the service (while it
+        loads) and for a slot, run it; the deadline covers all the waiting too."""
+        model = self.runtime.model
+        # with the model known the rules answer at once; while it loads, once it is known
+        checked = self._request(params, model) if model is not None else None
+        waiting_for = "the service was still loading the model"
+
+        async def prepare() -> tuple[GenerationRequest, dict[str, float]]:
+            nonlocal waiting_for
+            prepared = checked or self._request(params, await self.runtime.wait_model())
+            await self.runtime.wait_serving()
+            waiting_for = "it was waiting for a free slot"
+            return prepared
+
+        timeout_s = self.settings.request_timeout_s
         try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                # admission first: a full service answers 503 before resolving or building anything
-                async with self.admission.slot(), self.runtime.variants.use(loras) as models:
-                    request = replace(
-                        request,
-                        unet=models.unet,
-                        text_encoders=models.text_encoders,
-                        model_parameters=models.parameters,
-                    )
-                    return await self._run(request, params.safety_check, client_gone)
+            async with asyncio.timeout(timeout_s):
+                # admission first: a full service refuses before resolving or building anything
+                async with self.admission.slot(prepare) as (request, loras):  # noqa: SIM117 - loras from the first
+                    async with self.runtime.variants.use(loras) as models:
+                        waiting_for = "it was generating"
+                        request = replace(
+                            request,
+                            unet=models.unet,
+                            text_encoders=models.text_encoders,
+                            model_parameters=models.parameters,
+                        )
+                        return await self._run(request, params.safety_check, client_gone)
         except TimeoutError:
             self.metrics.cancelled.labels("deadline").inc()
             raise ServiceUnavailable(
-                f"The request did not finish within {self.settings.request_timeout_s:g} s; try again shortly."
+                f"The request did not finish within {timeout_s:g} s (REQUEST_TIMEOUT_S): {waiting_for}; "
+                "try again shortly.",
+                reason="loading" if waiting_for.endswith("loading the model") else "deadline",
             ) from None
 
     async def _run(
@@ -104,22 +138,18 @@ class TextToImageService:
         return ImageResponse(images=media)
 
     def _request(
-        self,
-        params: TextToImageParams,
-        vae_scale: int,
-        size_multiple: int | None = None,
-        max_side: int | None = None,
+        self, params: TextToImageParams, model: DiffusionModel
     ) -> tuple[GenerationRequest, dict[str, float]]:
         """Apply the API's rules; every violation is a 400 with a message naming the field.
 
-        Returns the generation and the parsed LoRA set (both checked before any waiting)."""
+        Returns the generation and the parsed LoRA set (both checked before any generation)."""
         s = self.settings
+        self.require_prompt(params)
         if params.model_id and params.model_id != s.model_id:
             raise BadRequest(
-                f"Model '{params.model_id}' is not served here; this service serves '{s.model_id}'."
+                f"Model '{brief(params.model_id)}' is not served here; this service serves '{s.model_id}'."
             )
-        if not params.prompt.strip():
-            raise BadRequest("Prompt must be provided.")
+        vae_scale, size_multiple, max_side = model.vae_scale_factor, model.size_multiple, model.max_side
         loras = parse_loras(params.loras, s.max_loras)
         min_side = MIN_LATENT_SIDE * vae_scale
         # SD3 / FLUX: the transformer's 2x2 patches make sides multiples of 16, not 8.
@@ -147,13 +177,13 @@ class TextToImageService:
         n = params.num_images_per_prompt
         if not 1 <= n <= s.max_images:
             raise BadRequest(f"num_images_per_prompt must be between 1 and {s.max_images}, got {n}.")
-        seed = secrets.randbelow(2**32) if params.seed is None else params.seed
+        seed = secrets.randbelow(2**32) if params.seed is msgspec.UNSET else params.seed
         if not 0 <= seed <= MAX_SEED - (n - 1):
             raise BadRequest(f"seed must be between 0 and {MAX_SEED - (n - 1)}, got {seed}.")
         guidance_scale, steps = apply_rule(self.rule, params.guidance_scale, params.num_inference_steps)
         if steps > s.max_steps:
             raise BadRequest(f"num_inference_steps must be at most {s.max_steps}, got {steps}.")
-        rows = n * (2 if guidance_scale > 1 and self.runtime.require_model().guidance_allowed else 1)
+        rows = n * (2 if guidance_scale > 1 and model.guidance_allowed else 1)
         if rows * params.height * params.width > s.max_batch_pixels:
             raise BadRequest(
                 f"{n} image(s) of {params.width}x{params.height}"

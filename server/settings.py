@@ -51,6 +51,7 @@ ENV_NAMES: dict[str, str] = {
     "MALLOC_ARENA_MAX": "malloc_arena_max",
     "MEMORY_RELEASE_S": "memory_release_s",
     "MAX_BODY_BYTES": "max_body_bytes",
+    "HTTP_RETRY_STATUSES": "http_retry_statuses",
     "TRITONSERVER": "tritonserver",
 }
 
@@ -99,7 +100,8 @@ class Settings:
     # Generations running at once (their UNet steps batch together in Triton), and waiting beyond them.
     max_in_flight: int = 8
     max_queue: int = 32
-    # Per request, from arrival to answer (queue wait included); past it: 503.
+    # Per request, from arrival to answer (waiting for the model to load and for a slot included);
+    # past it: 500 (503 with HTTP_RETRY_STATUSES) naming what it waited for.
     request_timeout_s: float = 600.0
     health_interval_s: float = 1.0
     # Where LoRA names are looked up (besides local paths and Hub ids).
@@ -110,7 +112,7 @@ class Settings:
     lora_extra_dirs: str = ""
     # Whether LoRA ids may name Hugging Face Hub repositories; off: only the folders above.
     lora_hub: bool = True
-    # Longest wait for the Hub per lookup and per download; past it: 503.
+    # Longest wait for the Hub per lookup and per download; past it the request is refused (500).
     lora_hub_timeout_s: float = 20.0
     # The Hub's address ("" = huggingface_hub's default, https://huggingface.co).
     hf_endpoint: str = ""
@@ -141,8 +143,12 @@ class Settings:
     # page per allocation cost 40% of a tiny UNet step) and give it back after this many idle
     # seconds; 0: after every batch.
     memory_release_s: float = 2.0
-    # Request body size; a larger body is 413 before it is read in full.
+    # Request body size; a larger body is a 400 (413 with HTTP_RETRY_STATUSES) before it is read in full.
     max_body_bytes: int = 1024 * 1024
+    # Answer a request the service cannot serve now with 503 + Retry-After, and a body over
+    # MAX_BODY_BYTES with 413, for a generic load balancer that retries on them.  Off: 500 and 400, the
+    # only statuses besides 200, 401 and 422 that go-livepeer and the livepeer-ai SDK parse.
+    http_retry_statuses: bool = False
     # The tritonserver binary to start when TRITON_URL is empty: this path; empty: `tritonserver` on
     # PATH (the Docker image's), else the one bundled in the nvidia-pytriton wheel.
     tritonserver: str = ""

@@ -30,6 +30,8 @@ from server.settings import Settings
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 
 FAMILIES = ("sd", "sdxl")
+# /health of a service that serves: OK while it generates, IDLE while nothing runs or waits.
+SERVING = ("OK", "IDLE")
 DEFAULT_TARGET = "python-onnx"
 LORA_CASES = [("sd", "diffusers"), ("sd", "kohya"), ("sdxl", "diffusers"), ("sdxl", "kohya")]
 
@@ -139,7 +141,7 @@ def running_service(
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.TransportError):
                 status = httpx.get(f"{url}/health", timeout=5).json()["status"]
-                if wait_for is None or status == wait_for:
+                if wait_for is None or status == wait_for or (wait_for == "OK" and status in SERVING):
                     break
                 if status == "ERROR" and wait_for == "OK":
                     raise RuntimeError(f"service at {url} failed to start")

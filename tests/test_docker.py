@@ -132,6 +132,7 @@ def health_server(answer: bytes) -> Iterator[int]:
     [
         (b'{"status": "OK"}', True),
         (b'{"status": "LOADING"}', True),
+        (b'{"status": "IDLE"}', True),
         (b'{"status": "ERROR"}', False),
         (b"not json", False),
         (b"[]", False),

@@ -33,7 +33,7 @@ from server.triton.launcher import (
     stub_model,
     stub_processes,
 )
-from tests.conftest import free_port, running_service
+from tests.conftest import SERVING, free_port, running_service
 from tests.test_operations import health, wait_until
 
 SMALL = {"height": 64, "width": 64, "num_inference_steps": 2}
@@ -120,9 +120,9 @@ def test_a_deadline_fails_that_request_only(
         client = running.app.state.runtime.client
         client.timeout_s = 0.01
         response = post(running.url, height=512, width=512)
-        assert response.status_code == 503, response.text
+        assert response.status_code == 500, response.text  # a refusal that says why, not a 503
         assert "did not answer within" in response.json()["detail"]["msg"]
-        assert health(running.url) == "OK"
+        assert health(running.url) in SERVING
         client.timeout_s = 60
         assert post(running.url).status_code == 200
 
@@ -151,7 +151,7 @@ def test_killed_stub_then_killed_triton_each_end_serving_with_no_region_left(
         prefix = triton.shm_region_prefix
         assert post(url).status_code == 200
 
-        async def scenario(kill: Callable[[], None]) -> tuple[list[str], int]:
+        async def scenario(kill: Callable[[], None]) -> tuple[list[str], httpx.Response]:
             log = HealthLog(url)
             task = asyncio.create_task(log._poll())
             while not log.seen:
@@ -160,12 +160,12 @@ def test_killed_stub_then_killed_triton_each_end_serving_with_no_region_left(
             async with httpx.AsyncClient(timeout=120) as client:
                 first = await client.post(f"{url}/text-to-image", json={"prompt": "x", **SMALL})
             started = time.monotonic()
-            while log.seen[-1] != "OK" or "ERROR" not in log.seen:
+            while log.seen[-1] not in SERVING or "ERROR" not in log.seen:
                 runtime = running.app.state.runtime
                 assert time.monotonic() - started < 180, f"not serving again: {log.seen}, {runtime.error}"
                 await asyncio.sleep(0.1)
             task.cancel()
-            return log.seen, first.status_code
+            return log.seen, first
 
         # 1. the UNet's stub: Triton still calls the model ready; the service must notice and reload it.
         # The request races the supervisor's check (every 0.2 s here): when the check sees the dead stub
@@ -173,24 +173,34 @@ def test_killed_stub_then_killed_triton_each_end_serving_with_no_region_left(
         # meets the dead worker itself (a few percent of tries lose the race).
         for _ in range(4):
             unet_pid, unet_region = stubs(backend_directory)["unet"]
-            seen, first = asyncio.run(scenario(functools.partial(os.kill, unet_pid, signal.SIGKILL)))
-            assert seen[0] == "OK" and "ERROR" in seen and seen[-1] == "OK", seen
-            assert first in (200, 503), "a request meeting the dead worker is 503 (retry), not 500"
+            seen, answer = asyncio.run(scenario(functools.partial(os.kill, unet_pid, signal.SIGKILL)))
+            assert seen[0] in SERVING and "ERROR" in seen and seen[-1] in SERVING, seen
+            first = answer.status_code
+            assert first in (200, 500), answer.text
+            if (
+                first == 500
+            ):  # a refusal that says why (the worker is being reloaded), not an inference failure
+                said = answer.json()["detail"]["msg"]
+                assert (
+                    "lost its worker process and is being reloaded" in said
+                    or said
+                    == "The inference server is unavailable; try again shortly."  # the check saw it first
+                ), said
             assert post(url).status_code == 200
             assert stubs(backend_directory)["unet"][0] != unet_pid
             if running.app.state.runtime.triton is triton:  # reloaded (the fallback restarts Triton)
                 assert triton.shm_region_prefix == prefix
             gone = functools.partial(lambda region: region not in regions(prefix), unet_region)
             wait_until(gone, 30, "the dead stub's region to be removed")
-            if first == 503:
+            if first == 500:
                 break
-        assert first == 503, "no request met the dead worker in 4 tries"
+        assert first == 500, "no request met the dead worker in 4 tries"
 
         # 2. tritonserver itself: started again under a new prefix, the old launch's regions removed
         triton = running.app.state.runtime.triton
         old_pid, prefix = triton.pid, triton.shm_region_prefix
         seen, _ = asyncio.run(scenario(lambda: os.kill(old_pid, signal.SIGKILL)))
-        assert seen[0] == "OK" and "ERROR" in seen and seen[-1] == "OK", seen
+        assert seen[0] in SERVING and "ERROR" in seen and seen[-1] in SERVING, seen
         new_triton = running.app.state.runtime.triton
         assert new_triton.pid != old_pid and new_triton.shm_region_prefix != prefix
         assert regions(prefix) == set()
@@ -238,7 +248,7 @@ def test_killed_service_leaves_nothing_running_and_starts_again(
 
     process = start("service-1.log")
     try:
-        wait_until(lambda: health(url) == "OK", 180, "the service to start")
+        wait_until(lambda: health(url) in SERVING, 180, "the service to start")
         record = json.loads((state_dir / "tritonserver.json").read_text())
         triton_pid, prefix = record["pid"], record["shm_region_prefix"]
         cmdline = Path(f"/proc/{triton_pid}/cmdline").read_bytes().split(b"\0")
@@ -255,7 +265,7 @@ def test_killed_service_leaves_nothing_running_and_starts_again(
         assert ports_free(port, *triton_ports)
         assert regions(prefix) == set()
         process = start("service-2.log")
-        wait_until(lambda: health(url) == "OK", 180, "the service to start again")
+        wait_until(lambda: health(url) in SERVING, 180, "the service to start again")
         assert post(url).status_code == 200
     finally:
         if process.poll() is None:

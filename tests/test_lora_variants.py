@@ -127,11 +127,12 @@ def test_cache_deletes_least_recently_used_idle_entries_first(tmp_path: Path) ->
     assert not cache.has(variant_entry(_key(2)))
     assert not (tmp_path / "unet" / "variants" / f"{_key(2)}.safetensors").exists()
     assert cache.used_bytes <= cache.limit_bytes
-    # everything pinned: no room, 503, nothing deleted
+    # everything pinned: no room (refused: lora_cache_full), nothing deleted
     for name in cache.names():
         cache.pin(name)
-    with pytest.raises(ServiceUnavailable):
+    with pytest.raises(ServiceUnavailable) as full:
         cache.reserve(variant_entry(_key(9)), MB)
+    assert full.value.reason == "lora_cache_full"
     assert len(cache.names()) == 3
     with pytest.raises(ServiceUnavailable, match="does not fit"):
         cache.reserve(variant_entry(_key(9)), 4 * MB)

@@ -16,7 +16,6 @@ import pytest
 from export.source import ModelSource
 from export.specs import serving_tokenizer_file
 from export.tokenizer import transformers_tokenizer, write_serving_tokenizers
-from server.api.schemas import MAX_PROMPT_CHARS
 from server.pipeline.model import (
     PREFIX_CHARS_PER_TOKEN,
     PromptTokenizer,
@@ -68,12 +67,16 @@ def reference(tokenizer: Any, text: str, max_length: int) -> np.ndarray:
     return np.asarray(encoded.input_ids[0])
 
 
+# Prompts of this many characters were the old length bound; the tests' texts stay within it.
+TEXT_CHARS = 8192
+
+
 def random_texts(count: int, seed: int = 7) -> list[str]:
     rng = random.Random(seed)
     texts = []
     for _ in range(count):
         text = "".join(rng.choice(PIECES) for _ in range(rng.choice([0, 1, 3, 40, 300, 1000, 3000])))
-        texts.append(text[:MAX_PROMPT_CHARS])
+        texts.append(text[:TEXT_CHARS])
     return texts
 
 
@@ -135,7 +138,7 @@ def test_a_long_prompt_is_read_only_as_far_as_its_kept_tokens(pair: tuple[Prompt
     served, tokenizer = pair
     recording = Recording(served)
     length = served.max_length
-    words = ("a castle on a hill, oil painting " * 300)[:MAX_PROMPT_CHARS]
+    words = ("a castle on a hill, oil painting " * 300)[:TEXT_CHARS]
     np.testing.assert_array_equal(tokenize_truncated(recording, words), reference(tokenizer, words, length))
     assert recording.seen and max(recording.seen) <= PREFIX_CHARS_PER_TOKEN * length < len(words)
 
@@ -144,3 +147,21 @@ def test_a_long_prompt_is_read_only_as_far_as_its_kept_tokens(pair: tuple[Prompt
     recording.seen.clear()
     np.testing.assert_array_equal(tokenize_truncated(recording, sparse), reference(tokenizer, sparse, length))
     assert recording.seen[-1] < len(sparse)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("x" * 200_000, id="one word of 200000 letters"),
+        pytest.param("cat," * 50_000, id="words joined by commas"),
+        pytest.param("ab.cd-" * 30_000 + " tail", id="a word break only at the end"),
+    ],
+)
+def test_a_long_prompt_without_word_breaks_is_read_only_as_far_as_its_kept_tokens(
+    pair: tuple[PromptTokenizer, Any], text: str
+) -> None:
+    """No word break to cut at: the prefix is cut inside a word and checked against its double."""
+    served, _ = pair
+    recording = Recording(served)
+    np.testing.assert_array_equal(tokenize_truncated(recording, text), served.encode(text)[0])
+    assert max(recording.seen) <= 2 * PREFIX_CHARS_PER_TOKEN * served.max_length < len(text)

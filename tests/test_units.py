@@ -6,7 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import BadRequest
+from server.api.errors import body_problem, status_of
+from server.errors import (
+    BadRequest,
+    BodyTooLarge,
+    ClientGone,
+    ModelUnavailable,
+    OutOfMemory,
+    ServiceError,
+    ServiceUnavailable,
+    TritonUnavailable,
+    Unauthorized,
+    UnprocessableBody,
+)
 from server.loras import parse_loras
 from server.pipeline.model import split_prompt
 from server.settings import Settings, SettingsError
@@ -77,3 +89,54 @@ def test_settings_precedence_and_conversion() -> None:
 def test_bad_settings_are_refused(env: dict[str, str]) -> None:
     with pytest.raises(SettingsError):
         Settings.from_env(env)
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_all_subclasses(sub)]
+    return found
+
+
+def _instance(cls: type[ServiceError]) -> ServiceError:
+    if issubclass(cls, ModelUnavailable):
+        return cls("m", model="unet")
+    return cls() if cls in (Unauthorized, OutOfMemory) else cls("m")
+
+
+def test_every_service_error_is_a_status_livepeer_handles_unless_opted_out() -> None:
+    """server/api/errors.py maps the whole hierarchy: by default only 400, 401, 422, 500 (and 499 for a
+    client that has gone, which nobody reads); HTTP_RETRY_STATUSES gives 503 and 413 back."""
+    classes = _all_subclasses(ServiceError)
+    assert {ServiceUnavailable, TritonUnavailable, BodyTooLarge, UnprocessableBody} <= set(classes)
+    for cls in classes:
+        error = _instance(cls)
+        default = status_of(error, retry_statuses=False)
+        assert default in ({499} if cls is ClientGone else {400, 401, 422, 500}), cls
+        opted = status_of(error, retry_statuses=True)
+        if issubclass(cls, ServiceUnavailable):
+            assert (default, opted) == (500, 503), cls
+        elif cls is BodyTooLarge:
+            assert (default, opted) == (400, 413)
+        else:
+            assert opted == default, cls
+
+
+@pytest.mark.parametrize(
+    ("key", "message", "loc", "error_type"),
+    [
+        ("data", "Object missing required field `prompt`", ["body", "prompt"], "missing"),
+        ("data", "'data'", ["body"], "missing"),
+        ("data", "Expected `object`, got `array`", ["body"], "model_attributes_type"),
+        ("height", "Expected `int`, got `str`", ["body", "height"], "int_parsing"),
+        ("height", "Expected `int`, got `float`", ["body", "height"], "int_from_float"),
+        ("height", "Expected `int`, got `null`", ["body", "height"], "int_type"),
+        ("guidance_scale", "Expected `float`, got `str`", ["body", "guidance_scale"], "float_parsing"),
+        ("safety_check", "Expected `bool`, got `null`", ["body", "safety_check"], "bool_type"),
+        ("prompt", "Expected `str`, got `int`", ["body", "prompt"], "string_type"),
+    ],
+)
+def test_litestars_problems_become_fastapis(key: str, message: str, loc: list[str], error_type: str) -> None:
+    problem = body_problem(key, message)
+    assert (problem.loc, problem.type) == (loc, error_type)
+    assert problem.msg and "`" not in problem.msg  # pydantic's wording, not msgspec's

@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import msgspec
 
-# Lengths in characters.  CLIP keeps 77 tokens and T5 at most 512, far below the prompt bound; a
-# model id is a Hub id or a local folder; ``loras`` holds MAX_LORAS ids of at most 200 bytes each.
-MAX_PROMPT_CHARS = 8192
-MAX_MODEL_ID_CHARS = 1024
-MAX_LORAS_CHARS = 8192
-
-Prompt = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
-
 
 class TextToImageParams(msgspec.Struct, kw_only=True):
-    """Body of ``POST /text-to-image``.  Types and lengths are checked on decode (422); rules on use (400)."""
+    """Body of ``POST /text-to-image``.  Types are checked on decode (422), rules on use (400).  No
+    field has a length of its own, as in the reference: MAX_BODY_BYTES bounds them all, and only the
+    prefix of a prompt that the tokenizers keep is read (:func:`server.pipeline.model.tokenize_truncated`)."""
 
-    prompt: Prompt = msgspec.field()
-    model_id: Annotated[str, msgspec.Meta(max_length=MAX_MODEL_ID_CHARS)] = ""
-    loras: Annotated[str, msgspec.Meta(max_length=MAX_LORAS_CHARS)] = ""
+    prompt: str = msgspec.field()
+    model_id: str = ""
+    loras: str = ""
     height: int = 576
     width: int = 1024
     guidance_scale: float = 7.5
-    negative_prompt: Prompt = ""
+    negative_prompt: str = ""
     safety_check: bool = True
-    seed: int | None = None
+    # absent: a random seed; null is a 422 as in the reference (an integer without a default there)
+    seed: int | msgspec.UnsetType = msgspec.UNSET
     num_inference_steps: int = 50
     num_images_per_prompt: int = 1
 
@@ -41,7 +36,7 @@ class ImageResponse(msgspec.Struct):
     images: list[Media]
 
 
-class HealthResponse(msgspec.Struct):
+class HealthCheck(msgspec.Struct):
     status: Literal["LOADING", "OK", "ERROR", "IDLE"]
 
 
@@ -81,11 +76,26 @@ class HardwareStats(msgspec.Struct):
     gpu_stats: dict[int, GPUUtilizationInfo]
 
 
-class ErrorDetail(msgspec.Struct):
+# The reference's error bodies (its OpenAPI components, so generated clients parse them).
+class APIError(msgspec.Struct):
     msg: str
 
 
 class HTTPError(msgspec.Struct):
-    """Every error body: ``{"detail": {"msg": "..."}}``."""
+    """400, 401 and 500 (and 503 / 413 where HTTP_RETRY_STATUSES is on): ``{"detail": {"msg": "..."}}``."""
 
-    detail: ErrorDetail
+    detail: APIError
+
+
+class ValidationError(msgspec.Struct):
+    """One problem of a body, as FastAPI (pydantic 2) names it: ``loc`` ``["body", "<field>"]``."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class HTTPValidationError(msgspec.Struct):
+    """422: FastAPI's ``{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}``."""
+
+    detail: list[ValidationError] = msgspec.field(default_factory=list)  # optional there too

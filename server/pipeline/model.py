@@ -104,7 +104,10 @@ def tokenize_truncated(tokenizer: PromptTokenizer, text: str) -> np.ndarray:
     the ids it keeps.
 
     The text is cut at a word break, so the prefix's tokens are the text's first tokens; when the
-    prefix alone fills ``max_length`` (no padding), the truncated ids are the text's.
+    prefix alone fills ``max_length`` (no padding), the truncated ids are the text's.  A prefix with no
+    word break (a 1 MB "word", or words joined by commas) is cut where it is: a cut inside a word
+    changes only the tokens next to it, so once doubling the prefix no longer changes the kept ids,
+    they are the text's (tokenizing a 1 MB word whole takes seconds).
     """
     max_length = tokenizer.max_length
     chars = PREFIX_CHARS_PER_TOKEN * max_length
@@ -113,6 +116,10 @@ def tokenize_truncated(tokenizer: PromptTokenizer, text: str) -> np.ndarray:
         if cut > 0:
             ids, tokens = tokenizer.encode(text[:cut])
             if tokens >= max_length:
+                return ids
+        elif 2 * chars < len(text):
+            ids, tokens = tokenizer.encode(text[:chars])
+            if tokens >= max_length and np.array_equal(ids, tokenizer.encode(text[: 2 * chars])[0]):
                 return ids
         chars *= 2
     return tokenizer.encode(text)[0]

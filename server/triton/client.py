@@ -467,7 +467,7 @@ def classify(model: str, status: int, text: str, timeout_s: float) -> ServiceErr
         return ModelUnavailable(f"Model '{model}' is not loaded in Triton; try again shortly.", model)
     if status == DEADLINE:
         return ServiceUnavailable(
-            f"Model '{model}' did not answer within {timeout_s:g} s; try again shortly."
+            f"Model '{model}' did not answer within {timeout_s:g} s; try again shortly.", reason="deadline"
         )
     if status == INTERNAL and _DEAD_STUB.search(text):
         return ModelUnavailable(

@@ -120,13 +120,14 @@ class DiskCache:
 
     def reserve(self, name: str, nbytes: int) -> None:
         """Make room for ``nbytes`` of ``name`` (deleting idle entries, least recently used first), or
-        503 when the pinned entries and reservations leave too little."""
+        refuse (``lora_cache_full``) when the pinned entries and reservations leave too little."""
         self._trim(self.limit_bytes - nbytes, keep=name)
         if self.used_bytes + nbytes > self.limit_bytes:
             raise ServiceUnavailable(
                 "The LoRA cache is full of variants in use; try again shortly."
                 if nbytes <= self.limit_bytes
-                else "This LoRA set does not fit in the service's LoRA cache (LORA_CACHE_GB)."
+                else "This LoRA set does not fit in the service's LoRA cache (LORA_CACHE_GB).",
+                reason="lora_cache_full",
             )
         self._reserved[name] = self._reserved.get(name, 0) + nbytes
 

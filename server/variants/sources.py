@@ -113,7 +113,8 @@ class LoraSources:
         except TimeoutError:
             raise ServiceUnavailable(
                 f"LoRa repository '{shown(lora_id)}' could not be fetched from the Hub within "
-                f"{self.hub.timeout_s:g} s; try again later."
+                f"{self.hub.timeout_s:g} s; try again later.",
+                reason="hub_timeout",
             ) from None
         found = self.downloaded(lora_id)
         if found is None:
@@ -127,7 +128,7 @@ class LoraSources:
         api = HfApi(endpoint=self.hub.endpoint or None)
         try:
             # the thread's own timeout is longer than the request's wait: a Hub that does not answer
-            # is a 503 (the wait runs out), and the thread still ends by itself soon after
+            # is refused (hub_timeout: the wait runs out), and the thread still ends by itself soon after
             info = api.model_info(lora_id, files_metadata=True, timeout=2 * self.hub.timeout_s)
         except Exception as e:  # unknown, gated, offline: the client learns only "not found"
             logger.info("LoRA %s not found on the Hub: %s", shown(lora_id), type(e).__name__)
