@@ -180,18 +180,28 @@ class CheckResult:
 OnnxRunner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 
-def onnx_runner(path: Path, spec: ModelSpec, gpu: bool = False) -> tuple[OnnxRunner, str]:
+def onnx_runner(
+    path: Path, spec: ModelSpec, gpu: bool = False, optimize: bool = True
+) -> tuple[OnnxRunner, str]:
     """A runner of the graph at ``path`` and its name: onnxruntime (on CUDA too with ``gpu`` where
     onnxruntime-gpu is installed), or onnx's reference evaluator where onnxruntime's CPU provider has
-    no kernel for an op at the graph's types (bf16)."""
+    no kernel for an op at the graph's types (bf16).
+
+    ``optimize=False`` runs the graph as written: onnxruntime's constant folding would otherwise store a
+    float32 copy of every fp16 weight that feeds a node its CPU provider runs in float32 (the casts it
+    inserts), and a transposed copy of each Linear weight, so the session would hold up to twice the
+    weights; unfolded, each cast or transpose runs per call on one weight at a time."""
     import onnxruntime as ort
 
     names = [t.name for t in spec.outputs]
     providers = ["CPUExecutionProvider"]
     if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(str(path), providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own NotImplemented/Fail classes
         if "NOT_IMPLEMENTED" not in str(e) and "Could not find an implementation" not in str(e):
             raise
@@ -233,7 +243,7 @@ def compare_onnx(
 ) -> list[CheckResult]:
     """Run the ONNX graph at ``path`` on each reference's inputs; ``tolerance`` is that of the graph's
     precision.  Raises :class:`OnnxMismatchError` listing every result when any output is past it."""
-    run, runner = onnx_runner(path, spec)
+    run, runner = onnx_runner(path, spec, optimize=False)
     results: list[CheckResult] = []
     for reference in references:
         sizes = reference.sizes
