@@ -174,13 +174,20 @@ class _Origin:
         hub = not Path(model_id).expanduser().is_dir()
         return cls(model_id, resolve_model(model_id, weights=False), hub)
 
-    def files(self) -> list[str]:
-        return hub_files(self.model_id) if self.hub else folder_files(self.root)
+    def files(self, root: Path) -> list[str]:
+        """Every file of the model, relative to ``root`` (the folder a component's subfolders are
+        relative to: this model's folder, or its parent for a checker that is a repository itself)."""
+        if not self.hub:
+            return folder_files(root)
+        prefix = self.root.relative_to(root).as_posix()
+        return [f if prefix == "." else f"{prefix}/{f}" for f in hub_files(self.model_id)]
 
-    def fetch(self, choices: list[WeightChoice]) -> None:
+    def fetch(self, choices: list[WeightChoice], root: Path) -> None:
         if self.hub and choices:
             logger.info("fetching %s: %s", self.model_id, ", ".join(c.describe() for c in choices))
-            fetch_files(self.model_id, [*CONFIG_PATTERNS, *allow_patterns(choices)])
+            prefix = self.root.relative_to(root).as_posix()
+            files = [f.removeprefix(f"{prefix}/") for f in allow_patterns(choices)]
+            fetch_files(self.model_id, [*CONFIG_PATTERNS, *files])
 
 
 def export_repository(
@@ -289,15 +296,16 @@ def _choose_weights(
 ) -> dict[str, WeightChoice]:
     """Each component's weight files, chosen from its origin's listing; a Hub origin then downloads
     exactly those.  Raises :class:`export.weights.MissingWeightsError` for the first folder lacking any."""
-    listings: dict[_Origin, list[str]] = {}
+    listings: dict[tuple[_Origin, Path], list[str]] = {}
     weights: dict[str, WeightChoice] = {}
     for c in parts:
-        origin = origins[c.spec.name]
-        if origin not in listings:
-            listings[origin] = origin.files()
-        weights[c.spec.name] = c.weights(precisions[c.spec.name][0], variant, files=listings[origin])
-    for origin in listings:
-        origin.fetch([weights[c.spec.name] for c in parts if origins[c.spec.name] == origin])
+        key = (origins[c.spec.name], c.root)
+        if key not in listings:
+            listings[key] = key[0].files(c.root)
+        weights[c.spec.name] = c.weights(precisions[c.spec.name][0], variant, files=listings[key])
+    for origin, root in listings:
+        chosen = [weights[c.spec.name] for c in parts if (origins[c.spec.name], c.root) == (origin, root)]
+        origin.fetch(chosen, root)
     return weights
 
 

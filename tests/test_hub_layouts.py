@@ -255,8 +255,8 @@ def test_configs_saying_float16_do_not_decide_the_graphs_dtype(
     repo = export_repository(str(model), tmp_path / "repo", RepositoryOptions(precision=precision))  # type: ignore[arg-type]
     _assert_dtypes(repo, precision)
     weights = json.loads((repo / MANIFEST_FILE).read_text())["weights"]
-    suffix = ".fp16.safetensors" if precision == "fp16" else "_model.safetensors"
-    assert weights["unet"] == [f"unet/diffusion_pytorch{suffix}"]
+    infix = ".fp16" if precision == "fp16" else ""
+    assert weights["unet"] == [f"unet/diffusion_pytorch_model{infix}.safetensors"]
     assert weights["safety_checker"] == ["safety_checker/model.safetensors"]
 
 
@@ -373,6 +373,7 @@ def test_streamed_weights_are_the_exporters_own(tmp_path: Path, tiny_model: Call
             str(theirs),
             input_names=[t.name for t in unet.spec.inputs],
             output_names=[t.name for t in unet.spec.outputs],
+            dynamic_axes={t.name: t.dynamic_axes() for t in (*unet.spec.inputs, *unet.spec.outputs)},
             opset_version=17,
             do_constant_folding=False,
             keep_initializers_as_inputs=True,
