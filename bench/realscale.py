@@ -185,7 +185,7 @@ def run_diffusers(model: Path, body: Body) -> ImageResult:
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
     with PeakMemory(lambda: [os.getpid()]) as peak:
-        pipe: Any = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+        pipe: Any = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         loaded = time.perf_counter() - start
         result = ImageResult(0.0, startup_seconds=loaded)
@@ -320,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--precisions", default="fp32,fp16", help="exports to run, in order")
     parser.add_argument("--no-serve", action="store_true", help="only the exports")
+    parser.add_argument(
+        "--repo", type=Path, default=None, help="serve this fp32 repository, exported before (no exports run)"
+    )
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -336,18 +339,19 @@ def main(argv: list[str] | None = None) -> int:
         run_export(
             args.family, model, work / f"repo-{args.family}-{p}", p, work / f"export-{args.family}-{p}.log"
         )
-        for p in args.precisions.split(",")
+        for p in ([] if args.repo else args.precisions.split(","))
     ]
+    repo = args.repo or work / f"repo-{args.family}-fp32"
     ours = theirs = None
     body = Body(Size(args.size, args.size), args.steps, 7.5, True)
     serve = (
         args.family == "sd"
         and not args.no_serve
-        and any(e.precision == "fp32" and e.returncode == 0 for e in exports)
+        and (args.repo is not None or any(e.precision == "fp32" and e.returncode == 0 for e in exports))
     )
     if serve:
         theirs = run_diffusers(model, body)
-        ours = run_service(model, work / f"repo-{args.family}-fp32", work / "service", body)
+        ours = run_service(model, repo, work / "service", body)
     text = report(exports, ours, theirs, body)
     print(text)
     (work / f"realscale-{args.family}.json").write_text(

@@ -280,11 +280,12 @@ _PRECISION_NAMES: dict[torch.dtype, str] = {
 
 
 def _diffusers(cls: Any, root: Path, subfolder: str) -> Callable[[torch.dtype, WeightChoice], Any]:
-    """A loader of diffusers model ``cls`` from ``root/subfolder`` in the dtype asked for."""
+    """A loader of diffusers model ``cls`` from ``root/subfolder`` in the dtype asked for (``dtype=``:
+    diffusers 0.42 deprecates ``torch_dtype``)."""
 
     def load(dtype: torch.dtype, weights: WeightChoice) -> Any:
         return cls.from_pretrained(
-            str(root), subfolder=subfolder, torch_dtype=dtype, **weights.from_pretrained_kwargs()
+            str(root), subfolder=subfolder, dtype=dtype, **weights.from_pretrained_kwargs()
         )
 
     return load

@@ -191,7 +191,7 @@ def test_sharded_variant_weights_as_diffusers_saves_them(
         shards = [f for f in files if f.startswith("unet/") and f.endswith(".safetensors")]
         assert set(choice.files[1:]) == {f for f in shards if (".fp16" in f) == (variant == "fp16")}
         loaded = UNet2DConditionModel.from_pretrained(
-            tmp_path, subfolder="unet", torch_dtype=torch.float32, **choice.from_pretrained_kwargs()
+            tmp_path, subfolder="unet", dtype=torch.float32, **choice.from_pretrained_kwargs()
         )
         expected = unet.conv_in.weight.float()
         torch.testing.assert_close(loaded.conv_in.weight, expected, atol=1e-3, rtol=0)
