@@ -311,22 +311,12 @@ def _choose_weights(
 
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise), so
-    one component's weights are gone before the next is loaded.
-
-    Also fixes glibc's mmap threshold at 1 MiB (``mallopt(M_MMAP_THRESHOLD)``, which turns off its
-    dynamic raise to 32 MiB after large frees): the check's per-node casts and transposes of weights
-    then live in their own mappings and go back to the system when freed, instead of piling up in
-    fragmented heaps."""
+    one component's weights are gone before the next is loaded."""
     gc.collect()
     name = ctypes.util.find_library("c")
     if name:
         with contextlib.suppress(OSError, AttributeError):  # not glibc
-            libc = ctypes.CDLL(name)
-            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-            libc.malloc_trim(0)
-
-
-_M_MMAP_THRESHOLD = -3
+            ctypes.CDLL(name).malloc_trim(0)
 
 
 @dataclass(frozen=True)
