@@ -16,6 +16,7 @@ from export.refit import TensorRTUnavailable
 from export.repository import TARGETS, RepositoryOptions, export_repository
 from export.source import ModelSourceError
 from export.torch_model import COMPILE_MODES, TorchModelError, TorchOptions
+from export.weights import AUTO
 
 
 def _gpus(text: str) -> tuple[int, ...]:
@@ -80,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         help="precision of the exported graphs (default: fp16 for GPU targets, fp32 for python-onnx); "
         "SDXL's VAE decoder stays fp32 unless its VAE is fp16-safe",
     )
+    parser.add_argument(
+        "--variant",
+        default=AUTO,
+        metavar="auto|none|NAME",
+        help="which weight files to read: 'auto' (default: the precision's variant, e.g. *.fp16.safetensors "
+        "for fp16, when the folder has it, else the full files, cast on load), 'none' (the full files "
+        "only) or a variant name (e.g. fp16; the full files where a folder lacks it)",
+    )
     engines = parser.add_argument_group("tensorrt target")
     engines.add_argument(
         "--resolutions",
@@ -136,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             max_queue_delay_us=args.max_queue_delay_us,
             torch=torch_options,
             precision=args.precision,
+            variant=args.variant,
             engine=tensorrt.EngineOptions(
                 resolutions=args.resolutions,
                 max_batch=args.max_batch,
@@ -149,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         # One line, no traceback: what is missing and where it exists.
         print(f"t2i-export: {e}", file=sys.stderr)
         return 2
+    except ModelSourceError as e:
+        # One line, no traceback: the folder and the file (pattern) it lacks.
+        print(f"t2i-export: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except (
-        ModelSourceError,
         OnnxMismatchError,
         TorchModelError,
         tensorrt.EngineBuildError,

@@ -7,8 +7,9 @@ numerical check and the repository writer all walk the same list (:func:`compone
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from export import specs
 from export.source import ModelSource, ModelSourceError
+from export.weights import AUTO, Library, WeightChoice, choose_weights, folder_files, variant_preference
 
 
 class TextEncoderModule(nn.Module):
@@ -213,16 +215,94 @@ def _channel_tensor(values: list[float] | None, channels: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(1, channels, 1, 1)
 
 
+Loader = Callable[[torch.dtype, WeightChoice], nn.Module]
+
+
 @dataclass(frozen=True)
 class Component:
-    """One Triton model: its spec, the diffusers subfolders it is built from, and its torch loader."""
+    """One Triton model: its spec, the diffusers subfolders it is built from (relative to ``root``; the
+    first holds the weights), and its torch loader."""
 
     spec: specs.ModelSpec
     subfolders: tuple[str, ...]
-    load: Callable[[], nn.Module]
+    loader: Loader
     # Latent size to trace at: not a multiple of the UNet's up factor, so the traced graph keeps the
     # explicit upsample sizes and works for every resolution.
     trace_sizes: dict[str, int]
+    root: Path
+    # Whose ``from_pretrained`` reads the weights (the file names differ).
+    library: Library = "diffusers"
+
+    @property
+    def weights_folder(self) -> str:
+        return self.subfolders[0]
+
+    def weights(
+        self, precision: str = "fp32", variant: str = AUTO, files: Sequence[str] | None = None
+    ) -> WeightChoice:
+        """The weight files an export in ``precision`` reads (``files``: the root's listing, default the
+        local folder's).  Raises :class:`export.weights.MissingWeightsError` (one line)."""
+        listing = folder_files(self.root) if files is None else files
+        preference = variant_preference(precision, variant)
+        return choose_weights(listing, self.weights_folder, self.library, preference, root=str(self.root))
+
+    def source_files(self, weights: WeightChoice) -> list[str]:
+        """The files (relative to ``root``) the module is built from: the chosen weight files and the
+        JSON configs of its subfolders (not the other variants, formats or frameworks' weights)."""
+        chosen = set(weights.files)
+        files = []
+        for sub in self.subfolders:
+            for f in sorted((self.root / sub).rglob("*")):
+                rel = f.relative_to(self.root).as_posix()
+                if f.is_file() and (rel in chosen or f.suffix == ".json"):
+                    files.append(rel)
+        return files
+
+    def load(self, dtype: torch.dtype = torch.float32, weights: WeightChoice | None = None) -> nn.Module:
+        """The module with its parameters in ``dtype``, read from ``weights`` (default: the files an
+        export in that precision reads), whatever the configs say."""
+        if weights is None:
+            weights = self.weights(_PRECISION_NAMES.get(dtype, "fp32"))
+        from safetensors import SafetensorError
+
+        try:
+            return self.loader(dtype, weights)
+        except (OSError, SafetensorError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelSourceError(f"{self.root}/{weights.describe()}: cannot load: {first}") from e
+
+
+_PRECISION_NAMES: dict[torch.dtype, str] = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+}
+
+
+def _diffusers(cls: Any, root: Path, subfolder: str) -> Callable[[torch.dtype, WeightChoice], Any]:
+    """A loader of diffusers model ``cls`` from ``root/subfolder`` in the dtype asked for (``dtype=``:
+    diffusers 0.42 deprecates ``torch_dtype``)."""
+
+    def load(dtype: torch.dtype, weights: WeightChoice) -> Any:
+        return cls.from_pretrained(
+            str(root), subfolder=subfolder, dtype=dtype, **weights.from_pretrained_kwargs()
+        )
+
+    return load
+
+
+def transformers_model(
+    cls: Any, root: Path, subfolder: str, dtype: torch.dtype, weights: WeightChoice
+) -> Any:
+    """transformers model ``cls`` from ``root/subfolder`` in ``dtype`` (transformers 5 otherwise loads the
+    dtype its config names), with eager attention (the ONNX exporter traces it)."""
+    return cls.from_pretrained(
+        str(root),
+        subfolder=subfolder,
+        dtype=dtype,
+        attn_implementation="eager",
+        **weights.from_pretrained_kwargs(),
+    )
 
 
 def latent_range(source: ModelSource) -> specs.AxisRange:
@@ -242,27 +322,30 @@ def components(source: ModelSource) -> list[Component]:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    path = str(source.path)
+    root = source.path
     result: list[Component] = []
     for name in source.text_encoders:
         config = source.config(name)
         if name in source.t5_encoders:
-            result.append(_t5_component(path, name, config))
+            result.append(_t5_component(root, name, config))
             continue
         with_projection = "WithProjection" in "".join(config.get("architectures") or [])
         pooled = int(config["projection_dim"] if with_projection else config["hidden_size"])
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
 
-        def load_encoder(cls: Any = cls, name: str = name) -> nn.Module:
-            encoder = cls.from_pretrained(path, subfolder=name, attn_implementation="eager")
-            return TextEncoderModule(encoder)
+        def load_encoder(
+            dtype: torch.dtype, weights: WeightChoice, cls: Any = cls, name: str = name
+        ) -> nn.Module:
+            return TextEncoderModule(transformers_model(cls, root, name, dtype, weights))
 
         result.append(
             Component(
                 spec=specs.text_encoder_spec(name, int(config["hidden_size"]), pooled),
                 subfolders=(name,),
-                load=load_encoder,
+                loader=load_encoder,
                 trace_sizes={"batch": 2},
+                root=root,
+                library="transformers",
             )
         )
 
@@ -273,6 +356,7 @@ def components(source: ModelSource) -> list[Component]:
         result.append(_transformer_component(source, lrange))
     else:
         result.append(_unet_component(source, lrange))
+    load_vae = _diffusers(AutoencoderKL, root, "vae")
     result.append(
         Component(
             spec=specs.vae_decoder_spec(
@@ -281,26 +365,27 @@ def components(source: ModelSource) -> list[Component]:
                 latent_range=lrange,
             ),
             subfolders=("vae",),
-            load=lambda: VaeDecoderModule(AutoencoderKL.from_pretrained(path, subfolder="vae")),
+            loader=lambda dtype, weights: VaeDecoderModule(load_vae(dtype, weights)),
             trace_sizes={"batch": 1, "height": lrange.min + 1, "width": lrange.min + 3},
+            root=root,
         )
     )
     return result
 
 
-def _t5_component(path: str, name: str, config: dict[str, Any]) -> Component:
+def _t5_component(root: Path, name: str, config: dict[str, Any]) -> Component:
     from transformers import T5EncoderModel
 
-    def load() -> nn.Module:
-        return T5EncoderModule(
-            T5EncoderModel.from_pretrained(path, subfolder=name, attn_implementation="eager")
-        )
+    def load(dtype: torch.dtype, weights: WeightChoice) -> nn.Module:
+        return T5EncoderModule(transformers_model(T5EncoderModel, root, name, dtype, weights))
 
     return Component(
         spec=specs.t5_encoder_spec(name, int(config["d_model"]), int(config["vocab_size"])),
         subfolders=(name,),
-        load=load,
+        loader=load,
         trace_sizes={"batch": 2, "sequence": 7},
+        root=root,
+        library="transformers",
     )
 
 
@@ -308,11 +393,12 @@ def _transformer_component(source: ModelSource, lrange: specs.AxisRange) -> Comp
     """SD3 or FLUX transformer, traced at a non-square size that is no multiple of 4 patches."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    path = str(source.path)
+    root = source.path
     config = source.config(specs.TRANSFORMER)
     joint_attention_dim = int(config["joint_attention_dim"])
     pooled_projection_dim = int(config["pooled_projection_dim"])
     if source.is_sd3:
+        load_sd3 = _diffusers(SD3Transformer2DModel, root, specs.TRANSFORMER)
         patch = source.patch_size
         return Component(
             spec=specs.sd3_transformer_spec(
@@ -324,9 +410,8 @@ def _transformer_component(source: ModelSource, lrange: specs.AxisRange) -> Comp
                 latent_range=lrange,
             ),
             subfolders=(specs.TRANSFORMER,),
-            load=lambda: SD3TransformerModule(
-                SD3Transformer2DModel.from_pretrained(path, subfolder=specs.TRANSFORMER)
-            ),
+            loader=lambda dtype, weights: SD3TransformerModule(load_sd3(dtype, weights)),
+            root=root,
             trace_sizes={
                 "batch": 2,
                 "height": lrange.min + patch,
@@ -335,6 +420,7 @@ def _transformer_component(source: ModelSource, lrange: specs.AxisRange) -> Comp
             },
         )
     side = lrange.min // 2
+    load_flux = _diffusers(FluxTransformer2DModel, root, specs.TRANSFORMER)
     return Component(
         spec=specs.flux_transformer_spec(
             in_channels=int(config["in_channels"]),
@@ -344,9 +430,8 @@ def _transformer_component(source: ModelSource, lrange: specs.AxisRange) -> Comp
             latent_range=lrange,
         ),
         subfolders=(specs.TRANSFORMER,),
-        load=lambda: FluxTransformerModule(
-            FluxTransformer2DModel.from_pretrained(path, subfolder=specs.TRANSFORMER)
-        ),
+        loader=lambda dtype, weights: FluxTransformerModule(load_flux(dtype, weights)),
+        root=root,
         trace_sizes={"batch": 2, "image_tokens": (side + 1) * (side + 3), "text_length": 7},
     )
 
@@ -354,7 +439,7 @@ def _transformer_component(source: ModelSource, lrange: specs.AxisRange) -> Comp
 def _unet_component(source: ModelSource, lrange: specs.AxisRange) -> Component:
     from diffusers import UNet2DConditionModel
 
-    path = str(source.path)
+    load_unet = _diffusers(UNet2DConditionModel, source.path, "unet")
     unet_config = source.config("unet")
     text_embeds_dim = None
     if source.is_sdxl:
@@ -370,8 +455,9 @@ def _unet_component(source: ModelSource, lrange: specs.AxisRange) -> Component:
             text_embeds_dim=text_embeds_dim,
         ),
         subfolders=("unet",),
-        load=lambda: UNetModule(UNet2DConditionModel.from_pretrained(path, subfolder="unet"), source.is_sdxl),
+        loader=lambda dtype, weights: UNetModule(load_unet(dtype, weights), source.is_sdxl),
         trace_sizes={"batch": 2, "height": lrange.min + 1, "width": lrange.min + 3},
+        root=source.path,
     )
 
 

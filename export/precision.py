@@ -16,7 +16,9 @@ tolerance in torch itself (its deep stack of blocks rounds far more often than a
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -125,4 +127,55 @@ def with_precision(module: nn.Module, precision: Precision) -> nn.Module:
 def _cast(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.to(dtype)
+    if isinstance(value, tuple | list):
+        return type(value)(_cast(v, dtype) for v in value)
     return value
+
+
+@contextlib.contextmanager
+def float32_compute(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` (in fp16/bf16) computing in float32 for as long as the context lasts, without a
+    float32 copy of the whole model: each submodule's own parameters and buffers are cast up just for
+    its forward pass (and its floating inputs with them), then put back.
+
+    The reference a reduced-precision export is checked against when only its weights in that
+    precision are in memory: the same weights, float32 arithmetic (what parity with the float32
+    module means, less the rounding of the weights themselves, which the graph shares).
+    """
+    # Per submodule, a stack (re-entrant calls) of the (store, name, original) it cast up.
+    saved: dict[int, list[list[tuple[dict[str, Any], str, Any]]]] = {}
+
+    def upcast(sub: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        originals: list[tuple[dict[str, Any], str, Any]] = []
+        stores: tuple[dict[str, Any], ...] = (sub._parameters, sub._buffers)
+        for store in stores:
+            for name, value in store.items():
+                if value is not None and value.is_floating_point() and value.dtype != torch.float32:
+                    originals.append((store, name, value))
+                    if isinstance(value, nn.Parameter):
+                        store[name] = nn.Parameter(value.detach().float(), requires_grad=False)
+                    else:
+                        store[name] = value.float()
+        saved.setdefault(id(sub), []).append(originals)
+        cast_args = tuple(_cast(a, torch.float32) for a in args)
+        return cast_args, {k: _cast(v, torch.float32) for k, v in kwargs.items()}
+
+    def restore(sub: nn.Module, _: Any, __: Any, out: Any) -> Any:
+        for store, name, value in saved[id(sub)].pop():
+            store[name] = value
+        return out
+
+    handles = []
+    for sub in module.modules():
+        has_own = any(
+            v is not None and v.is_floating_point()
+            for v in (*sub._parameters.values(), *sub._buffers.values())
+        )
+        if has_own:
+            handles.append(sub.register_forward_pre_hook(upcast, with_kwargs=True))
+            handles.append(sub.register_forward_hook(restore, with_kwargs=True))
+    try:
+        yield module
+    finally:
+        for handle in handles:
+            handle.remove()

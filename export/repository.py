@@ -9,6 +9,10 @@ export never leaves a half-written model that Triton would try to load.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import hashlib
 import importlib.util
 import json
@@ -28,20 +32,23 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export import engine_memory, tensorrt
 from export.modules import Component, components
-from export.onnx_export import check_onnx, export_onnx
+from export.onnx_export import compare_onnx, export_onnx, reference_outputs
 from export.precision import (
     PRECISIONS,
     TOLERANCES,
+    TORCH_DTYPES,
     Precision,
     component_precision,
     default_precision,
+    float32_compute,
     with_precision,
 )
 from export.safety import SafetyCheckerSource, model_safety_checker
-from export.source import ModelSource, resolve_model
+from export.source import CONFIG_PATTERNS, ModelSource, fetch_files, hub_files, resolve_model
 from export.specs import FINGERPRINT_FILE, MANIFEST_FILE, ModelSpec, TensorSpec
 from export.tokenizer import write_serving_tokenizers
 from export.torch_model import TorchOptions, check_torch_model, cuda_dtype_for, write_torch_model
+from export.weights import AUTO, WeightChoice, allow_patterns, folder_files
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ Target = Literal["python-onnx", "python-torch", "tensorrt"]
 TARGETS: tuple[Target, ...] = ("python-onnx", "python-torch", "tensorrt")
 
 # Bump when the exported graphs or the generated configs change meaning, to invalidate caches.
-EXPORT_VERSION = "2"
+EXPORT_VERSION = "3"
 
 
 def model_source(target_dir: str) -> Path:
@@ -107,6 +114,9 @@ class RepositoryOptions:
     precision: Precision | None = None
     # The tensorrt target's buckets, batch range, GPUs and workspace.
     engine: tensorrt.EngineOptions = field(default_factory=tensorrt.EngineOptions)
+    # Which weight files to read (export/weights.py): "auto" (the precision's variant when present),
+    # "none" (the full files only) or a variant name such as "fp16".
+    variant: str = AUTO
     # tensorrt only: stop before the first TensorRT call and write the plan (no GPU, no TensorRT needed).
     plan_only: bool = False
 
@@ -159,6 +169,36 @@ def config_text(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
 
+@dataclass(frozen=True)
+class _Origin:
+    """Where a model folder came from: a local folder, or a Hub repository whose configs are in ``root``
+    and whose weight files are fetched once chosen (from the repository's listing)."""
+
+    model_id: str
+    root: Path
+    hub: bool
+
+    @classmethod
+    def resolve(cls, model_id: str) -> _Origin:
+        hub = not Path(model_id).expanduser().is_dir()
+        return cls(model_id, resolve_model(model_id, weights=False), hub)
+
+    def files(self, root: Path) -> list[str]:
+        """Every file of the model, relative to ``root`` (the folder a component's subfolders are
+        relative to: this model's folder, or its parent for a checker that is a repository itself)."""
+        if not self.hub:
+            return folder_files(root)
+        prefix = self.root.relative_to(root).as_posix()
+        return [f if prefix == "." else f"{prefix}/{f}" for f in hub_files(self.model_id)]
+
+    def fetch(self, choices: list[WeightChoice], root: Path) -> None:
+        if self.hub and choices:
+            logger.info("fetching %s: %s", self.model_id, ", ".join(c.describe() for c in choices))
+            prefix = self.root.relative_to(root).as_posix()
+            files = [f.removeprefix(f"{prefix}/") for f in allow_patterns(choices)]
+            fetch_files(self.model_id, [*CONFIG_PATTERNS, *files])
+
+
 def export_repository(
     model_id: str, out: Path, options: RepositoryOptions | None = None, safety_checker: str | None = None
 ) -> Path:
@@ -168,6 +208,11 @@ def export_repository(
     ``safety_checker/`` subfolder or the checker itself; None means the model's own checker when its
     ``model_index.json`` lists one.  It becomes the ``safety_checker`` model, with its feature
     extractor's ``preprocessor_config.json`` under ``safety_checker/feature_extractor/``.
+
+    Each component's weight files (one format, one variant: :mod:`export.weights`) are chosen before
+    anything is exported, so a folder that lacks some fails at once; from a Hub id only those files are
+    downloaded.  Components are exported one at a time, each loaded in its precision and freed before
+    the next.
     """
     options = options or RepositoryOptions()
     # The same export whether its precision was named or defaulted (one fingerprint).
@@ -179,22 +224,23 @@ def export_repository(
         # Before any work: without TensorRT and a GPU nothing of this export could be used.
         host = tensorrt.current_host(options.engine.gpus)
         logger.info("building TensorRT engines on %s, CUDA device %d", host, host.device)
-    source = ModelSource(resolve_model(model_id, weights=True))
+    origin = _Origin.resolve(model_id)
+    source = ModelSource(origin.root)
     if options.target == "tensorrt":
         resolutions = options.engine.resolutions or tensorrt.default_resolutions(source.default_size)
         tensorrt.check_resolutions(resolutions, source.vae_scale_factor)
         options = replace(options, engine=replace(options.engine, resolutions=resolutions))
-    out.mkdir(parents=True, exist_ok=True)
     parts = components(source)
     if options.target == "tensorrt":
         parts = [replace(c, spec=tensorrt.engine_spec(c.spec, options.engine.max_batch)) for c in parts]
-    # The folder each component's subfolders are relative to, and extra files written beside its config.
-    roots = {c.spec.name: source.path for c in parts}
+    origins = {c.spec.name: origin for c in parts}
+    # Extra files written beside a component's config.
     extras: dict[str, Callable[[Path], object]] = {}
+    checker_origin = origin if safety_checker is None else _Origin.resolve(safety_checker)
     checker = (
         model_safety_checker(source.path)
         if safety_checker is None
-        else SafetyCheckerSource.find(resolve_model(safety_checker, weights=True))
+        else SafetyCheckerSource.find(checker_origin.root)
     )
     if checker is not None:
         checker_part = checker.component()
@@ -203,43 +249,51 @@ def export_repository(
                 checker_part, spec=tensorrt.engine_spec(checker_part.spec, options.engine.max_batch)
             )
         parts.append(checker_part)
-        roots[parts[-1].spec.name] = checker.root
-        extras[parts[-1].spec.name] = checker.write_feature_extractor
+        origins[checker_part.spec.name] = checker_origin
+        extras[checker_part.spec.name] = checker.write_feature_extractor
+    precisions = {
+        c.spec.name: component_precision(
+            source if c.root == source.path else None, c.spec.name, options.resolved_precision
+        )
+        for c in parts
+    }
     # Every engine's plan (profiles, flags, config) before any model is exported: a wrong one fails now.
     plans: dict[str, tensorrt.EnginePlan] = {}
     if options.target == "tensorrt":
         for component in parts:
-            name = component.spec.name
-            plans[name] = engine_plan(
-                component, source if roots[name] == source.path else None, source.vae_scale_factor, options
+            plans[component.spec.name] = engine_plan(
+                component, source if component.root == source.path else None, source.vae_scale_factor, options
             )
+    weights = _choose_weights(parts, origins, precisions, options.variant)
     if options.plan_only:
-        return _write_plan(parts, plans, out)
+        return _write_plan(parts, plans, weights, out)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for i, component in enumerate(parts, 1):
         name = component.spec.name
         step = f"[{i}/{len(parts)}] {name}"
-        fingerprint = _fingerprint(roots[name], component, options)
+        fingerprint = _fingerprint(component, options, weights[name])
         if host is not None:
             fingerprint = tensorrt.engine_fingerprint(fingerprint, host)
         model_dir = out / name
         if _cached(model_dir, fingerprint):
             logger.info("%s: unchanged, reusing %s", step, model_dir)
             continue
-        logger.info("%s: exporting from %s ...", step, roots[name])
+        logger.info("%s: exporting from %s ...", step, weights[name].describe())
         if options.target == "python-torch":
             _build_torch_model(
-                component, options, model_dir, fingerprint, roots[name], source, extras.get(name)
+                component, options, model_dir, fingerprint, source, weights[name], extras.get(name)
             )
             continue
-        precision, reason = component_precision(
-            source if roots[name] == source.path else None, name, options.resolved_precision
-        )
+        precision, reason = precisions[name]
         logger.info("%s: %s (%s)", step, precision, reason)
         build = _Build(precision, host, out / tensorrt.TIMING_CACHE_FILE, plans.get(name))
-        built = _build_model(component, options, model_dir, fingerprint, extras.get(name), build)
+        built = _build_model(
+            component, options, model_dir, fingerprint, extras.get(name), build, weights[name]
+        )
         if built is not None:
             plans[name] = built
+        release_memory()
     write_serving_tokenizers(source, out)
     if plans:
         _write_plan_file(plans, out)
@@ -249,6 +303,7 @@ def export_repository(
         "target": options.target,
         "models": [c.spec.name for c in parts],
         "precision": options.resolved_precision,
+        "weights": {name: list(choice.files) for name, choice in weights.items()},
     }
     if host is not None:
         # The service reads the buckets from here (a size outside them is a 400) and checks the host,
@@ -259,6 +314,37 @@ def export_repository(
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("repository %s ready in %.1f s", out, time.perf_counter() - start)
     return out
+
+
+def _choose_weights(
+    parts: list[Component],
+    origins: dict[str, _Origin],
+    precisions: dict[str, tuple[Precision, str]],
+    variant: str,
+) -> dict[str, WeightChoice]:
+    """Each component's weight files, chosen from its origin's listing; a Hub origin then downloads
+    exactly those.  Raises :class:`export.weights.MissingWeightsError` for the first folder lacking any."""
+    listings: dict[tuple[_Origin, Path], list[str]] = {}
+    weights: dict[str, WeightChoice] = {}
+    for c in parts:
+        key = (origins[c.spec.name], c.root)
+        if key not in listings:
+            listings[key] = key[0].files(c.root)
+        weights[c.spec.name] = c.weights(precisions[c.spec.name][0], variant, files=listings[key])
+    for origin, root in listings:
+        chosen = [weights[c.spec.name] for c in parts if (origins[c.spec.name], c.root) == (origin, root)]
+        origin.fetch(chosen, root)
+    return weights
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise), so
+    one component's weights are gone before the next is loaded."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            ctypes.CDLL(name).malloc_trim(0)
 
 
 PLAN_FILE = "plan.json"
@@ -299,7 +385,12 @@ def with_memory(plan: tensorrt.EnginePlan, onnx_path: Path) -> tensorrt.EnginePl
     )
 
 
-def _write_plan(parts: list[Component], plans: dict[str, tensorrt.EnginePlan], out: Path) -> Path:
+def _write_plan(
+    parts: list[Component],
+    plans: dict[str, tensorrt.EnginePlan],
+    weights: dict[str, WeightChoice],
+    out: Path,
+) -> Path:
     """``--plan``: each model's fp16 (or fp32) ONNX graph exported and checked on CPU, its memory read
     from it, and the whole plan written to ``out/plan.json`` and printed; nothing else is written."""
     with tempfile.TemporaryDirectory(prefix="t2i-plan-") as tmp:
@@ -309,7 +400,8 @@ def _write_plan(parts: list[Component], plans: dict[str, tensorrt.EnginePlan], o
             logger.info("[%d/%d] %s: exporting the %s graph for the plan ...", i, len(parts), name, precision)
             onnx_path = Path(tmp) / name / "model.onnx"
             onnx_path.parent.mkdir(parents=True)
-            _export_checked(component, precision, onnx_path, check=True)
+            _export_checked(component, precision, onnx_path, True, weights[name])
+            release_memory()
             plans[name] = with_memory(plans[name], onnx_path)
     _write_plan_file(plans, out)
     for plan in plans.values():
@@ -336,16 +428,27 @@ def _write_plan_file(plans: dict[str, tensorrt.EnginePlan], out: Path) -> None:
     (out / PLAN_FILE).write_text(json.dumps(document, indent=2) + "\n")
 
 
-def _export_checked(component: Component, precision: Precision, onnx_path: Path, check: bool) -> None:
-    """Export ``component`` at ``precision`` to ``onnx_path``; with ``check``, against torch fp32."""
+def _export_checked(
+    component: Component, precision: Precision, onnx_path: Path, check: bool, weights: WeightChoice | None
+) -> None:
+    """Export ``component`` at ``precision`` to ``onnx_path``; with ``check``, against float32 arithmetic.
+
+    Memory: the module in its precision, its weights written straight into the graph's data file, then
+    freed before onnxruntime loads the graph for the check against the outputs computed before the
+    export."""
     spec = component.spec
-    module = component.load().eval()
-    export_onnx(with_precision(module, precision), spec, component.trace_sizes, onnx_path)
+    module = component.load(TORCH_DTYPES[precision], weights).eval()
+    references = None
     if check:
-        # Against the module in float32, whatever the graph's precision: that is what parity means
-        # (an fp16 export converted the module in place, so the check loads it again).
-        reference = module if precision == "fp32" else component.load().eval()
-        check_onnx(reference, spec, onnx_path, TOLERANCES[precision])
+        # Against float32 arithmetic, whatever the graph's precision: that is what parity means. An
+        # fp16 module computes in float32 one submodule at a time, so no float32 copy is made.
+        with float32_compute(module):
+            references = reference_outputs(module, spec)
+    export_onnx(with_precision(module, precision), spec, component.trace_sizes, onnx_path)
+    del module
+    release_memory()
+    if references is not None:
+        compare_onnx(onnx_path, spec, references, TOLERANCES[precision])
 
 
 @dataclass(frozen=True)
@@ -365,6 +468,7 @@ def _build_model(
     fingerprint: str,
     write_extras: Callable[[Path], object] | None = None,
     build: _Build | None = None,
+    weights: WeightChoice | None = None,
 ) -> tensorrt.EnginePlan | None:
     """Export one model directory; for the tensorrt target, build its engine from ``build.plan`` (and
     return the plan with its memory filled in)."""
@@ -375,7 +479,7 @@ def _build_model(
     version_dir = staging / "1"
     version_dir.mkdir(parents=True)
     onnx_path = version_dir / "model.onnx"
-    _export_checked(component, build.precision, onnx_path, options.check)
+    _export_checked(component, build.precision, onnx_path, options.check, weights)
     record: dict[str, object] = {"fingerprint": fingerprint, "precision": build.precision}
     plan: tensorrt.EnginePlan | None = None
     if options.target == "tensorrt":
@@ -408,17 +512,17 @@ def _build_torch_model(
     options: RepositoryOptions,
     model_dir: Path,
     fingerprint: str,
-    root: Path,
     source: ModelSource,
+    weights: WeightChoice,
     write_extras: Callable[[Path], object] | None = None,
 ) -> None:
-    """A python-torch model directory: the module's source files (no ONNX), checked by running the
-    module rebuilt from them at the spec's check sizes."""
+    """A python-torch model directory: the module's source files (no ONNX; of the weights only the
+    chosen files), checked by running the module rebuilt from them at the spec's check sizes."""
     spec = component.spec
     staging = model_dir.with_name(f".{model_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     version_dir = staging / "1"
-    write_torch_model(component, root, version_dir, cuda_dtype=cuda_dtype_for(source, spec))
+    write_torch_model(component, version_dir, weights, cuda_dtype=cuda_dtype_for(source, spec))
     if options.check:
         check_torch_model(version_dir)
     shutil.copyfile(python_model("python-torch"), version_dir / "model.py")
@@ -439,20 +543,17 @@ def _cached(model_dir: Path, fingerprint: str) -> bool:
     return bool(recorded == fingerprint and (model_dir / "config.pbtxt").is_file())
 
 
-def _fingerprint(root: Path, component: Component, options: RepositoryOptions) -> str:
-    """Hash of everything the model directory is built from: weights, configs, spec, options, code.
-
-    The component's subfolders are relative to ``root`` (the model folder, or a safety checker's).
-    """
+def _fingerprint(component: Component, options: RepositoryOptions, weights: WeightChoice) -> str:
+    """Hash of everything the model directory is built from: the chosen weight files, the other files
+    of the component's subfolders (configs), spec, options, code."""
     h = hashlib.sha256()
     h.update(f"{EXPORT_VERSION}|{component.spec!r}|{options!r}|{component.trace_sizes!r}".encode())
     if options.target in PYTHON_MODEL_DIRS:
         h.update(python_model(options.target).read_bytes())
-    for sub in component.subfolders:
-        for f in sorted((root / sub).rglob("*")):
-            if f.is_file():
-                h.update(str(f.relative_to(root)).encode())
-                with f.open("rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(block)
+    root = component.root
+    for f in sorted(component.source_files(weights)):
+        h.update(f.encode())
+        with (root / f).open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()

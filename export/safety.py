@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 import torch
 from torch import nn
 
-from export.modules import Component
+from export.modules import Component, transformers_model
 from export.source import ModelSourceError, read_json_object
 from export.specs import (
     CLIP_PREPROCESSOR_CONFIG,
@@ -47,6 +47,7 @@ from export.specs import (
     ModelSpec,
     safety_checker_spec,
 )
+from export.weights import WeightChoice
 
 if TYPE_CHECKING:
     import numpy as np
@@ -198,17 +199,20 @@ class SafetyCheckerSource:
             )
         return safety_checker_spec(image_size=size)
 
-    def load(self) -> SafetyCheckerModule:
+    def load(self, dtype: torch.dtype, weights: WeightChoice) -> SafetyCheckerModule:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-        checker = StableDiffusionSafetyChecker.from_pretrained(
-            str(self.root), subfolder=self.checker, attn_implementation="eager"
-        )
-        return SafetyCheckerModule(checker.float())
+        checker = transformers_model(StableDiffusionSafetyChecker, self.root, self.checker, dtype, weights)
+        return SafetyCheckerModule(checker.to(dtype))
 
     def component(self) -> Component:
         return Component(
-            spec=self.spec(), subfolders=self.subfolders, load=self.load, trace_sizes={"batch": 2}
+            spec=self.spec(),
+            subfolders=self.subfolders,
+            loader=self.load,
+            trace_sizes={"batch": 2},
+            root=self.root,
+            library="transformers",
         )
 
     def write_feature_extractor(self, model_dir: Path) -> Path:

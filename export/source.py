@@ -25,7 +25,16 @@ FLUX_PIPELINES = frozenset({"FluxPipeline"})
 SUPPORTED_PIPELINES = SD_PIPELINES | SDXL_PIPELINES | SD3_PIPELINES | FLUX_PIPELINES
 
 # What the service needs from a Hub repository without its weights.
-CONFIG_PATTERNS = ("model_index.json", "*/config.json", "scheduler/*.json", "tokenizer*/*")
+# An export reads these too, and then only the weight files it chose (export/weights.py): the safety
+# checker's preprocessing, and the config at the top of a repository that is the checker itself.
+CONFIG_PATTERNS = (
+    "model_index.json",
+    "config.json",
+    "*/config.json",
+    "scheduler/*.json",
+    "tokenizer*/*",
+    "*preprocessor_config.json",
+)
 
 
 class ModelSourceError(ValueError):
@@ -36,19 +45,35 @@ def resolve_model(model_id: str, *, weights: bool = True, cache_dir: Path | None
     """Return the local folder of ``model_id``: the folder itself, or a Hub snapshot.
 
     A Hub id is downloaded with ``huggingface_hub`` (on a host with network); ``weights=False`` fetches
-    only the configs, tokenizers and scheduler the service reads; ``cache_dir`` is the Hub cache
-    (the service's ``MODEL_DIR``).
+    only the configs, tokenizers and scheduler the service reads (an export then fetches the weight
+    files it reads with :func:`fetch_files`); ``cache_dir`` is the Hub cache (the service's
+    ``MODEL_DIR``).
     """
     path = Path(model_id).expanduser()
     if path.is_dir():
         return path.resolve()
+    if path.exists():
+        raise ModelSourceError(f"model '{model_id}' is a file, not a diffusers folder")
     if path.is_absolute() or model_id.startswith(".") or model_id.count("/") != 1:
         raise ModelSourceError(f"model '{model_id}' is neither a local diffusers folder nor a Hub id")
-    from huggingface_hub import snapshot_download
-
     logger.info("fetching %s from the Hugging Face Hub (%s)", model_id, "all files" if weights else "configs")
-    patterns = None if weights else list(CONFIG_PATTERNS)
-    return Path(snapshot_download(model_id, allow_patterns=patterns, cache_dir=cache_dir))
+    return fetch_files(model_id, None if weights else list(CONFIG_PATTERNS), cache_dir)
+
+
+def hub_files(model_id: str) -> list[str]:
+    """Every file of Hub repository ``model_id`` (relative paths), from its listing; nothing downloaded."""
+    from huggingface_hub import HfApi
+
+    return sorted(HfApi().list_repo_files(model_id))
+
+
+def fetch_files(model_id: str, patterns: list[str] | None, cache_dir: Path | None = None) -> Path:
+    """Download the files of Hub repository ``model_id`` that match ``patterns`` (None: all) into the Hub
+    cache, with huggingface_hub's progress bars; returns the snapshot folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import tqdm
+
+    return Path(snapshot_download(model_id, allow_patterns=patterns, cache_dir=cache_dir, tqdm_class=tqdm))
 
 
 @dataclass(frozen=True)

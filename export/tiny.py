@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
 __all__ = [
+    "HUB_LAYOUTS",
     "MARKER_FILE",
     "TINY_MODEL_VERSION",
     "Family",
@@ -43,6 +44,7 @@ __all__ = [
     "generate_image",
     "is_complete",
     "main",
+    "save_as_hub",
 ]
 
 logger = logging.getLogger(__name__)
@@ -573,6 +575,42 @@ def generate_image(
     )
     image: np.ndarray = np.asarray(out.images[0], dtype=np.float32)
     return image
+
+
+HubLayout = Literal["fp32+fp16", "fp16", "bin"]
+HUB_LAYOUTS: Final[tuple[str, ...]] = get_args(HubLayout)
+
+
+def save_as_hub(model_dir: Path, out_dir: Path, layout: HubLayout) -> Path:
+    """Save the diffusers folder ``model_dir`` again into ``out_dir`` the way Hub repositories hold it.
+
+    ``"fp32+fp16"``: ``save_pretrained`` then ``.to(torch.float16).save_pretrained(variant="fp16")``,
+    full and ``*.fp16.safetensors`` files side by side, and the transformers configs that the last save
+    wrote (``"dtype": "float16"``); ``"fp16"``: only the fp16 variant files (and such configs);
+    ``"bin"``: only pickled ``.bin`` weights (``safe_serialization=False``; transformers 5 saves only
+    safetensors, so its modules' ``pytorch_model.bin`` is ``torch.save`` of the state dict, which is what
+    older transformers wrote).  The pipeline's own ``save_pretrained`` writes every other file, as it does
+    for repositories on the Hub; the tokenizers are the original folders (``vocab.json`` + ``merges.txt``).
+    """
+    import diffusers
+    import torch
+
+    pipe: Any = diffusers.DiffusionPipeline.from_pretrained(model_dir)
+    if layout == "bin":
+        pipe.save_pretrained(out_dir, safe_serialization=False)
+        for name, module in pipe.components.items():
+            safetensors = out_dir / name / "model.safetensors"
+            if safetensors.is_file():
+                torch.save(module.state_dict(), out_dir / name / "pytorch_model.bin")
+                safetensors.unlink()
+    else:
+        if layout == "fp32+fp16":
+            pipe.save_pretrained(out_dir)
+        pipe.to(torch.float16).save_pretrained(out_dir, variant="fp16")
+    for tokenizer in Path(model_dir).glob("tokenizer*"):
+        shutil.rmtree(out_dir / tokenizer.name, ignore_errors=True)
+        shutil.copytree(tokenizer, out_dir / tokenizer.name)
+    return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ from export.modules import Component, components
 from export.safety import SafetyCheckerSource
 from export.source import ModelSource, read_json_object
 from export.specs import SAFETY_CHECKER, VAE_DECODER, ModelSpec
+from export.weights import WeightChoice
 
 logger = logging.getLogger(__name__)
 
@@ -151,30 +152,34 @@ class TorchOptions:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_torch_model(component: Component, root: Path, version_dir: Path, *, cuda_dtype: str) -> None:
-    """Copy what ``component`` is built from (its subfolders of ``root``) into ``version_dir/source``.
+def write_torch_model(
+    component: Component, version_dir: Path, weights: WeightChoice, *, cuda_dtype: str
+) -> None:
+    """Copy what ``component`` is built from (its chosen weight files and configs) into
+    ``version_dir/source``.
 
-    ``root`` is the folder the component's subfolders are relative to: the diffusers model folder, or
-    a safety checker's root.  For a pipeline component the JSON configs of every subfolder come too,
-    since the loaders read the model's description (UNet sample size, VAE scale...) from them.
-    Weight files are hard-linked where the file system allows, else copied.
+    The component's subfolders are relative to its root: the diffusers model folder, or a safety
+    checker's root.  For a pipeline component the JSON configs of every subfolder come too, since the
+    loaders read the model's description (UNet sample size, VAE scale...) from them.  Weight files are
+    hard-linked where the file system allows, else copied.
     """
     if cuda_dtype not in _DTYPES:
         raise ValueError(f"cuda_dtype must be one of {sorted(_DTYPES)}, got {cuda_dtype!r}")
+    root = component.root
     source = version_dir / SOURCE_DIR
     source.mkdir(parents=True)
     info: dict[str, Any] = {"name": component.spec.name, "cuda_dtype": cuda_dtype}
+    files = component.source_files(weights)
     if component.spec.name == SAFETY_CHECKER:
         info["loader"] = "safety_checker"
         info["checker"] = component.subfolders[0]
     else:
         info["loader"] = "pipeline"
-        for config in (*root.glob("*.json"), *root.glob("*/*.json")):
-            target = source / config.relative_to(root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(config, target)
-    for sub in component.subfolders:
-        shutil.copytree(root / sub, source / sub, copy_function=_link_or_copy, dirs_exist_ok=True)
+        files += [p.relative_to(root).as_posix() for p in (*root.glob("*.json"), *root.glob("*/*.json"))]
+    for rel in sorted(set(files)):
+        target = source / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(str(root / rel), str(target))
     (version_dir / MODULE_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -202,9 +207,11 @@ class LoadedComponent:
     cuda_dtype: torch.dtype
 
 
-def load_component(version_dir: Path) -> LoadedComponent:
-    """Rebuild the component written by :func:`write_torch_model` (float32, on CPU, eval mode)."""
+def load_component(version_dir: Path, cuda: bool = False) -> LoadedComponent:
+    """Rebuild the component written by :func:`write_torch_model`, on CPU in eval mode: in float32, or
+    with ``cuda`` in the dtype it runs in on a GPU (loaded so, not cast after a float32 load)."""
     info = read_json_object(version_dir / MODULE_FILE)
+    cuda_dtype = _DTYPES[str(info.get("cuda_dtype", "float16"))]
     source = version_dir / SOURCE_DIR
     if info.get("loader") == "safety_checker":
         component = SafetyCheckerSource.find(source / str(info["checker"])).component()
@@ -215,8 +222,8 @@ def load_component(version_dir: Path) -> LoadedComponent:
                 f"{version_dir}: the model in {source} has no component {info.get('name')!r}"
             )
         component = matches[0]
-    module = component.load().eval().requires_grad_(False)
-    return LoadedComponent(component, module, _DTYPES[str(info.get("cuda_dtype", "float16"))])
+    module = component.load(cuda_dtype if cuda else torch.float32).eval().requires_grad_(False)
+    return LoadedComponent(component, module, cuda_dtype)
 
 
 def base_state(model_dir: Path, version: str = "1") -> dict[str, torch.Tensor]:
@@ -495,7 +502,8 @@ class TorchModel:
     @classmethod
     def load(cls, model_dir: Path, version: str, device: torch.device, options: TorchOptions) -> TorchModel:
         """The model of Triton model directory ``model_dir`` (variants under ``model_dir/variants``)."""
-        return cls(load_component(model_dir / version), device, options, model_dir / VARIANTS_DIR)
+        loaded = load_component(model_dir / version, cuda=device.type == "cuda")
+        return cls(loaded, device, options, model_dir / VARIANTS_DIR)
 
     @property
     def input_names(self) -> list[str]:

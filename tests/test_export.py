@@ -104,12 +104,14 @@ def test_check_fails_loudly_when_the_graph_does_not_match(
         check_onnx(module, vae.spec, onnx_path)
 
 
-def test_cli_rejects_what_is_not_a_diffusers_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_cli_rejects_what_is_not_a_diffusers_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "empty").mkdir()
     assert export_main([str(tmp_path / "empty"), "--out", str(tmp_path / "repo")]) == 1
-    assert "model_index.json is missing" in caplog.text
+    assert "model_index.json is missing" in capsys.readouterr().err
     assert export_main(["../not/a/model", "--out", str(tmp_path / "repo")]) == 1
-    assert "neither a local diffusers folder nor a Hub id" in caplog.text
+    assert "neither a local diffusers folder nor a Hub id" in capsys.readouterr().err
 
 
 def test_unsupported_pipeline_is_refused(tmp_path: Path) -> None:

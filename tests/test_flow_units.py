@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from google.protobuf import text_format
@@ -15,7 +12,6 @@ from transformers import T5TokenizerFast
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export import specs
-from export.onnx_export import gather_external_data
 from export.source import ModelSource
 from export.tokenizer import T5_VOCAB_SIZE, write_t5_tokenizer
 from server.errors import BadRequest
@@ -94,31 +90,6 @@ def test_vae_decoder_applies_scaling_and_shift(tiny_model: Callable[[str], Path]
         got = VaeDecoderModule(vae)(latent)
         raw = vae.decode(latent / vae.config.scaling_factor + vae.config.shift_factor).sample
     torch.testing.assert_close(got, (raw / 2 + 0.5).clamp(0, 1))
-
-
-def test_external_weights_gathered_in_one_file(tmp_path: Path) -> None:
-    """What export does with a graph past 2 GB: one ``model.onnx.data`` beside it, same results."""
-    weight = onnx.numpy_helper.from_array(np.arange(3 * 512, dtype=np.float32).reshape(3, 512), "w")
-    node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"])
-    graph = onnx.helper.make_graph(
-        [node],
-        "g",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 512])],
-        [weight],
-    )
-    path = tmp_path / "model.onnx"
-    onnx.save_model(
-        onnx.helper.make_model(graph, ir_version=8, opset_imports=[onnx.helper.make_opsetid("", 17)]),
-        str(path), save_as_external_data=True,
-        all_tensors_to_one_file=False, size_threshold=0,
-    )  # fmt: skip
-    assert (tmp_path / "w").is_file()
-    gather_external_data(onnx.load(str(path), load_external_data=False), path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
-    x = np.ones((1, 3), dtype=np.float32)
-    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    np.testing.assert_array_equal(y, x @ np.arange(3 * 512, dtype=np.float32).reshape(3, 512))
 
 
 def test_t5_spec_check_inputs_stay_in_the_vocabulary() -> None:
