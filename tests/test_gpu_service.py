@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from server import hardware
+from server.api.errors import status_of
 from server.api.schemas import GPUComputeInfo, GPUUtilizationInfo
 from server.errors import InferenceFailed, OutOfMemory, ServiceUnavailable
 from server.settings import Settings
@@ -51,7 +52,7 @@ def test_out_of_memory_messages_become_the_contract_500(message: str) -> None:
     assert is_out_of_memory(message)
     error = classify("unet", INTERNAL, message, 30.0)
     assert isinstance(error, OutOfMemory)
-    assert error.status_code == 500
+    assert status_of(error, retry_statuses=False) == status_of(error, retry_statuses=True) == 500
     assert error.message == "Out of memory error. Try reducing output image resolution."
 
 
