@@ -1,4 +1,7 @@
-"""Benchmarks of the text-to-image service (DESIGN.md section 8); figures live in ``bench/RESULTS.md``."""
+"""Benchmarks of the text-to-image service (docs/ARCHITECTURE.md section 7).
+
+Figures live in ``bench/RESULTS.md``.
+"""
 
 from __future__ import annotations
 

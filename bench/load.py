@@ -1,6 +1,6 @@
 """Load benchmark: the HTTP API under a bounded, concurrent load against diffusers in-process.
 
-What it runs (DESIGN.md section 8):
+What it runs (docs/ARCHITECTURE.md section 7):
 
 - **setup**: the tiny SD model (:func:`export.tiny.build_tiny_model`) exported to a Triton repository
   (``RepositoryOptions(check=False)``: no ONNX-vs-torch check), both cached in ``--work``; the bundled

@@ -1,6 +1,6 @@
 """LoRA files -> low-rank factors per module -> merged weights -> ONNX graphs with merged initializers.
 
-A LoRA variant of a model (DESIGN.md section 6) is the base model with
+A LoRA variant of a model (docs/ARCHITECTURE.md section 5) is the base model with
 ``W' = W + sum_i weight_i * scale_i * (B_i @ A_i)`` merged into the weights its LoRAs touch, the
 same weights diffusers computes with ``load_lora_weights`` + ``set_adapters`` + ``fuse_lora``.
 
@@ -32,7 +32,7 @@ same weights diffusers computes with ``load_lora_weights`` + ``set_adapters`` + 
    constant folding, no deduplication).
 
 Every problem with a LoRA raises a :class:`LoraError`: :class:`LoraNotFound` or
-:class:`LoraIncompatible`, whose messages are the ones operators grep for (DESIGN.md section 3).
+:class:`LoraIncompatible`, whose messages are the ones operators grep for (docs/ARCHITECTURE.md section 3).
 """
 
 from __future__ import annotations

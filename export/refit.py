@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator, Mapping
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from export.specs import VARIANT_KEY, VARIANTS_DIR
 
 if TYPE_CHECKING:
     import torch
@@ -172,13 +173,10 @@ def refit_engine(
 # LoRA variants on the tensorrt target: the caller of refit_weights / refit_engine
 # --------------------------------------------------------------------------------------------------
 
-VARIANTS_DIR = "variants"
-_VARIANT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
-
 
 def variant_model_name(model: str, key: str) -> str:
     """The Triton model that serves variant ``key`` of ``model`` on the tensorrt target."""
-    if not _VARIANT_KEY.match(key):
+    if not VARIANT_KEY.match(key):
         raise ValueError(f"variant key {key!r} is not 16-64 lowercase hex digits")
     return f"{model}__{key}"
 

@@ -11,9 +11,17 @@ dynamic axis (``"batch"``, ``"height"``, ``"width"``...); each dynamic axis has 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
+
+# A LoRA variant of a model, named to Triton: the request parameter that carries its key, and the key's
+# form (a hex digest of the sorted LoRA set; also the variant's file name, so nothing else may pass).
+VARIANT_PARAMETER = "lora_variant"
+VARIANT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+# The folder of a model directory that holds its variants' override files.
+VARIANTS_DIR = "variants"
 
 # Model names inside a generated Triton repository.
 TEXT_ENCODER = "text_encoder"

@@ -1,4 +1,6 @@
-"""Tiny random-weight SD 1.5 / SDXL / SD3 / FLUX diffusers folders, built in code for tests (DESIGN.md 4).
+"""Tiny random-weight SD 1.5 / SDXL / SD3 / FLUX diffusers folders, built in code for tests.
+
+See docs/ARCHITECTURE.md section 4.
 
 Nothing is downloaded: the architectures are diffusers' test-size configs, weights are the default
 random initialisation under fixed seeds (``torch.manual_seed`` before each component), and the

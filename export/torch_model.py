@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from export.lora import ONNX_PREFIXES
 from export.modules import Component, components
 from export.safety import SafetyCheckerSource
 from export.source import ModelSource, read_json_object
-from export.specs import SAFETY_CHECKER, VAE_DECODER, ModelSpec
+from export.specs import SAFETY_CHECKER, VAE_DECODER, VARIANT_KEY, VARIANTS_DIR, ModelSpec
 from export.weights import WeightChoice
 
 logger = logging.getLogger(__name__)
@@ -47,10 +46,7 @@ logger = logging.getLogger(__name__)
 MODULE_FILE: Final = "torch_module.json"
 SOURCE_DIR: Final = "source"
 # ``<model dir>/variants/<key>.safetensors``: a LoRA variant's merged parameters (the LoRA contract).
-VARIANTS_DIR: Final = "variants"
-VARIANT_KEY: Final = re.compile(r"^[0-9a-f]{16,64}$")
 # Request parameter naming the LoRA variant (absent or empty: the base model).
-VARIANT_PARAMETER: Final = "lora_variant"
 # Float inputs kept in float32 whatever the module's dtype (diffusers casts the time embedding itself).
 FLOAT32_INPUTS: Final = frozenset({"timestep"})
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,13 +37,12 @@ from export.lora import (
     plan_merge,
 )
 from export.onnx_weights import LazyOnnxState, initializer_index
+from export.specs import VARIANT_KEY, VARIANTS_DIR
 from export.torch_model import SOURCE_DIR
 
 if TYPE_CHECKING:
     import torch
 
-VARIANTS_DIR: Final = "variants"
-VARIANT_KEY: Final = re.compile(r"^[0-9a-f]{16,64}$")
 FORMAT: Final = "t2i-lora-variant/1"
 
 

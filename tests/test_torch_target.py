@@ -22,11 +22,10 @@ from export.modules import components
 from export.onnx_export import example_inputs
 from export.repository import export_repository
 from export.source import ModelSource
-from export.specs import MANIFEST_FILE
+from export.specs import MANIFEST_FILE, VARIANTS_DIR
 from export.tiny_lora import build_tiny_lora
 from export.torch_model import (
     MODULE_FILE,
-    VARIANTS_DIR,
     CudaGraphs,
     TorchModel,
     TorchOptions,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
@@ -42,8 +41,8 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-VARIANT_PARAMETER = "lora_variant"
-_VARIANT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+from export.specs import VARIANT_KEY, VARIANT_PARAMETER
+
 # Inputs whose rows x height x width the batch cap counts (UNet ``sample``, SD3 transformer
 # ``hidden_states``, VAE decoder ``latent``).
 _LATENT_INPUTS = ("sample", "hidden_states", "latent")
@@ -212,7 +211,7 @@ def requested_variant(parameters: str | dict) -> str:
     """The request's ``lora_variant`` ('' for the base model); a malformed value is an error."""
     values = json.loads(parameters) if isinstance(parameters, str) else parameters
     variant = (values or {}).get(VARIANT_PARAMETER, "")
-    if not isinstance(variant, str) or (variant and not _VARIANT_KEY.match(variant)):
+    if not isinstance(variant, str) or (variant and not VARIANT_KEY.match(variant)):
         raise ValueError(f"{VARIANT_PARAMETER} must be 16-64 lowercase hex digits")
     return variant
 

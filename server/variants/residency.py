@@ -35,7 +35,7 @@ from typing import Final, Protocol
 
 from export import specs
 from export.lora import LoraError
-from export.specs import FINGERPRINT_FILE
+from export.specs import FINGERPRINT_FILE, VARIANT_PARAMETER
 from export.variant_build import BaseIndex, LoraInput, plan_variant, write_variant
 from server.errors import BadRequest, InferenceFailed, OutOfMemory
 from server.memory import return_free_memory
@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 # Weights are rounded to this many decimals in the variant key and in the merge.
 WEIGHT_DECIMALS: Final = 6
-VARIANT_PARAMETER: Final = "lora_variant"
 
 
 @dataclass(frozen=True)
