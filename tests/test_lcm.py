@@ -35,7 +35,10 @@ def test_unet_with_time_cond_proj_dim_is_refused_before_anything_is_written(
 
 
 def test_cli_reports_the_refusal_and_fails(
-    lcm_like_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    lcm_like_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert export_main([str(lcm_like_model), "--out", str(tmp_path / "repository")]) == 1
-    assert "time_cond_proj_dim=32" in caplog.text
+    err = capsys.readouterr().err
+    # One line on stderr (t2i-export's errors), naming the refusal.
+    assert err.count("\n") == 1 and err.startswith("t2i-export: error: ")
+    assert "time_cond_proj_dim=32" in err
