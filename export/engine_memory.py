@@ -58,6 +58,15 @@ def activation_estimate(path: Path, input_shapes: Mapping[str, tuple[int, ...]])
     """Peak bytes of intermediate tensors alive at once with the graph inputs at ``input_shapes``."""
     model = _load_graph(path)
     graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    # Weights in the external data file are not loaded: shape inference needs their shapes only, so they
+    # become graph inputs of their type and shape (its checker would look for the data file relative to
+    # the working directory otherwise). Small tensors, shape constants among them, are inline.
+    external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+    kept = [t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     for value in graph.input:
         if value.name in input_shapes:
             dims = value.type.tensor_type.shape.dim
@@ -85,7 +94,6 @@ def activation_estimate(path: Path, input_shapes: Mapping[str, tuple[int, ...]])
             continue
         itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).itemsize
         sizes[value.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
-    constants = {t.name for t in graph.initializer}
     last_use: dict[str, int] = {}
     for i, node in enumerate(graph.node):
         for name in node.input:

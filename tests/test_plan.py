@@ -441,7 +441,7 @@ def test_the_engine_checks_reference_is_named_by_what_its_session_runs(
     asked: list[object] = []
 
     class Session:
-        def __init__(self, path: str, providers: list[object]) -> None:
+        def __init__(self, path: str, options: object, providers: list[object]) -> None:
             asked.extend(providers)
 
         def get_providers(self) -> list[str]:
