@@ -193,7 +193,11 @@ def onnx_runner(
     would keep every such copy made during a run, so the session would hold up to three times the fp16
     weights; this way the weights stay in their memory-mapped data file and each cast or transpose
     lives for one node (measured: 4 fp16 MatMul weights of 128 MB, 1609 MB after a run with the arena,
-    521 MB without, 1033 MB with constant folding)."""
+    521 MB without, 1033 MB with constant folding). It also runs the nodes in onnxruntime's
+    priority-based order: in its default order a Cast of a weight, which depends on nothing the run
+    computes, may run long before the node that reads its float32 copy, so many such copies are live at
+    once (measured on the full-size SD 1.5 fp16 UNet, 1.6 GiB of weights, two check runs: the session
+    peaks at 3.06 GiB in the default order, 2.49 GiB in the priority-based one; bench/RESULTS.md)."""
     import onnxruntime as ort
 
     names = [t.name for t in spec.outputs]
@@ -204,6 +208,7 @@ def onnx_runner(
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.enable_cpu_mem_arena = False
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own NotImplemented/Fail classes

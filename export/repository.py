@@ -337,14 +337,26 @@ def _choose_weights(
     return weights
 
 
+# glibc's mallopt parameter for the size from which malloc serves a block with its own mmap.
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 64 * 1024
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise), so
-    one component's weights are gone before the next is loaded."""
+    one component's weights are gone before the next is loaded.
+
+    It also fixes glibc's mmap threshold at 64 KiB: glibc raises it (up to 32 MiB) each time a mapped
+    block is freed, after which the float32 weight copies of the next onnxruntime check run come from
+    the heap, which keeps their pages; with the threshold fixed each copy goes back when freed
+    (measured on the full-size SD 1.5 fp16 UNet's check session: 2.49 GiB peak, 2.26 GiB fixed)."""
     gc.collect()
     name = ctypes.util.find_library("c")
     if name:
         with contextlib.suppress(OSError, AttributeError):  # not glibc
-            ctypes.CDLL(name).malloc_trim(0)
+            libc = ctypes.CDLL(name)
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+            libc.malloc_trim(0)
 
 
 PLAN_FILE = "plan.json"
