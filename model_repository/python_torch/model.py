@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import triton_python_backend_utils as pb_utils
 
-from export.torch_model import VARIANT_PARAMETER, TorchModel, TorchOptions, VariantError
+from export.specs import VARIANT_PARAMETER
+from export.torch_model import TorchModel, TorchOptions, VariantError
 
 
 class TritonPythonModel:
