@@ -72,7 +72,7 @@ RUN pip install ".[export]" \
     && pip uninstall -y onnxruntime \
     && pip install "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
     && pip install --no-deps "open_clip_torch==3.3.0" \
-    && python3 -c "import server.app, export.cli"
+    && python3 -c "import server.app, export.toolchain.cli"
 
 # A user without privileges; /models is the volume for the Hugging Face cache, the engines and the
 # service's state.

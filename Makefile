@@ -49,7 +49,7 @@ test: install
 # and platform (downloads metadata only) and fails on a CUDA library of another major. Not in `make test`
 # (it needs the index).
 check-image: install
-	$(BIN)/python -m export.image_check
+	$(BIN)/python -m export.toolchain.image_check
 
 # Runs on a GPU host from a checkout (`make install`, then `$(BIN)/pip install '.[tensorrt]'`), not in the
 # image (it has no tests/ and no pytest). Engines for both tiny families, fp16 parity with diffusers, a

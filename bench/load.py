@@ -2,7 +2,7 @@
 
 What it runs (docs/ARCHITECTURE.md section 7):
 
-- **setup**: the tiny SD model (:func:`export.tiny.build_tiny_model`) exported to a Triton repository
+- **setup**: the tiny SD model (:func:`export.fixtures.tiny.build_tiny_model`) exported to a Triton repository
   (``RepositoryOptions(check=False)``: no ONNX-vs-torch check), both cached in ``--work``; the bundled
   Triton on that repository (explicit model control, the base models loaded, as the service runs it)
   and the service as a subprocess (``python -m server`` with ``TRITON_URL`` pointing at that Triton,
@@ -56,7 +56,7 @@ import numpy as np
 
 from bench import log_to_stderr, machine
 from bench.plots import PLOT_DIR, load_charts
-from export.repository import TARGETS, Target
+from export.toolchain.repository import TARGETS, Target
 
 logger = logging.getLogger("bench.load")
 
@@ -249,8 +249,8 @@ class Prepared:
 
 
 def prepare(work: Path, target: Target = "python-onnx") -> Prepared:
-    from export.repository import RepositoryOptions, export_repository
-    from export.tiny import build_tiny_model
+    from export.fixtures.tiny import build_tiny_model
+    from export.toolchain.repository import RepositoryOptions, export_repository
 
     started = time.perf_counter()
     model_dir = build_tiny_model("sd", work / "models" / "tiny-sd")

@@ -85,7 +85,7 @@ COLD_START_TIMEOUT_S: Final = 600.0
 class LocalOnnxClient:
     """The pipeline's ``InferenceClient`` over onnxruntime sessions in this process.
 
-    Each model's session is built with ``model_repository/python_onnx/model.py``'s own
+    Each model's session is built with :mod:`export.triton_models.onnx_model`'s own
     ``session_options`` and malloc keeps freed memory between runs as that model's ``FreedMemory``
     has it, as in Triton, so the floor differs from the service only by the serving path.
     """
@@ -95,14 +95,13 @@ class LocalOnnxClient:
         from google.protobuf import text_format
         from tritonclient.grpc import model_config_pb2 as mc
 
-        from export.repository import python_onnx_module
+        from export.models.heap import FreedMemory
+        from export.triton_models.onnx_model import session_options
         from server.settings import Settings
 
-        module = python_onnx_module()
-        session_options = module.session_options
         # the service's MEMORY_RELEASE_S (this process's environment, as the service it is compared to)
         release_s = Settings.from_env(model_id=str(repository)).memory_release_s
-        self.freed_memory = module.FreedMemory(release_s)
+        self.freed_memory = FreedMemory(release_s)
         self.sessions: dict[str, Any] = {}
         self.batch: dict[str, int] = {}
         self.calls: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -145,8 +144,8 @@ class Floor:
     def __init__(self, model_dir: Path, repository: Path) -> None:
         import torch
 
-        from export import specs
-        from export.source import ModelSource
+        from export.contract import specs
+        from export.models.source import ModelSource
         from server.pipeline.model import DiffusionModel
         from server.pipeline.safety import SafetyChecker
         from server.settings import Settings
@@ -212,7 +211,7 @@ class Floor:
 
     async def record_unet_inputs(self, body: dict[str, Any]) -> None:
         """The inputs of one UNet call of a real generation at this body's size and guidance."""
-        from export import specs
+        from export.contract import specs
 
         self.client.calls[specs.UNET] = []
         await self.generate({**body, "num_inference_steps": 2})
@@ -220,7 +219,7 @@ class Floor:
 
     def graph(self, rows: int, calls: int) -> list[float]:
         """Seconds per call of the UNet graph alone on ``rows`` rows (the recorded rows, tiled)."""
-        from export import specs
+        from export.contract import specs
 
         assert self.unet_inputs is not None
         base = len(next(iter(self.unet_inputs.values())))
@@ -566,8 +565,8 @@ def _levels(text: str) -> list[int]:
 
 
 def _prepare(size: str, work: Path) -> Prepared:
-    from export.repository import RepositoryOptions, export_repository
-    from export.tiny import build_tiny_model
+    from export.fixtures.tiny import build_tiny_model
+    from export.toolchain.repository import RepositoryOptions, export_repository
 
     if size == "tiny":
         model_dir = build_tiny_model("sd", work / "models" / "tiny-sd")

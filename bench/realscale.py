@@ -120,7 +120,16 @@ def run_export(family: str, model: Path, repo: Path, precision: str, log: Path) 
     import shutil
 
     shutil.rmtree(repo, ignore_errors=True)
-    command = [sys.executable, "-m", "export.cli", str(model), "--out", str(repo), "--precision", precision]
+    command = [
+        sys.executable,
+        "-m",
+        "export.toolchain.cli",
+        str(model),
+        "--out",
+        str(repo),
+        "--precision",
+        precision,
+    ]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),

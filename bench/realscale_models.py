@@ -110,8 +110,8 @@ def build(family: str, out: Path) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from export.tiny import _SD_SCHEDULER, _SDXL_SCHEDULER
-    from export.tokenizer import EOS_TOKEN, write_clip_tokenizer
+    from export.fixtures.tiny import _SD_SCHEDULER, _SDXL_SCHEDULER
+    from export.models.tokenizer import EOS_TOKEN, write_clip_tokenizer
 
     sdxl = family == "sdxl"
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def _save_safety_checker(out: Path) -> None:
     from transformers import CLIPConfig
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from export.safety import _processor_kwargs
+    from export.models.safety import _processor_kwargs
 
     text = {k: v for k, v in _CLIP_L.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
     config = CLIPConfig(text_config=text, vision_config=_VIT_L14, projection_dim=768)

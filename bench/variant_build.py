@@ -1,18 +1,18 @@
 """LoRA variant cost: the service's build and first request against diffusers' load + fuse, same run.
 
-For each model size (``tiny``: :func:`export.tiny.build_tiny_model`; ``mid``: an SD 1.5 architecture
+For each model size (``tiny``: :func:`export.fixtures.tiny.build_tiny_model`; ``mid``: an SD 1.5 architecture
 at reduced width, random weights under fixed seeds) and each LoRA layout (diffusers/PEFT and kohya,
-from :func:`export.tiny_lora.build_tiny_lora`), interleaved per repeat:
+from :func:`export.fixtures.tiny_lora.build_tiny_lora`), interleaved per repeat:
 
-- **variant build**: :func:`export.variant_build.plan_variant` + :func:`write_variant`, the pure build
+- **variant build**: :func:`export.models.variant_build.plan_variant` + :func:`write_variant`, the pure build
   the service runs on a LoRA set's first request: read and check the LoRA, then for each base tensor
   it touches (read alone from the exported ONNX file) merge and write it into the override file. A
   fresh key per repeat; the files are deleted after each repeat. The base index (where each
   initializer's bytes are) is built once per service and reported separately.
 - **read overrides**: what the python-onnx model does on a new variant's first batch: read its
-  override tensors (``model.py``'s ``VariantOverrides``). Its overridable sessions (the base graph
-  with weights as inputs, for the UNet and the text encoder) open once per model, timed apart; and
-  one UNet call on that session fed the overrides is timed against the base session.
+  override tensors (:class:`export.triton_models.onnx_model.VariantOverrides`). Its overridable
+  sessions (the base graph with weights as inputs, for the UNet and the text encoder) open once per
+  model, timed apart; and one UNet call on that session fed the overrides is timed against the base session.
 - **diffusers load + fuse**: the baseline a user would pick instead: ``pipe.load_lora_weights(path)``
   + ``pipe.fuse_lora()`` on a loaded ``StableDiffusionPipeline`` (then ``unfuse_lora`` +
   ``unload_lora_weights``, untimed).
@@ -121,7 +121,7 @@ def build_mid_model(work: Path) -> Path:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from export.tiny import MARKER_FILE, build_tiny_model
+    from export.fixtures.tiny import MARKER_FILE, build_tiny_model
 
     started = time.perf_counter()
     tiny = build_tiny_model("sd", work / "models" / "tiny-sd")
@@ -150,7 +150,7 @@ def build_mid_model(work: Path) -> Path:
 
 def build_lora(size: Size, fmt: Format, model_dir: Path, work: Path) -> Path:
     """A random LoRA (UNet + text encoder) for ``model_dir`` in ``fmt``, built once into ``work``."""
-    from export.tiny_lora import build_tiny_lora
+    from export.fixtures.tiny_lora import build_tiny_lora
 
     folder = work / "loras" / f"{size}-{fmt}"
     if folder.is_dir() and any(folder.glob("*.safetensors")):
@@ -164,8 +164,8 @@ def build_lora(size: Size, fmt: Format, model_dir: Path, work: Path) -> Path:
 
 
 def prepare(size: Size, work: Path) -> Prepared:
-    from export.repository import RepositoryOptions, export_repository
-    from export.tiny import build_tiny_model
+    from export.fixtures.tiny import build_tiny_model
+    from export.toolchain.repository import RepositoryOptions, export_repository
 
     started = time.perf_counter()
     if size == "tiny":
@@ -237,7 +237,7 @@ class VariantBuilder:
     """The service's pure variant build on one repository, with the python-onnx model's session."""
 
     def __init__(self, prepared: Prepared) -> None:
-        from export.variant_build import BaseIndex
+        from export.models.variant_build import BaseIndex
 
         self.repository = prepared.repository
         self.base = BaseIndex(prepared.repository)
@@ -245,13 +245,10 @@ class VariantBuilder:
         for model in ("unet", *TEXT_ENCODERS):
             self.base.state(model)
         self.index_s = time.perf_counter() - started
-        from export.repository import python_onnx_module
-
-        self._model = python_onnx_module()
 
     def build(self, lora_id: str, path: Path) -> tuple[str, float, float, int, int, int]:
         """(key, plan s, merge+write s, merged params, changed bytes, file bytes) for a fresh key."""
-        from export.variant_build import LoraInput, plan_variant, write_variant
+        from export.models.variant_build import LoraInput, plan_variant, write_variant
 
         key = uuid.uuid4().hex[:16]
         inputs = [LoraInput(_lora_file(path), lora_id, 1.0)]
@@ -269,9 +266,11 @@ class VariantBuilder:
         first variant request the model serves."""
         import onnxruntime as ort
 
+        from export.triton_models.onnx_model import VariantOverrides
+
         started = time.perf_counter()
         self.variants = {
-            model: self._model.VariantOverrides(
+            model: VariantOverrides(
                 self.repository / model / "variants",
                 self.repository / model / "1" / "model.onnx",
                 ort.SessionOptions,
@@ -442,7 +441,7 @@ def measure(
 ) -> list[Row]:
     """Builds, sessions and diffusers' load + fuse interleaved; then (service up) first requests
     interleaved with diffusers' load + fuse again."""
-    from export.lora import load_lora
+    from export.models.lora import load_lora
 
     builder = VariantBuilder(prepared)
     overridable_s = builder.open_overridable()

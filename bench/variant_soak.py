@@ -37,7 +37,7 @@ from bench.variant_build import (
     Size,
     prepare,
 )
-from server.memory import limit_arenas
+from export.models.heap import limit_arenas
 from server.settings import Settings
 
 logger = logging.getLogger("bench.variant_soak")

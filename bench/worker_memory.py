@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.repository import export_repository
-from export.tiny import build_tiny_model
+from export.fixtures.tiny import build_tiny_model
+from export.toolchain.repository import export_repository
 from server.triton.client import TritonClient
 from server.triton.launcher import BundledTriton, TritonLaunchConfig, stub_model, stub_processes
 

@@ -11,10 +11,10 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
+from export.models.heap import limit_arenas
 from server.api.errors import EXCEPTION_HANDLERS
 from server.api.request import APIRequest
 from server.api.routes import SECURITY_COMPONENTS, route_handlers
-from server.memory import limit_arenas
 from server.metrics import Metrics, request_metrics_middleware
 from server.runtime import Runtime
 from server.service import TextToImageService

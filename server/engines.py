@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.refit import import_tensorrt
-from export.specs import MANIFEST_FILE
-from export.tensorrt import EngineHost, Resolution, host_mismatch
+from export.contract.engines import EngineHost, Resolution, host_mismatch
+from export.contract.specs import MANIFEST_FILE
+from export.models.refit import import_tensorrt
 from server import hardware
 
 logger = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export import specs
-from export.lora import ONNX_PREFIXES
-from export.source import ModelSource, resolve_model
-from export.specs import MANIFEST_FILE
+from export.contract import specs
+from export.contract.specs import MANIFEST_FILE
+from export.models.lora import ONNX_PREFIXES
+from export.models.source import ModelSource, resolve_model
 from server.engines import (
     RepositoryEngines,
     check_engine_host,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from export.contract.engines import MIN_LATENT_SIDE
 from server.admission import Admission
 from server.api.schemas import ImageResponse, Media, TextToImageParams
 from server.errors import BadRequest, ClientGone, InferenceFailed, ServiceUnavailable, brief
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MIN_LATENT_SIDE = 8
 MAX_SEED = 2**64 - 1
 
 

@@ -137,7 +137,7 @@ class Settings:
     warmup: bool = True
     torch_threads: int = 1
     # glibc malloc arenas of the service process (glibc's own variable): more let the RSS creep with
-    # memory freed on many threads (server/memory.py).
+    # memory freed on many threads (export/models/heap.py).
     malloc_arena_max: int = 2
     # The bundled Triton's python-onnx models keep the memory a batch freed for the next one (a fresh
     # page per allocation cost 40% of a tiny UNet step) and give it back after this many idle

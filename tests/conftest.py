@@ -21,9 +21,9 @@ import pytest
 import uvicorn
 from litestar import Litestar
 
-from export.repository import RepositoryOptions, export_repository
-from export.tiny import build_tiny_model
-from export.tiny_lora import build_tiny_lora
+from export.fixtures.tiny import build_tiny_model
+from export.fixtures.tiny_lora import build_tiny_lora
+from export.toolchain.repository import RepositoryOptions, export_repository
 from server.app import create_app
 from server.runtime import repository_models
 from server.settings import Settings

@@ -13,12 +13,12 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.cli import main as export_main
-from export.modules import components
-from export.onnx_export import OnnxMismatchError, check_onnx
-from export.repository import export_repository
-from export.source import ModelSource, ModelSourceError
-from export.specs import MANIFEST_FILE, serving_tokenizer_file
+from export.contract.specs import MANIFEST_FILE, serving_tokenizer_file
+from export.models.modules import components
+from export.models.source import ModelSource, ModelSourceError
+from export.toolchain.cli import main as export_main
+from export.toolchain.onnx_export import OnnxMismatchError, check_onnx
+from export.toolchain.repository import export_repository
 
 
 def read_config(model_dir: Path) -> mc.ModelConfig:
@@ -76,7 +76,7 @@ def test_unchanged_inputs_reuse_the_cache_and_a_changed_component_is_rebuilt(
     shutil.copytree(tiny_model("sd"), model)
     repo = export_repository(str(model), tmp_path / "repo")
     onnx_files = {p: p.stat().st_mtime_ns for p in repo.glob("*/1/model.onnx")}
-    with caplog.at_level(logging.INFO, logger="export.repository"):
+    with caplog.at_level(logging.INFO, logger="export.toolchain.repository"):
         export_repository(str(model), repo)
     assert {p: p.stat().st_mtime_ns for p in repo.glob("*/1/model.onnx")} == onnx_files
     assert caplog.text.count("unchanged, reusing") == 4  # text encoder, UNet, VAE, safety checker

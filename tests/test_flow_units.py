@@ -11,9 +11,9 @@ from google.protobuf import text_format
 from transformers import T5TokenizerFast
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export import specs
-from export.source import ModelSource
-from export.tokenizer import T5_VOCAB_SIZE, write_t5_tokenizer
+from export.contract import specs
+from export.models.source import ModelSource
+from export.models.tokenizer import T5_VOCAB_SIZE, write_t5_tokenizer
 from server.errors import BadRequest
 from server.pipeline.model import DiffusionModel
 from server.pipeline.rules import apply_rule, rule_for
@@ -82,7 +82,7 @@ def test_exported_repository(family: str, inputs: list[str], repository: Callabl
 def test_vae_decoder_applies_scaling_and_shift(tiny_model: Callable[[str], Path]) -> None:
     from diffusers import AutoencoderKL
 
-    from export.modules import VaeDecoderModule
+    from export.models.modules import VaeDecoderModule
 
     vae = AutoencoderKL.from_pretrained(tiny_model("sd3"), subfolder="vae").eval()
     latent = torch.randn(1, 16, 8, 8)
@@ -93,7 +93,7 @@ def test_vae_decoder_applies_scaling_and_shift(tiny_model: Callable[[str], Path]
 
 
 def test_t5_spec_check_inputs_stay_in_the_vocabulary() -> None:
-    from export.onnx_export import example_inputs
+    from export.toolchain.onnx_export import example_inputs
 
     spec = specs.t5_encoder_spec("text_encoder_3", 64, vocab_size=1100)
     for sizes in spec.check_sizes:

@@ -5,7 +5,7 @@ Docker image (whose tritonserver has the TensorRT backend). Skipped elsewhere wi
 - the service on those engines (the image's tritonserver) against diffusers' own pipeline in fp16
   on the GPU, same seeds: IMAGE_TOLERANCE below;
 - a LoRA variant made by refitting the base UNet engine against diffusers' load_lora_weights +
-  fuse_lora (fp32): the fp16 tolerance of export/precision.py;
+  fuse_lora (fp32): the fp16 tolerance of export/models/precision.py;
 - out of GPU memory while serving: the contract's 500, then a 200 once memory is back.
 
 fp16 image tolerance: the service and diffusers both run the tiny model in fp16 on the GPU, with
@@ -29,17 +29,17 @@ import pytest
 import torch
 from PIL import Image
 
-from export import specs
-from export.onnx_export import example_inputs
-from export.precision import FP16_TOLERANCE
-from export.repository import RepositoryOptions, export_repository
-from export.specs import MANIFEST_FILE
-from export.tensorrt import (
+from export.contract import specs
+from export.contract.engines import Resolution
+from export.contract.specs import MANIFEST_FILE
+from export.models.precision import FP16_TOLERANCE
+from export.toolchain.onnx_export import example_inputs
+from export.toolchain.repository import RepositoryOptions, export_repository
+from export.toolchain.tensorrt import (
     PLAN_FILE,
     TIMING_CACHE_FILE,
     EngineOptions,
     EngineRunner,
-    Resolution,
     current_host,
 )
 from server.settings import Settings
@@ -192,10 +192,10 @@ def test_refitted_lora_variant_matches_diffusers_lora(
     import diffusers
     from safetensors.torch import save_file
 
-    from export.lora import load_lora, merge_deltas, onnx_state
-    from export.modules import UNetModule
-    from export.refit import refit_variant
-    from export.tiny_lora import build_tiny_lora
+    from export.fixtures.tiny_lora import build_tiny_lora
+    from export.models.lora import load_lora, merge_deltas, onnx_state
+    from export.models.modules import UNetModule
+    from export.models.refit import refit_variant
 
     repo = engine_repository("sd")
     lora = build_tiny_lora("sd", tmp_path / "lora.safetensors", "diffusers", 3, model_dir=tiny_model("sd"))
@@ -212,8 +212,8 @@ def test_refitted_lora_variant_matches_diffusers_lora(
     pipe.load_lora_weights(str(lora))
     pipe.fuse_lora(lora_scale=0.8)
     reference = UNetModule(pipe.unet, sdxl=False).eval()
-    from export.modules import components
-    from export.source import ModelSource
+    from export.models.modules import components
+    from export.models.source import ModelSource
 
     spec = next(c.spec for c in components(ModelSource(tiny_model("sd"))) if c.spec.name == specs.UNET)
     engine = EngineRunner((variant_dir / "1" / PLAN_FILE).read_bytes(), "unet variant")

@@ -1,7 +1,7 @@
 """Models as the Hub holds them (issue 22): configs that say float16, fp16-only / ``.bin``-only / both
 layouts, sharded weights, downloads of only the chosen files, one-line errors for what is missing.
 
-The layouts are written by diffusers' and transformers' own ``save_pretrained`` (export/tiny.py
+The layouts are written by diffusers' and transformers' own ``save_pretrained`` (export/fixtures/tiny.py
 ``save_as_hub``), the Hub listing is that of a real repository, and the download test filters it with
 huggingface_hub's own pattern matcher.
 """
@@ -22,16 +22,13 @@ import pytest
 import torch
 from huggingface_hub.utils import filter_repo_objects
 
-from export import specs
-from export.modules import components
-from export.onnx_export import example_inputs, export_onnx
-from export.precision import float32_compute
-from export.repository import RepositoryOptions, export_repository
-from export.source import CONFIG_PATTERNS, ModelSource
-from export.specs import MANIFEST_FILE
-from export.tiny import HubLayout, save_as_hub
-from export.torch_model import MODULE_FILE, SOURCE_DIR, load_component
-from export.weights import (
+from export.contract import specs
+from export.contract.specs import MANIFEST_FILE
+from export.fixtures.tiny import HubLayout, save_as_hub
+from export.models.modules import components
+from export.models.precision import float32_compute
+from export.models.source import CONFIG_PATTERNS, ModelSource
+from export.models.weights import (
     AUTO,
     NO_VARIANT,
     MissingWeightsError,
@@ -40,6 +37,9 @@ from export.weights import (
     folder_files,
     variant_preference,
 )
+from export.toolchain.onnx_export import example_inputs, export_onnx
+from export.toolchain.repository import RepositoryOptions, export_repository
+from export.triton_models.torch_model import MODULE_FILE, SOURCE_DIR, load_component
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -333,7 +333,7 @@ def test_cli_missing_weights_is_one_line_on_stderr(
         f.unlink()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, "-m", "export.cli", str(model), "--out", str(tmp_path / "repo")],
+        [sys.executable, "-m", "export.toolchain.cli", str(model), "--out", str(tmp_path / "repo")],
         capture_output=True,
         text=True,
         env=env,
@@ -357,7 +357,7 @@ def test_streamed_weights_are_the_exporters_own(tmp_path: Path, tiny_model: Call
     """The graph traced without its weights and the weights written from the tensors: the same
     initializers (names, types, values) and the same graph inputs as torch's own export with its
     parameters, for the UNet in fp16 (the with_precision hooks included)."""
-    from export.precision import with_precision
+    from export.models.precision import with_precision
 
     source = ModelSource(tiny_model("sd"))
     unet = next(c for c in components(source) if c.spec.name == specs.UNET)

@@ -3,7 +3,7 @@
 editable install out of the way; and ``make check-image``'s decision on recorded pip metadata.
 
 The recorded reports (tests/data/pip-report-*.json) are what ``pip install --dry-run --report`` gave for
-the Dockerfile's pins on PyPI (``python -m export.image_check --report``), trimmed to the CUDA
+the Dockerfile's pins on PyPI (``python -m export.toolchain.image_check --report``), trimmed to the CUDA
 libraries and the packages that require them.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from export import image_check
+from export.toolchain import image_check
 from tests.test_docker import instructions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def test_a_missing_model_source_fails_the_image_check(tmp_path: Path) -> None:
     tree = image_tree(tmp_path / "fs")
     shutil.rmtree(tree / "model_repository" / "python_torch")
     code = (
-        "import export.cli\nfrom export.repository import python_model\n"
+        "import export.toolchain.cli\nfrom export.toolchain.repository import python_model\n"
         "try:\n    python_model('python-torch')\nexcept FileNotFoundError as e:\n    print('missing', e)\n"
     )
     result = _isolated(code, ["", str(tree)], tree)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from export.cli import main as export_main
-from export.repository import export_repository
-from export.source import ModelSourceError
+from export.models.source import ModelSourceError
+from export.toolchain.cli import main as export_main
+from export.toolchain.repository import export_repository
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from export.lora import LoraIncompatible, load_base_state, load_lora, merge_deltas
+from export.models.lora import LoraIncompatible, load_base_state, load_lora, merge_deltas
 
 State = dict[str, torch.Tensor]
 

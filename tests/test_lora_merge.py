@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from export.lora import (
+from export.fixtures.tiny_lora import build_tiny_lora
+from export.models.lora import (
     ONNX_PREFIXES,
     LoraIncompatible,
     LoraNotFound,
@@ -33,11 +34,10 @@ from export.lora import (
     onnx_state,
     write_merged_onnx,
 )
-from export.modules import UNetModule, components
-from export.onnx_export import ATOL, RTOL, example_inputs, export_onnx
-from export.refit import refit_engine, refit_weights
-from export.source import ModelSource
-from export.tiny_lora import build_tiny_lora
+from export.models.modules import UNetModule, components
+from export.models.refit import refit_engine, refit_weights
+from export.models.source import ModelSource
+from export.toolchain.onnx_export import ATOL, RTOL, example_inputs, export_onnx
 
 State = dict[str, torch.Tensor]
 WEIGHTS_TWO = (0.5, 1.2)
@@ -296,7 +296,7 @@ def test_merged_text_encoder_onnx_equals_fused_encoder(
 ) -> None:
     """SDXL's second encoder (CLIPTextModelWithProjection, ``text_model.`` names) from a kohya lora_te2_
     LoRA; the base state comes from load_base_state, i.e. from the exporter's own loader."""
-    from export.modules import TextEncoderModule
+    from export.models.modules import TextEncoderModule
 
     model_dir = tiny_model("sdxl")
     component = next(c for c in components(ModelSource(model_dir)) if c.spec.name == "text_encoder_2")

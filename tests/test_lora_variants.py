@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.lora import ONNX_PREFIXES, load_graph, onnx_state
-from export.onnx_weights import initializer_index, read_initializer
-from export.repository import python_onnx_module
-from export.tiny_lora import build_tiny_lora
-from export.variant_build import BaseIndex, LoraInput, VariantPlan, plan_variant, write_variant
+from export.fixtures.tiny_lora import build_tiny_lora
+from export.models.lora import ONNX_PREFIXES, load_graph, onnx_state
+from export.models.onnx_weights import initializer_index, read_initializer
+from export.models.variant_build import BaseIndex, LoraInput, VariantPlan, plan_variant, write_variant
+from export.triton_models.onnx_model import VariantOverrides, requested_variant
 from server.errors import BadRequest, InferenceFailed, OutOfMemory, ServiceUnavailable
 from server.metrics import Metrics
 from server.triton.client import classify
@@ -400,7 +400,7 @@ def test_build_writes_only_the_touched_tensors(
     assert plan.tensor_bytes() <= size <= min(1.2 * plan.tensor_bytes(), plan.file_bytes_bound())
     # the same merge as from the fully loaded graph
     full = onnx_state(repo / "unet" / "1" / "model.onnx", ONNX_PREFIXES["unet"])
-    from export.lora import load_lora, merge_deltas
+    from export.models.lora import load_lora, merge_deltas
 
     expected = merge_deltas(full, [(load_lora(inputs[0].file), 0.7)], "unet")
     from safetensors.torch import load_file
@@ -420,7 +420,7 @@ def test_a_build_holds_a_few_weights_not_the_variant(
     import threading
     import weakref
 
-    import export.variant_build as variant_build
+    import export.models.variant_build as variant_build
 
     plan = _kohya_unet_plan(sd_copy, tmp_path, tiny_model, 5)
     merged: list[weakref.ref] = []
@@ -448,7 +448,7 @@ def test_a_build_that_fails_midway_leaves_no_file(
 ) -> None:
     """The streamed build writes into a temporary file: a failure on one tensor (here the third)
     removes it, and no variant file appears."""
-    import export.variant_build as variant_build
+    import export.models.variant_build as variant_build
 
     repo = sd_copy
     plan = _kohya_unet_plan(repo, tmp_path, tiny_model, 4)
@@ -505,8 +505,7 @@ def test_model_serves_variants_from_one_overridable_session_within_the_bound(tmp
     save_file(
         {"nope.weight": weight}, str(folder / f"{_key(5)}.safetensors"), metadata={"onnx_prefix": "unet."}
     )
-    module = python_onnx_module()
-    variants = module.VariantOverrides(folder, model_path, ort.SessionOptions, 2)
+    variants = VariantOverrides(folder, model_path, ort.SessionOptions, 2)
     base = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     x = np.ones((1, 3), dtype=np.float32)
     sessions = set()
@@ -525,7 +524,7 @@ def test_model_serves_variants_from_one_overridable_session_within_the_bound(tmp
         variants.get(_key(7))
     with pytest.raises(ValueError, match="not a weight of this model"):
         variants.get(_key(5))
-    preloaded = module.VariantOverrides(folder, model_path, ort.SessionOptions, 2)
+    preloaded = VariantOverrides(folder, model_path, ort.SessionOptions, 2)
     preloaded.preload()  # LORA_PRELOAD: opened in the background at start, not on the first variant
     preloaded._opening.result(timeout=60)
     preloaded._overridable_session = lambda: pytest.fail("the preloaded session was opened again")
@@ -533,11 +532,11 @@ def test_model_serves_variants_from_one_overridable_session_within_the_bound(tmp
     (y,) = session.run(["y"], {"x": x, **overrides})
     np.testing.assert_allclose(y, x * 3)
     assert preloaded.overridable == variants.overridable
-    assert module.requested_variant("{}") == ""
-    assert module.requested_variant(json.dumps({"lora_variant": _key(1)})) == _key(1)
+    assert requested_variant("{}") == ""
+    assert requested_variant(json.dumps({"lora_variant": _key(1)})) == _key(1)
     for bad in ("../../etc", "ABCDEF0123456789", 5):
         with pytest.raises(ValueError):
-            module.requested_variant(json.dumps({"lora_variant": bad}))
+            requested_variant(json.dumps({"lora_variant": bad}))
 
 
 def test_hub_downloads_are_one_safetensors_file_within_the_size_limit(

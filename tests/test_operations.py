@@ -511,7 +511,7 @@ def test_hub_model_id_is_served_from_the_model_dir_cache(
 ARENAS_SCRIPT = """
 import ctypes, sys, threading
 import torch
-from server.memory import limit_arenas
+from export.models.heap import limit_arenas
 if sys.argv[1] != "unlimited":
     assert limit_arenas(int(sys.argv[1]))
 def work():

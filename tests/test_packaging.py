@@ -54,7 +54,7 @@ def test_wheel_carries_the_model_sources_and_export_finds_them(tmp_path: Path) -
     )
     assert not (site / "model_repository" / "tiny-sd").exists()
     code = (
-        "import export, export.repository as r\n"
+        "import export, export.toolchain.repository as r\n"
         "print(export.__file__)\n"
         "for name in " + repr(sources) + ": print(r.model_source(name))\n"
     )

@@ -17,14 +17,15 @@ from typing import Any
 
 import pytest
 
-from export import engine_memory, specs, tensorrt
-from export.cli import main as export_main
-from export.modules import components
-from export.onnx_weights import initializer_index
-from export.repository import PLAN_FILE, RepositoryOptions, engine_plan, export_repository
-from export.safety import model_safety_checker
-from export.source import ModelSource
-from export.specs import MANIFEST_FILE
+from export.contract import engines, specs
+from export.contract.specs import MANIFEST_FILE
+from export.models.modules import components
+from export.models.onnx_weights import initializer_index
+from export.models.safety import model_safety_checker
+from export.models.source import ModelSource
+from export.toolchain import engine_memory, tensorrt
+from export.toolchain.cli import main as export_main
+from export.toolchain.repository import PLAN_FILE, RepositoryOptions, engine_plan, export_repository
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
@@ -42,7 +43,7 @@ def test_every_dynamic_axis_of_every_input_gets_min_opt_max(
     family: str, tiny_model: Callable[[str], Path]
 ) -> None:
     source = ModelSource(tiny_model(family))
-    resolutions = (*tensorrt.default_resolutions(source.default_size), tensorrt.Resolution(512, 256))
+    resolutions = (*engines.default_resolutions(source.default_size), engines.Resolution(512, 256))
     covered: set[str] = set()
     for spec in _engine_parts(source):
         profiles = tensorrt.engine_profiles(spec, resolutions, source.vae_scale_factor)
@@ -73,7 +74,7 @@ def test_flux_image_tokens_follow_the_bucket(tiny_model: Callable[[str], Path]) 
     source = ModelSource(tiny_model("flux"))
     (transformer,) = [s for s in _engine_parts(source) if s.name == specs.TRANSFORMER]
     (profile,) = tensorrt.engine_profiles(
-        transformer, [tensorrt.Resolution(512, 256)], source.vae_scale_factor
+        transformer, [engines.Resolution(512, 256)], source.vae_scale_factor
     )
     tokens = (256 // source.vae_scale_factor // 2) * (512 // source.vae_scale_factor // 2)
     assert profile.shapes["hidden_states"][0][1] == tokens == profile.shapes["img_ids"][2][1]
@@ -86,8 +87,8 @@ def test_a_profile_outside_the_model_fails(tiny_model: Callable[[str], Path]) ->
     source = ModelSource(tiny_model("sd"))
     (unet,) = [s for s in _engine_parts(source) if s.name == specs.UNET]
     with pytest.raises(tensorrt.ProfileError, match="height"):
-        tensorrt.engine_profiles(unet, [tensorrt.Resolution(4096, 4096)], source.vae_scale_factor)
-    good = tensorrt.engine_profiles(unet, [tensorrt.Resolution(512, 512)], source.vae_scale_factor)[0]
+        tensorrt.engine_profiles(unet, [engines.Resolution(4096, 4096)], source.vae_scale_factor)
+    good = tensorrt.engine_profiles(unet, [engines.Resolution(512, 512)], source.vae_scale_factor)[0]
     broken = replace(good, shapes={k: v for k, v in good.shapes.items() if k != "timestep"})
     with pytest.raises(tensorrt.ProfileError, match="timestep"):
         tensorrt.check_profiles(unet, [broken])
@@ -102,14 +103,14 @@ def test_profiles_are_checked_before_any_model_is_exported(
     plan_only: bool, tmp_path: Path, tiny_model: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     exported: list[str] = []
-    monkeypatch.setattr("export.repository.export_onnx", lambda module, spec, *a: exported.append(spec.name))
     monkeypatch.setattr(
-        tensorrt, "current_host", lambda gpus=(): tensorrt.EngineHost("Fake GPU", "9.0", "10")
+        "export.toolchain.repository.export_onnx", lambda module, spec, *a: exported.append(spec.name)
     )
+    monkeypatch.setattr(tensorrt, "current_host", lambda gpus=(): engines.EngineHost("Fake GPU", "9.0", "10"))
     options = RepositoryOptions(
         target="tensorrt",
         plan_only=plan_only,
-        engine=tensorrt.EngineOptions(resolutions=(tensorrt.Resolution(4096, 4096),)),
+        engine=tensorrt.EngineOptions(resolutions=(engines.Resolution(4096, 4096),)),
     )
     with pytest.raises(tensorrt.ProfileError):
         export_repository(str(tiny_model("sd")), tmp_path / "repo", options)
@@ -261,7 +262,7 @@ def test_build_applies_the_plans_flags(
         ),
         max_batch=4,
     )
-    profiles = tuple(tensorrt.engine_profiles(unet, [tensorrt.Resolution(512, 512)], 8))
+    profiles = tuple(tensorrt.engine_profiles(unet, [engines.Resolution(512, 512)], 8))
     plan = tensorrt.EnginePlan(
         name="unet",
         precision=precision,
@@ -293,7 +294,7 @@ def test_fp32_parts_are_built_without_tf32(tmp_path: Path, tiny_model: Callable[
     vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "force_upcast": True}))
     source = ModelSource(folder)
     options = RepositoryOptions(target="tensorrt", precision="fp16", engine=tensorrt.EngineOptions(
-        resolutions=tensorrt.default_resolutions(source.default_size)
+        resolutions=engines.default_resolutions(source.default_size)
     ))  # fmt: skip
     flags = {}
     for component in components(source):
@@ -361,8 +362,8 @@ def test_plan_without_gpu_or_tensorrt(
 
 def test_weight_bytes_are_the_graphs_initializers(tmp_path: Path, tiny_model: Callable[[str], Path]) -> None:
     """Read two ways: onnx's parser (the plan's) and the repository's own protobuf walker."""
-    from export.onnx_export import export_onnx
-    from export.precision import with_precision
+    from export.models.precision import with_precision
+    from export.toolchain.onnx_export import export_onnx
 
     source = ModelSource(tiny_model("sd"))
     (unet,) = [c for c in components(source) if c.spec.name == specs.UNET]
@@ -395,7 +396,7 @@ def test_the_build_consumes_exactly_the_plan(
     monkeypatch.delitem(sys.modules, "tensorrt")
     planned, _ = _run_plan(model, tmp_path / "plan", capsys, "--gpus", "1")
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.module())
-    host = tensorrt.EngineHost("Fake GPU", "9.0", "10.13.2.6", 1)
+    host = engines.EngineHost("Fake GPU", "9.0", "10.13.2.6", 1)
     monkeypatch.setattr(tensorrt, "current_host", lambda gpus=(): host)
     monkeypatch.setattr(tensorrt, "check_engine", lambda *a, **k: [])
     out = tmp_path / "repo"
@@ -420,7 +421,7 @@ def test_the_build_consumes_exactly_the_plan(
 def test_flux_transformer_is_bf16_when_fp16_is_asked(tiny_model: Callable[[str], Path]) -> None:
     """FLUX.1 is trained and published in bf16; the tiny transformer in fp16 is past the fp16 tolerance
     in torch itself (0.069 off against 0.022 allowed at batch 3, 63 image tokens, 256 text tokens)."""
-    from export.precision import component_precision
+    from export.models.precision import component_precision
 
     flux = ModelSource(tiny_model("flux"))
     assert component_precision(flux, specs.TRANSFORMER, "fp16")[0] == "bf16"
@@ -436,7 +437,7 @@ def test_the_engine_checks_reference_is_named_by_what_its_session_runs(
     session then runs on CPU, and the label says so (and asks CUDA for the device named by --gpus)."""
     import onnxruntime as ort
 
-    from export.onnx_export import onnx_runner
+    from export.toolchain.onnx_export import onnx_runner
 
     asked: list[object] = []
 
@@ -463,7 +464,7 @@ def test_the_engine_checks_reference_is_named_by_what_its_session_runs(
 def test_the_images_bindings_only_tensorrt_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
     """The image installs only the bindings wheel (import name ``tensorrt_bindings``, which the
     ``tensorrt`` package re-exports): the export, the refit and the service's version check find it."""
-    from export.refit import _tensorrt
+    from export.models.refit import _tensorrt
     from server.engines import tensorrt_version
 
     bindings = FakeTensorRT().module()

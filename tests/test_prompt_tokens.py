@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from export.source import ModelSource
-from export.specs import serving_tokenizer_file
-from export.tokenizer import transformers_tokenizer, write_serving_tokenizers
+from export.contract.specs import serving_tokenizer_file
+from export.models.source import ModelSource
+from export.models.tokenizer import transformers_tokenizer, write_serving_tokenizers
 from server.pipeline.model import (
     PREFIX_CHARS_PER_TOKEN,
     PromptTokenizer,
@@ -112,7 +112,7 @@ def test_the_serving_tokenizers_load_without_transformers(sd3: tuple[ModelSource
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from export.source import ModelSource\n"
+        "from export.models.source import ModelSource\n"
         "from server.pipeline.model import DiffusionModel\n"
         f"source = ModelSource(Path({str(source.path)!r}))\n"
         f"model = DiffusionModel(source, repository=Path({str(repository)!r}))\n"

@@ -20,10 +20,8 @@ from torch.nn.functional import normalize
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.cli import main as export_main
-from export.onnx_export import check_onnx, export_onnx
-from export.repository import export_repository
-from export.safety import (
+from export.contract.specs import MANIFEST_FILE
+from export.models.safety import (
     FEATURE_EXTRACTOR_DIR,
     PREPROCESSOR_CONFIG,
     SAFETY_CHECKER,
@@ -34,8 +32,10 @@ from export.safety import (
     model_safety_checker,
     safety_component,
 )
-from export.source import ModelSourceError
-from export.specs import MANIFEST_FILE
+from export.models.source import ModelSourceError
+from export.toolchain.cli import main as export_main
+from export.toolchain.onnx_export import check_onnx, export_onnx
+from export.toolchain.repository import export_repository
 from server.pipeline.safety import SafetyChecker
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 from tests.conftest import needs_triton
@@ -281,7 +281,7 @@ def test_unchanged_checker_is_reused_and_the_cli_takes_a_checker_path(
 ) -> None:
     repository = checker_repository
     onnx_files = {p: p.stat().st_mtime_ns for p in repository.glob("*/1/model.onnx")}
-    with caplog.at_level(logging.INFO, logger="export.repository"):
+    with caplog.at_level(logging.INFO, logger="export.toolchain.repository"):
         export_repository(str(checker_model), repository)
         # The model without a checker of its own, with the checker folder given explicitly.
         args = [str(tiny_model("sd")), "--out", str(repository)]

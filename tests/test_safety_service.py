@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.repository import export_repository
-from export.safety import build_tiny_safety_checker
+from export.models.safety import build_tiny_safety_checker
+from export.toolchain.repository import export_repository
 from server.settings import Settings
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 from tests.conftest import RunningService, running_service

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.source import ModelSource
+from export.models.source import ModelSource
 from server.pipeline.flow import pipeline_for
 from server.pipeline.model import DiffusionModel
 from server.pipeline.request import GenerationRequest

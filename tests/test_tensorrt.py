@@ -2,7 +2,7 @@
 the refit map of a variant, the CLI without TensorRT, and what the service reads from an engine
 repository (buckets, build host, the command to export).
 
-fp16 tolerance (export/precision.py): ``|fp16 graph - torch fp32| <= 1e-3 + 1e-2 * max|torch fp32|``.
+fp16 tolerance (export/models/precision.py): ``|fp16 graph - torch fp32| <= 1e-3 + 1e-2 * max|torch fp32|``.
 One fp16 rounding is 2**-11 relative; a UNet step rounds each activation tens of times, so a correct
 graph is ~1e-3..5e-3 of the output's scale off (the tiny UNets: 0.8e-3..5e-3 against 1.0e-2..1.4e-2
 allowed), while a wrong weight or op is off by O(1).
@@ -25,22 +25,24 @@ from google.protobuf import text_format
 from safetensors.torch import save_file
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export import specs, tensorrt
-from export.lora import ONNX_PREFIXES, initializer_map, load_lora, merge_deltas, onnx_state
-from export.modules import components
-from export.onnx_export import export_onnx
-from export.precision import (
+from export.contract import engines, specs
+from export.contract.engines import EngineHost, Resolution
+from export.fixtures.tiny_lora import build_tiny_lora
+from export.models.lora import ONNX_PREFIXES, initializer_map, load_lora, merge_deltas, onnx_state
+from export.models.modules import components
+from export.models.precision import (
     FP16_TOLERANCE,
     TOLERANCES,
     component_precision,
     default_precision,
     with_precision,
 )
-from export.refit import variant_model_name, variant_refit_map
-from export.repository import RepositoryOptions, config_text, model_config
-from export.source import ModelSource
-from export.tensorrt import EngineHost, EngineOptions, Resolution
-from export.tiny_lora import build_tiny_lora
+from export.models.refit import variant_model_name, variant_refit_map
+from export.models.source import ModelSource
+from export.toolchain import tensorrt
+from export.toolchain.onnx_export import export_onnx
+from export.toolchain.repository import RepositoryOptions, config_text, model_config
+from export.toolchain.tensorrt import EngineOptions
 from server.engines import (
     EngineHostMismatch,
     NotExported,
@@ -71,7 +73,7 @@ FP16_MODELS = {
 @pytest.fixture(scope="session")
 def fp16_graphs(work_dir: Path, tiny_model: Callable[[str], Path]) -> Callable[[str], dict[str, Path]]:
     """``{model name: fp16 ONNX file}`` of a tiny family, each checked against torch fp32 on export."""
-    from export.onnx_export import check_onnx
+    from export.toolchain.onnx_export import check_onnx
 
     built: dict[str, dict[str, Path]] = {}
 
@@ -137,7 +139,7 @@ def test_fp16_check_fails_loudly_on_a_wrong_graph(
     """A graph with one weight changed is caught by the fp16 check, which names the output."""
     from onnx import numpy_helper
 
-    from export.onnx_export import OnnxMismatchError, check_onnx
+    from export.toolchain.onnx_export import OnnxMismatchError, check_onnx
 
     source = ModelSource(tiny_model("sd"))
     component = next(c for c in components(source) if c.spec.name == specs.VAE_DECODER)
@@ -182,20 +184,20 @@ def test_precision_per_component(tmp_path: Path, tiny_model: Callable[[str], Pat
 
 
 def test_resolutions_parse_default_and_check() -> None:
-    assert tensorrt.parse_resolutions("1024x576, 512X512,1024x576") == (
+    assert engines.parse_resolutions("1024x576, 512X512,1024x576") == (
         Resolution(1024, 576),
         Resolution(512, 512),
     )
     assert str(Resolution(1024, 576)) == "1024x576"
-    assert tensorrt.default_resolutions(1024) == (Resolution(1024, 1024), Resolution(1024, 576))
-    assert tensorrt.default_resolutions(512) == (Resolution(512, 512), Resolution(1024, 576))
+    assert engines.default_resolutions(1024) == (Resolution(1024, 1024), Resolution(1024, 576))
+    assert engines.default_resolutions(512) == (Resolution(512, 512), Resolution(1024, 576))
     for bad in ("", "1024", "1024x", "x576", "1024*576", "-8x8"):
         with pytest.raises(ValueError):
-            tensorrt.parse_resolutions(bad)
-    tensorrt.check_resolutions([Resolution(64, 64), Resolution(1024, 576)], vae_scale=8)
+            engines.parse_resolutions(bad)
+    engines.check_resolutions([Resolution(64, 64), Resolution(1024, 576)], vae_scale=8)
     for bad_size in (Resolution(1020, 576), Resolution(56, 64)):
-        with pytest.raises(tensorrt.ResolutionError, match=str(bad_size)):
-            tensorrt.check_resolutions([bad_size], vae_scale=8)
+        with pytest.raises(engines.ResolutionError, match=str(bad_size)):
+            engines.check_resolutions([bad_size], vae_scale=8)
 
 
 def _unet(sdxl: bool) -> specs.ModelSpec:
@@ -276,13 +278,13 @@ H100 = EngineHost("NVIDIA H100 80GB HBM3", "9.0", "10.8.0.43")
 
 
 def test_fingerprint_changes_with_gpu_and_tensorrt_version() -> None:
-    base = tensorrt.engine_fingerprint("graph", H100)
-    assert base == tensorrt.engine_fingerprint("graph", EngineHost(**H100.as_dict()))
+    base = engines.engine_fingerprint("graph", H100)
+    assert base == engines.engine_fingerprint("graph", EngineHost(**H100.as_dict()))
     others = {
-        tensorrt.engine_fingerprint("graph", replace(H100, gpu="NVIDIA L4")),
-        tensorrt.engine_fingerprint("graph", replace(H100, tensorrt="10.9.0.34")),
-        tensorrt.engine_fingerprint("graph", replace(H100, compute_capability="8.9")),
-        tensorrt.engine_fingerprint("other graph", H100),
+        engines.engine_fingerprint("graph", replace(H100, gpu="NVIDIA L4")),
+        engines.engine_fingerprint("graph", replace(H100, tensorrt="10.9.0.34")),
+        engines.engine_fingerprint("graph", replace(H100, compute_capability="8.9")),
+        engines.engine_fingerprint("other graph", H100),
     }
     assert base not in others and len(others) == 4
     assert EngineHost.from_dict(H100.as_dict()) == H100
@@ -396,7 +398,7 @@ def test_tensorrt_target_without_tensorrt_exits_2_with_one_line(tmp_path: Path) 
         [
             sys.executable,
             "-m",
-            "export.cli",
+            "export.toolchain.cli",
             str(tmp_path / "model"),
             "--target",
             "tensorrt",
@@ -416,7 +418,7 @@ def test_tensorrt_target_without_tensorrt_exits_2_with_one_line(tmp_path: Path) 
 
 
 def test_cli_refuses_bad_engine_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from export.cli import main
+    from export.toolchain.cli import main
 
     for args, message in (
         (["--resolutions", "1024"], "not a resolution WIDTHxHEIGHT"),

@@ -1,4 +1,5 @@
-"""Tiny SD 1.5 / SDXL models built in code (export.tiny) and the offline CLIP tokenizer (export.tokenizer)."""
+"""Tiny SD 1.5 / SDXL models built in code (export.fixtures.tiny) and the offline CLIP tokenizer
+(export.models.tokenizer)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from export import tiny, tokenizer
-from export.tiny import MARKER_FILE, TINY_MODEL_VERSION, Family, build_tiny_model
+from export.fixtures import tiny
+from export.fixtures.tiny import MARKER_FILE, TINY_MODEL_VERSION, Family, build_tiny_model
+from export.models import tokenizer
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP vocabulary
 FAMILIES: tuple[Family, ...] = ("sd", "sdxl")
@@ -116,7 +118,7 @@ def test_model_configs(models: dict[str, Path]) -> None:
     assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
     sd_index = json.loads((models["sd"] / "model_index.json").read_text(encoding="utf-8"))
     assert sd_index["scheduler"] == ["diffusers", "PNDMScheduler"]
-    # SD 1.5's stand-in carries a tiny safety checker (export/safety.py), as SD 1.5 does.
+    # SD 1.5's stand-in carries a tiny safety checker (export/models/safety.py), as SD 1.5 does.
     assert sd_index["safety_checker"] == ["stable_diffusion", "StableDiffusionSafetyChecker"]
     assert sd_index["feature_extractor"][1] == "CLIPImageProcessor"
 

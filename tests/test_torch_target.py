@@ -17,14 +17,14 @@ from google.protobuf import text_format
 from safetensors.torch import save_file
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.lora import load_base_state, load_lora, merge_deltas
-from export.modules import components
-from export.onnx_export import example_inputs
-from export.repository import export_repository
-from export.source import ModelSource
-from export.specs import MANIFEST_FILE, VARIANTS_DIR
-from export.tiny_lora import build_tiny_lora
-from export.torch_model import (
+from export.contract.specs import MANIFEST_FILE, VARIANTS_DIR
+from export.fixtures.tiny_lora import build_tiny_lora
+from export.models.lora import load_base_state, load_lora, merge_deltas
+from export.models.modules import components
+from export.models.source import ModelSource
+from export.toolchain.onnx_export import example_inputs
+from export.toolchain.repository import export_repository
+from export.triton_models.torch_model import (
     MODULE_FILE,
     CudaGraphs,
     TorchModel,
@@ -147,8 +147,8 @@ def test_cuda_dtype_follows_diffusers_vae_upcast(
 
 
 def test_export_is_reused_and_cli_takes_the_target(tmp_path: Path, tiny_model: Callable[[str], Path]) -> None:
-    from export.cli import main as export_main
-    from export.repository import RepositoryOptions
+    from export.toolchain.cli import main as export_main
+    from export.toolchain.repository import RepositoryOptions
 
     out = tmp_path / "repo"
     options = RepositoryOptions(target=TORCH, check=False)

@@ -7,7 +7,7 @@
    on the (SD3: CFG-doubled) latents, guidance, ``scheduler.step`` on the transformer's output
 4. FLUX unpacks the latents; the VAE decoder model (scaling and shift factors inside) gives the images
 
-The Triton models and their inputs are :mod:`export.specs`' ``transformer`` specs. FLUX never runs
+The Triton models and their inputs are :mod:`export.contract.specs`' ``transformer`` specs. FLUX never runs
 classifier-free guidance (its negative prompt is ignored); a guidance-distilled FLUX (dev) gets the
 guidance scale through its ``guidance`` input.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from export import specs
+from export.contract import specs
 from server.pipeline.generate import (
     Generation,
     InferenceClient,

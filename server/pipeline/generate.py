@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from export import specs
+from export.contract import specs
 from server.pipeline.model import DiffusionModel, Prompts
 from server.pipeline.request import GenerationRequest
 

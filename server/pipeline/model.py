@@ -13,8 +13,8 @@ import diffusers
 import numpy as np
 import tokenizers
 
-from export.source import ModelSource
-from export.specs import serving_tokenizer_file
+from export.contract.specs import serving_tokenizer_file
+from export.models.source import ModelSource
 from server.errors import BadRequest
 from server.pipeline.rules import DEFAULT_RULE, ModelRule
 
@@ -53,7 +53,7 @@ class PromptTokenizer:
     max_length=max_length, truncation=True)`` gives, without transformers."""
 
     def __init__(self, backend: tokenizers.Tokenizer, max_length: int | None = None) -> None:
-        """``backend`` is set to pad and truncate (as :func:`export.tokenizer.padded_backend` sets
+        """``backend`` is set to pad and truncate (as :func:`export.models.tokenizer.padded_backend` sets
         it); only the length changes, to ``max_length`` when given."""
         truncation, padding = backend.truncation, backend.padding
         if truncation is None or padding is None:
@@ -82,7 +82,7 @@ class PromptTokenizer:
 
 
 def prompt_tokenizers(source: ModelSource, t5_length: int, repository: Path | None) -> list[PromptTokenizer]:
-    """The model's tokenizers: from the repository's serving files (:func:`export.tokenizer.
+    """The model's tokenizers: from the repository's serving files (:func:`export.models.tokenizer.
     write_serving_tokenizers`) when it has them all, else from the model's folders with transformers
     (seconds of imports).  CLIP keeps its own length; T5 takes ``t5_length``."""
     files = [repository / serving_tokenizer_file(name) for name in source.tokenizers] if repository else []
@@ -94,7 +94,7 @@ def prompt_tokenizers(source: ModelSource, t5_length: int, repository: Path | No
             for name, f in zip(source.tokenizers, files, strict=True)
         ]
     logger.info("the repository has no serving tokenizers (export it again for a faster start)")
-    from export.tokenizer import padded_tokenizer
+    from export.models.tokenizer import padded_tokenizer
 
     return [PromptTokenizer(padded_tokenizer(source, name, t5_length)) for name in source.tokenizers]
 

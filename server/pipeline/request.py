@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from export import specs
+from export.contract import specs
 
 
 @dataclass(frozen=True)

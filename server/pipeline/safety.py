@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from export.specs import CLIP_PREPROCESSOR_CONFIG, PREPROCESSOR_CONFIG, SAFETY_CHECKER
+from export.contract.specs import CLIP_PREPROCESSOR_CONFIG, PREPROCESSOR_CONFIG, SAFETY_CHECKER
 from server.pipeline.generate import InferenceClient, infer_rows
 
 logger = logging.getLogger(__name__)

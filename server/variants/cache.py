@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from export.specs import VARIANT_KEY, VARIANTS_DIR
+from export.contract.specs import VARIANT_KEY, VARIANTS_DIR
 from server.errors import ServiceUnavailable
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,9 @@
    request for another one waits, within its deadline); the variant is marked in use in the same
    step, before any await, so no other request's eviction can see it idle;
 4. build it once if the disk cache lacks it (concurrent requests share one build; at most
-   ``LORA_BUILD_CONCURRENCY`` builds run) with :func:`export.variant_build.plan_variant` (checks, and
-   reserves its bytes in the cache) then :func:`~export.variant_build.write_variant` (merges and writes);
+   ``LORA_BUILD_CONCURRENCY`` builds run) with
+   :func:`export.models.variant_build.plan_variant` (checks, and reserves its bytes in the cache) then
+   :func:`~export.models.variant_build.write_variant` (merges and writes);
 5. make it resident through the serving mode of the target: python-backend targets serve a variant
    from the base model by the request parameter ``lora_variant`` (nothing to load; the model keeps
    its own LRU of sessions); the tensorrt target serves it as the Triton model ``M__K``, loaded and
@@ -33,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Protocol
 
-from export import specs
-from export.lora import LoraError
-from export.specs import FINGERPRINT_FILE, VARIANT_PARAMETER
-from export.variant_build import BaseIndex, LoraInput, plan_variant, write_variant
+from export.contract import specs
+from export.contract.specs import FINGERPRINT_FILE, VARIANT_PARAMETER
+from export.models.heap import return_free_memory
+from export.models.lora import LoraError
+from export.models.variant_build import BaseIndex, LoraInput, plan_variant, write_variant
 from server.errors import BadRequest, InferenceFailed, OutOfMemory
-from server.memory import return_free_memory
 from server.metrics import Metrics
 from server.variants.cache import DiskCache, VariantRecord, download_entry, variant_entry
 from server.variants.sources import LoraSources, ResolvedLora, download_name, shown

@@ -7,8 +7,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from export import specs
-from export.refit import TensorRTUnavailable, refit_variant
+from export.contract import specs
+from export.models.refit import TensorRTUnavailable, refit_variant
 from server.errors import InferenceFailed
 from server.metrics import Metrics
 from server.settings import Settings

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from export.lora import DIFFUSERS_WEIGHT_NAME, LoraNotFound
+from export.models.lora import DIFFUSERS_WEIGHT_NAME, LoraNotFound
 from server.errors import BadRequest, ServiceUnavailable
 
 logger = logging.getLogger(__name__)

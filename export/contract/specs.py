@@ -337,7 +337,7 @@ def safety_checker_spec(image_size: int = 224, max_batch: int = 8) -> ModelSpec:
 
     ``pixel_values`` is what ``CLIPImageProcessor`` gives for the generated images (resized, centre
     cropped to ``image_size``, normalised with CLIP's mean and std).  ``has_nsfw`` is one float per row
-    (sent back by Triton as [batch, 1]); see :mod:`export.safety`.
+    (sent back by Triton as [batch, 1]); see :mod:`export.models.safety`.
     """
     return ModelSpec(
         name=SAFETY_CHECKER,

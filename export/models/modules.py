@@ -15,9 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from export import specs
-from export.source import ModelSource, ModelSourceError
-from export.weights import AUTO, Library, WeightChoice, choose_weights, folder_files, variant_preference
+from export.contract import specs
+from export.models.source import ModelSource, ModelSourceError
+from export.models.weights import (
+    AUTO,
+    Library,
+    WeightChoice,
+    choose_weights,
+    folder_files,
+    variant_preference,
+)
 
 
 class TextEncoderModule(nn.Module):
@@ -241,7 +248,7 @@ class Component:
         self, precision: str = "fp32", variant: str = AUTO, files: Sequence[str] | None = None
     ) -> WeightChoice:
         """The weight files an export in ``precision`` reads (``files``: the root's listing, default the
-        local folder's).  Raises :class:`export.weights.MissingWeightsError` (one line)."""
+        local folder's).  Raises :class:`export.models.weights.MissingWeightsError` (one line)."""
         listing = folder_files(self.root) if files is None else files
         preference = variant_preference(precision, variant)
         return choose_weights(listing, self.weights_folder, self.library, preference, root=str(self.root))

@@ -3,13 +3,13 @@
 A variant is the base model plus overrides, not a copy of it. For a Triton model ``M`` (``unet``,
 ``text_encoder``, ``text_encoder_2``) the overrides of variant ``K`` are
 ``<repository>/M/variants/K.safetensors``: the merged tensors of the layers the LoRAs touch, keyed
-by the diffusers module's parameter names (those :func:`export.lora.merge_deltas` returns), in the
+by the diffusers module's parameter names (those :func:`export.models.lora.merge_deltas` returns), in the
 base model's dtype. The header metadata names the ONNX initializer prefix (``onnx_prefix``) so a
 backend maps a parameter to its initializer without the exporter's code.
 
 A build is two calls: :func:`plan_variant` reads the LoRAs and checks them against the base shapes
 (nothing merged, so the caller can reserve the bytes first), then :func:`write_variant` streams each
-touched tensor: read it alone from the base (:mod:`export.onnx_weights`), add its LoRA terms in
+touched tensor: read it alone from the base (:mod:`export.models.onnx_weights`), add its LoRA terms in
 place, write it. A build costs about the LoRA's size, not the model's, and holds a few tensors at
 a time, not the variant. Pure: no service state; the service, the benchmark and the tests call the
 same functions.
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
-from export.lora import (
+from export.contract.specs import VARIANT_KEY, VARIANTS_DIR
+from export.models.lora import (
     ONNX_PREFIXES,
     LoraWeights,
     MergeTerms,
@@ -36,9 +37,8 @@ from export.lora import (
     merged_weight,
     plan_merge,
 )
-from export.onnx_weights import LazyOnnxState, initializer_index
-from export.specs import VARIANT_KEY, VARIANTS_DIR
-from export.torch_model import SOURCE_DIR
+from export.models.onnx_weights import LazyOnnxState, initializer_index
+from export.triton_models.torch_model import SOURCE_DIR
 
 if TYPE_CHECKING:
     import torch
@@ -137,7 +137,7 @@ class LazySafetensorsState(Mapping[str, "torch.Tensor"]):
 @dataclass(frozen=True)
 class VariantPlan:
     """What a variant changes, before anything is merged: per model, the parameters some LoRA
-    touches and their LoRA terms (:func:`export.lora.plan_merge`), over the base weights' shapes."""
+    touches and their LoRA terms (:func:`export.models.lora.plan_merge`), over the base weights' shapes."""
 
     loras: tuple[LoraInput, ...]
     states: Mapping[str, BaseState]
@@ -165,7 +165,7 @@ class VariantPlan:
 def plan_variant(base: BaseIndex, models: Sequence[str], loras: Sequence[LoraInput]) -> VariantPlan:
     """Read the LoRAs and check them against the base models (no tensor is merged yet).
 
-    Raises :class:`export.lora.LoraError` when a LoRA does not fit the base."""
+    Raises :class:`export.models.lora.LoraError` when a LoRA does not fit the base."""
     weights: list[tuple[LoraWeights, float]] = [(load_lora(s.file, s.lora_id), s.weight) for s in loras]
     for lora, _ in weights:
         check_components(lora, models)

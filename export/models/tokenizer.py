@@ -22,12 +22,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from export.specs import T5_TOKEN_RANGE_MAX, serving_tokenizer_file
+from export.contract.specs import T5_TOKEN_RANGE_MAX, serving_tokenizer_file
 
 if TYPE_CHECKING:
     import tokenizers
 
-    from export.source import ModelSource
+    from export.models.source import ModelSource
 
 __all__ = [
     "BOS_TOKEN",

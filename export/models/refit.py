@@ -1,7 +1,7 @@
 """LoRA variants of a refittable TensorRT engine: the weights to set, and the refit itself.
 
 A refittable engine built from the base UNet's ONNX graph names its refittable weights after the
-ONNX initializers, which :mod:`export.onnx_export` keeps named after the torch parameters. Moving
+ONNX initializers, which :mod:`export.toolchain.onnx_export` keeps named after the torch parameters. Moving
 an engine from the variant it holds now to another one sets every weight that either variant
 touches: the new variant's merged value where it has one, the base value elsewhere (which undoes
 the old variant's changes). :func:`refit_weights` computes that map; :func:`refit_engine` applies it
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from export.specs import VARIANT_KEY, VARIANTS_DIR
+from export.contract.specs import VARIANT_KEY, VARIANTS_DIR
 
 if TYPE_CHECKING:
     import torch
@@ -55,9 +55,9 @@ def refit_weights(
     """``{ONNX initializer name: weight}`` that turns an engine holding ``previous_deltas`` into one
     holding ``new_deltas``.
 
-    The keys of both delta maps are torch parameter names (as :func:`export.lora.merge_deltas`
+    The keys of both delta maps are torch parameter names (as :func:`export.models.lora.merge_deltas`
     returns them); ``prefix`` is where the model sits in the exported wrapper
-    (:data:`export.lora.ONNX_PREFIXES`). Every parameter in either map is set: to its new merged
+    (:data:`export.models.lora.ONNX_PREFIXES`). Every parameter in either map is set: to its new merged
     value if ``new_deltas`` has one, else back to ``base_state``. Arrays are contiguous and keep
     the base parameter's dtype and shape.
     """
@@ -186,7 +186,7 @@ class _OnnxWeights(Mapping[str, np.ndarray]):
     asks for a few weights it fused with the refitted ones, not for all of them)."""
 
     def __init__(self, onnx_path: Path) -> None:
-        from export.lora import load_graph
+        from export.models.lora import load_graph
 
         self._inits = {init.name: init for init in load_graph(onnx_path).model.graph.initializer}
 
@@ -208,7 +208,7 @@ def variant_refit_map(base_onnx: Path, overrides: Path, model: str) -> dict[str,
     by the diffusers parameter names, in the base model's dtype). Runs anywhere (no TensorRT)."""
     from safetensors.torch import load_file
 
-    from export.lora import ONNX_PREFIXES, onnx_state
+    from export.models.lora import ONNX_PREFIXES, onnx_state
 
     prefix = ONNX_PREFIXES[model]
     merged = load_file(str(overrides))

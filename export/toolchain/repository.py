@@ -9,19 +9,13 @@ export never leaves a half-written model that Triton would try to load.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
-import gc
 import hashlib
 import importlib.util
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,10 +24,11 @@ from typing import Literal
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export import engine_memory, tensorrt
-from export.modules import Component, components
-from export.onnx_export import compare_onnx, export_onnx, reference_outputs
-from export.precision import (
+from export.contract import engines
+from export.contract.specs import FINGERPRINT_FILE, MANIFEST_FILE, ModelSpec, TensorSpec
+from export.models.heap import release_memory
+from export.models.modules import Component, components
+from export.models.precision import (
     PRECISIONS,
     TOLERANCES,
     TORCH_DTYPES,
@@ -43,12 +38,18 @@ from export.precision import (
     float32_compute,
     with_precision,
 )
-from export.safety import SafetyCheckerSource, model_safety_checker
-from export.source import CONFIG_PATTERNS, ModelSource, fetch_files, hub_files, resolve_model
-from export.specs import FINGERPRINT_FILE, MANIFEST_FILE, ModelSpec, TensorSpec
-from export.tokenizer import write_serving_tokenizers
-from export.torch_model import TorchOptions, check_torch_model, cuda_dtype_for, write_torch_model
-from export.weights import AUTO, WeightChoice, allow_patterns, folder_files
+from export.models.safety import SafetyCheckerSource, model_safety_checker
+from export.models.source import CONFIG_PATTERNS, ModelSource, fetch_files, hub_files, resolve_model
+from export.models.tokenizer import write_serving_tokenizers
+from export.models.weights import AUTO, WeightChoice, allow_patterns, folder_files
+from export.toolchain import engine_memory, tensorrt
+from export.toolchain.onnx_export import compare_onnx, export_onnx, reference_outputs
+from export.triton_models.torch_model import (
+    TorchOptions,
+    check_torch_model,
+    cuda_dtype_for,
+    write_torch_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +88,6 @@ def python_model(target: str) -> Path:
     return model_source(PYTHON_MODEL_DIRS[target])
 
 
-def python_onnx_module() -> types.ModuleType:
-    """The python-onnx target's ``model.py`` as a module outside Triton, for its session options and
-    variant sessions (Triton's ``triton_python_backend_utils`` is an empty stand-in unless loaded)."""
-    sys.modules.setdefault("triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    spec = importlib.util.spec_from_file_location("t2i_python_onnx_model", python_model("python-onnx"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 _DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64}
 
 
@@ -114,7 +104,7 @@ class RepositoryOptions:
     precision: Precision | None = None
     # The tensorrt target's buckets, batch range, GPUs and workspace.
     engine: tensorrt.EngineOptions = field(default_factory=tensorrt.EngineOptions)
-    # Which weight files to read (export/weights.py): "auto" (the precision's variant when present),
+    # Which weight files to read (export/models/weights.py): "auto" (the precision's variant when present),
     # "none" (the full files only) or a variant name such as "fp16".
     variant: str = AUTO
     # tensorrt only: stop before the first TensorRT call and write the plan (no GPU, no TensorRT needed).
@@ -209,7 +199,7 @@ def export_repository(
     ``model_index.json`` lists one.  It becomes the ``safety_checker`` model, with its feature
     extractor's ``preprocessor_config.json`` under ``safety_checker/feature_extractor/``.
 
-    Each component's weight files (one format, one variant: :mod:`export.weights`) are chosen before
+    Each component's weight files (one format, one variant: :mod:`export.models.weights`) are chosen before
     anything is exported, so a folder that lacks some fails at once; from a Hub id only those files are
     downloaded.  Components are exported one at a time, each loaded in its precision and freed before
     the next.
@@ -219,7 +209,7 @@ def export_repository(
     options = replace(options, precision=options.resolved_precision)
     if options.plan_only and options.target != "tensorrt":
         raise ValueError("--plan is for --target tensorrt")
-    host: tensorrt.EngineHost | None = None
+    host: engines.EngineHost | None = None
     if options.target == "tensorrt" and not options.plan_only:
         # Before any work: without TensorRT and a GPU nothing of this export could be used.
         host = tensorrt.current_host(options.engine.gpus)
@@ -227,8 +217,8 @@ def export_repository(
     origin = _Origin.resolve(model_id)
     source = ModelSource(origin.root)
     if options.target == "tensorrt":
-        resolutions = options.engine.resolutions or tensorrt.default_resolutions(source.default_size)
-        tensorrt.check_resolutions(resolutions, source.vae_scale_factor)
+        resolutions = options.engine.resolutions or engines.default_resolutions(source.default_size)
+        engines.check_resolutions(resolutions, source.vae_scale_factor)
         options = replace(options, engine=replace(options.engine, resolutions=resolutions))
     parts = components(source)
     if options.target == "tensorrt":
@@ -274,7 +264,7 @@ def export_repository(
         step = f"[{i}/{len(parts)}] {name}"
         fingerprint = _fingerprint(component, options, weights[name])
         if host is not None:
-            fingerprint = tensorrt.engine_fingerprint(fingerprint, host)
+            fingerprint = engines.engine_fingerprint(fingerprint, host)
         model_dir = out / name
         if _cached(model_dir, fingerprint):
             logger.info("%s: unchanged, reusing %s", step, model_dir)
@@ -323,7 +313,8 @@ def _choose_weights(
     variant: str,
 ) -> dict[str, WeightChoice]:
     """Each component's weight files, chosen from its origin's listing; a Hub origin then downloads
-    exactly those.  Raises :class:`export.weights.MissingWeightsError` for the first folder lacking any."""
+    exactly those.  Raises :class:`export.models.weights.MissingWeightsError` for the first folder
+    lacking any."""
     listings: dict[tuple[_Origin, Path], list[str]] = {}
     weights: dict[str, WeightChoice] = {}
     for c in parts:
@@ -335,28 +326,6 @@ def _choose_weights(
         chosen = [weights[c.spec.name] for c in parts if (origins[c.spec.name], c.root) == (origin, root)]
         origin.fetch(chosen, root)
     return weights
-
-
-# glibc's mallopt parameter for the size from which malloc serves a block with its own mmap.
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_BYTES = 64 * 1024
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the system (glibc keeps them otherwise), so
-    one component's weights are gone before the next is loaded.
-
-    It also fixes glibc's mmap threshold at 64 KiB: glibc raises it (up to 32 MiB) each time a mapped
-    block is freed, after which the float32 weight copies of the next onnxruntime check run come from
-    the heap, which keeps their pages; with the threshold fixed each copy goes back when freed
-    (measured on the full-size SD 1.5 fp16 UNet's check session: 2.49 GiB peak, 2.26 GiB fixed)."""
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    if name:
-        with contextlib.suppress(OSError, AttributeError):  # not glibc
-            libc = ctypes.CDLL(name)
-            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-            libc.malloc_trim(0)
 
 
 PLAN_FILE = "plan.json"
@@ -468,7 +437,7 @@ class _Build:
     """What one model's build needs beyond the component and the options."""
 
     precision: Precision = "fp32"
-    host: tensorrt.EngineHost | None = None
+    host: engines.EngineHost | None = None
     timing_cache: Path | None = None
     plan: tensorrt.EnginePlan | None = None
 

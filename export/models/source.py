@@ -1,6 +1,6 @@
 """Model sources: a Hugging Face model id or a local diffusers folder, and what its configs say.
 
-Only JSON configs are read here; the torch weights are loaded by :mod:`export.modules` when exporting.
+Only JSON configs are read here; the torch weights are loaded by :mod:`export.models.modules` when exporting.
 The service reads the same description (family, encoders, VAE scale) without loading weights.
 """
 
@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from export.specs import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, TRANSFORMER, UNET
+from export.contract.specs import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, TRANSFORMER, UNET
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ FLUX_PIPELINES = frozenset({"FluxPipeline"})
 SUPPORTED_PIPELINES = SD_PIPELINES | SDXL_PIPELINES | SD3_PIPELINES | FLUX_PIPELINES
 
 # What the service needs from a Hub repository without its weights.
-# An export reads these too, and then only the weight files it chose (export/weights.py): the safety
+# An export reads these too, and then only the weight files it chose (export/models/weights.py): the safety
 # checker's preprocessing, and the config at the top of a repository that is the checker itself.
 CONFIG_PATTERNS = (
     "model_index.json",

@@ -1,15 +1,15 @@
 """The ``python-torch`` target: Triton python-backend models that run the diffusers modules themselves.
 
-Each Triton model runs the same wrapper module (:mod:`export.modules`, :mod:`export.safety`) that the
-ONNX export traces, so both targets compute one definition of each model.  Nothing is traced or
-compiled at export time:
+Each Triton model runs the same wrapper module (:mod:`export.models.modules`,
+:mod:`export.models.safety`) that the ONNX export traces, so both targets compute one definition of
+each model.  Nothing is traced or compiled at export time:
 
 1. :func:`write_torch_model` copies what the module is built from into ``<model>/1/source/``: the
    component's diffusers subfolders (config + safetensors weights), the small JSON configs of the
    other subfolders (the loaders read the model's description from them), and ``torch_module.json``
    naming the component and its CUDA dtype.
 2. :func:`load_component` rebuilds the component from that folder with the very loader the exporter
-   uses (:func:`export.modules.components` over the copied folder, or the safety checker's).
+   uses (:func:`export.models.modules.components` over the copied folder, or the safety checker's).
 3. :class:`TorchModel` runs it: fp16 with SDPA attention on CUDA (an SDXL VAE whose config asks for
    it stays fp32, as diffusers upcasts it), fp32 on CPU; one forward pass per dynamic batch; the speed
    switches of :class:`TorchOptions` (CUDA only); LoRA variants as in-place parameter overrides
@@ -34,12 +34,12 @@ from typing import Any, Final, Literal
 import torch
 from torch import nn
 
-from export.lora import ONNX_PREFIXES
-from export.modules import Component, components
-from export.safety import SafetyCheckerSource
-from export.source import ModelSource, read_json_object
-from export.specs import SAFETY_CHECKER, VAE_DECODER, VARIANT_KEY, VARIANTS_DIR, ModelSpec
-from export.weights import WeightChoice
+from export.contract.specs import SAFETY_CHECKER, VAE_DECODER, VARIANT_KEY, VARIANTS_DIR, ModelSpec
+from export.models.lora import ONNX_PREFIXES
+from export.models.modules import Component, components
+from export.models.safety import SafetyCheckerSource
+from export.models.source import ModelSource, read_json_object
+from export.models.weights import WeightChoice
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +225,8 @@ def load_component(version_dir: Path, cuda: bool = False) -> LoadedComponent:
 def base_state(model_dir: Path, version: str = "1") -> dict[str, torch.Tensor]:
     """The base weights a LoRA variant of Triton model directory ``model_dir`` merges into, keyed as
     the variant file must key them (the diffusers module's parameter names, as
-    :func:`export.lora.load_base_state` gives them): the state for :func:`export.lora.merge_deltas` on
-    this target, where there is no ONNX graph to read it from."""
+    :func:`export.models.lora.load_base_state` gives them): the state for
+    :func:`export.models.lora.merge_deltas` on this target, where there is no ONNX graph to read it from."""
     loaded = load_component(model_dir / version)
     prefix = ONNX_PREFIXES.get(loaded.component.spec.name)
     if prefix is None:
@@ -242,7 +242,7 @@ def check_torch_model(version_dir: Path) -> None:
     """Rebuild the module from ``version_dir`` alone and run it (CPU, float32) at the spec's check
     sizes: the folder is complete and the outputs have the spec's names, count and known axes.
     Raises :class:`TorchModelError` naming what does not fit."""
-    from export.onnx_export import example_inputs
+    from export.toolchain.onnx_export import example_inputs
 
     model = TorchModel(load_component(version_dir), torch.device("cpu"), TorchOptions(), version_dir)
     spec = model.spec

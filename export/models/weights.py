@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from export.source import ModelSourceError
+from export.models.source import ModelSourceError
 
 Library = Literal["diffusers", "transformers"]
 # The file stems each library's ``from_pretrained`` reads, per format.

@@ -28,7 +28,7 @@ same weights diffusers computes with ``load_lora_weights`` + ``set_adapters`` + 
 3. :func:`write_merged_onnx` puts those parameters into a copy of the exported ONNX graph
    (:func:`initializer_map` names the initializers; :func:`onnx_state` reads the base state out of
    the graph itself, :func:`load_base_state` out of the diffusers folder). This needs initializers
-   named after the torch parameters, which :func:`export.onnx_export.export_onnx` keeps (no
+   named after the torch parameters, which :func:`export.toolchain.onnx_export.export_onnx` keeps (no
    constant folding, no deduplication).
 
 Every problem with a LoRA raises a :class:`LoraError`: :class:`LoraNotFound` or
@@ -85,7 +85,7 @@ LoraFormat = Literal["diffusers", "kohya"]
 DIFFUSERS_WEIGHT_NAME: Final = "pytorch_lora_weights.safetensors"
 # The safetensors header key under which diffusers stores the PEFT adapter configs.
 METADATA_KEY: Final = "lora_adapter_metadata"
-# Where the torch model sits inside the wrapper that export/modules.py exports (UNetModule.unet,
+# Where the torch model sits inside the wrapper that export/models/modules.py exports (UNetModule.unet,
 # TextEncoderModule.encoder): ONNX initializer name = prefix + the model's parameter name.
 ONNX_PREFIXES: Final[dict[str, str]] = {
     "unet": "unet.",
@@ -691,12 +691,12 @@ def check_components(lora: LoraWeights, available: Collection[str]) -> None:
 def load_base_state(model_dir: Path, component: str) -> dict[str, torch.Tensor]:
     """The state dict of one component of a diffusers folder, as the exporter loads it.
 
-    Loaded through :func:`export.modules.components`, so the parameter names are the ones the
+    Loaded through :func:`export.models.modules.components`, so the parameter names are the ones the
     ONNX initializers carry (after :data:`ONNX_PREFIXES`); text encoders in particular get the
     names of the installed transformers version, whatever the files on disk use.
     """
-    from export.modules import components
-    from export.source import ModelSource
+    from export.models.modules import components
+    from export.models.source import ModelSource
 
     prefix = ONNX_PREFIXES[component]
     for part in components(ModelSource(Path(model_dir))):

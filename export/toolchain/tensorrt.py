@@ -22,7 +22,7 @@ host identity that goes into the fingerprint. The build and the engine check imp
   the check stay ours, the build would be tested through another library's wrapper of the same calls,
   and it is one more pinned package in the image; the direct TensorRT 10 calls here are fewer.
 - The UNet and text encoders are built refittable (``BuilderFlag.REFIT``, not ``REFIT_IDENTICAL``:
-  LoRA variants change the weights), so a variant is the base engine refitted (export/refit.py).
+  LoRA variants change the weights), so a variant is the base engine refitted (export/models/refit.py).
 - A timing cache beside the engines (``<repository>/tensorrt-timing.cache``) is read before and
   written after every build, so later builds on the same GPU skip most tactic timing.
 - Engines only run on the GPU model and TensorRT version that built them: both are recorded in the
@@ -32,10 +32,8 @@ host identity that goes into the fingerprint. The build and the engine check imp
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -46,33 +44,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export import specs
-from export.refit import TensorRTUnavailable, import_tensorrt
+from export.contract import specs
+from export.contract.engines import EngineHost, Resolution
+from export.models.refit import TensorRTUnavailable, import_tensorrt
 
 if TYPE_CHECKING:  # the service reads engine metadata here without importing torch
-    from export.onnx_export import CheckResult
-    from export.precision import Precision, Tolerance
+    from export.models.precision import Precision, Tolerance
+    from export.toolchain.onnx_export import CheckResult
 
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "model.plan"
 TIMING_CACHE_FILE = "tensorrt-timing.cache"
-# The API's default size (width x height); with the model's native square size, the default buckets.
-API_DEFAULT_RESOLUTION = (1024, 576)
 DEFAULT_MAX_BATCH = 8
 # Models whose weights LoRA variants change: built refittable.
 REFITTABLE_MODELS = frozenset({specs.UNET, specs.TEXT_ENCODER, specs.TEXT_ENCODER_2})
-MIN_LATENT_SIDE = 8
 DOCKER_HINT = (
     "it is in the Docker image: docker run --gpus all -v models:/models triton-t2i "
     "t2i-export MODEL --target tensorrt --out /models/repository"
 )
-
-_RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-
-
-class ResolutionError(ValueError):
-    """A resolution bucket the model cannot serve (not a multiple of the VAE scale, too small)."""
 
 
 class EngineBuildError(RuntimeError):
@@ -81,49 +71,6 @@ class EngineBuildError(RuntimeError):
 
 class EngineMismatchError(RuntimeError):
     """A built engine disagrees with onnxruntime on the same graph past the precision's tolerance."""
-
-
-@dataclass(frozen=True, order=True)
-class Resolution:
-    """An image size in pixels, written ``WIDTHxHEIGHT`` like the API's width and height fields."""
-
-    width: int
-    height: int
-
-    @classmethod
-    def parse(cls, text: str) -> Resolution:
-        match = _RESOLUTION.match(text)
-        if match is None:
-            raise ValueError(f"'{text}' is not a resolution WIDTHxHEIGHT such as 1024x576")
-        return cls(int(match.group(1)), int(match.group(2)))
-
-    def __str__(self) -> str:
-        return f"{self.width}x{self.height}"
-
-
-def parse_resolutions(text: str) -> tuple[Resolution, ...]:
-    """``"1024x576,512x512"`` -> the buckets, in the given order, without repeats."""
-    parsed = [Resolution.parse(part) for part in text.split(",") if part.strip()]
-    if not parsed:
-        raise ValueError("no resolution given: expected WIDTHxHEIGHT[,WIDTHxHEIGHT...]")
-    return tuple(dict.fromkeys(parsed))
-
-
-def default_resolutions(native_size: int) -> tuple[Resolution, ...]:
-    """The model's native square size and the API's default size."""
-    return tuple(dict.fromkeys((Resolution(native_size, native_size), Resolution(*API_DEFAULT_RESOLUTION))))
-
-
-def check_resolutions(resolutions: Sequence[Resolution], vae_scale: int) -> None:
-    """Raise :class:`ResolutionError` unless every side is a multiple of the VAE scale of at least 8
-    latents (the service's own rule for height and width)."""
-    minimum = MIN_LATENT_SIDE * vae_scale
-    for r in resolutions:
-        for side in (r.width, r.height):
-            if side < minimum or side % vae_scale:
-                raise ResolutionError(
-                    f"resolution {r}: each side must be a multiple of {vae_scale} of at least {minimum}"
-                )
 
 
 @dataclass(frozen=True)
@@ -278,7 +225,7 @@ class EnginePlan:
     """Everything about one engine that is decided before TensorRT runs; the build consumes exactly this.
 
     ``weight_bytes`` (exact) and ``activation_bytes`` (an estimate per execution context, see
-    :mod:`export.engine_memory`) are filled in once the ONNX graph exists.
+    :mod:`export.toolchain.engine_memory`) are filled in once the ONNX graph exists.
     """
 
     name: str
@@ -369,55 +316,6 @@ def engine_config(
     # profile that fits each batch's shapes.
     group.profile.extend(str(i) for i in range(profiles))
     return config
-
-
-@dataclass(frozen=True)
-class EngineHost:
-    """What an engine is tied to: the GPU model and the TensorRT version that built it."""
-
-    gpu: str
-    compute_capability: str
-    tensorrt: str
-    # The CUDA device index it was built on (recorded; engines run on any GPU of the same model).
-    device: int = field(default=0, compare=False)
-
-    def as_dict(self) -> dict[str, str | int]:
-        return {
-            "gpu": self.gpu,
-            "compute_capability": self.compute_capability,
-            "tensorrt": self.tensorrt,
-            "device": self.device,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EngineHost:
-        return cls(
-            str(data["gpu"]),
-            str(data.get("compute_capability", "")),
-            str(data["tensorrt"]),
-            int(data.get("device", 0)),
-        )
-
-    def __str__(self) -> str:
-        return f"{self.gpu} (sm {self.compute_capability}) with TensorRT {self.tensorrt}"
-
-
-def engine_fingerprint(graph_fingerprint: str, host: EngineHost) -> str:
-    """The fingerprint of an engine: its graph's and build options' fingerprint plus the host."""
-    h = hashlib.sha256(graph_fingerprint.encode())
-    h.update(f"|gpu={host.gpu}|sm={host.compute_capability}|tensorrt={host.tensorrt}".encode())
-    return h.hexdigest()
-
-
-def host_mismatch(built: EngineHost, running: EngineHost) -> str | None:
-    """Why engines built on ``built`` cannot run on ``running`` (None if they can). A running
-    TensorRT version that is unknown ("") is not compared."""
-    reasons = []
-    if built.gpu != running.gpu:
-        reasons.append(f"GPU {built.gpu} != this host's {running.gpu}")
-    if running.tensorrt and built.tensorrt != running.tensorrt:
-        reasons.append(f"TensorRT {built.tensorrt} != this host's {running.tensorrt}")
-    return "; ".join(reasons) or None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -653,7 +551,7 @@ def check_engine(
 
     Raises :class:`EngineMismatchError` listing every result when one is past ``tolerance``.
     """
-    from export.onnx_export import CheckResult, example_inputs, onnx_runner
+    from export.toolchain.onnx_export import CheckResult, example_inputs, onnx_runner
 
     reference, runner = onnx_runner(onnx_path, spec, gpu=True, device=device)
     engine = EngineRunner(plan_path.read_bytes(), spec.name)

@@ -9,14 +9,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from export import tensorrt
-from export.onnx_export import OnnxMismatchError
-from export.precision import PRECISIONS
-from export.refit import TensorRTUnavailable
-from export.repository import TARGETS, RepositoryOptions, export_repository
-from export.source import ModelSourceError
-from export.torch_model import COMPILE_MODES, TorchModelError, TorchOptions
-from export.weights import AUTO
+from export.contract import engines
+from export.models.precision import PRECISIONS
+from export.models.refit import TensorRTUnavailable
+from export.models.source import ModelSourceError
+from export.models.weights import AUTO
+from export.toolchain import tensorrt
+from export.toolchain.onnx_export import OnnxMismatchError
+from export.toolchain.repository import TARGETS, RepositoryOptions, export_repository
+from export.triton_models.torch_model import COMPILE_MODES, TorchModelError, TorchOptions
 
 
 def _gpus(text: str) -> tuple[int, ...]:
@@ -29,9 +30,9 @@ def _gpus(text: str) -> tuple[int, ...]:
     return gpus
 
 
-def _resolutions(text: str) -> tuple[tensorrt.Resolution, ...]:
+def _resolutions(text: str) -> tuple[engines.Resolution, ...]:
     try:
-        return tensorrt.parse_resolutions(text)
+        return engines.parse_resolutions(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -89,36 +90,36 @@ def main(argv: list[str] | None = None) -> int:
         "for fp16, when the folder has it, else the full files, cast on load), 'none' (the full files "
         "only) or a variant name (e.g. fp16; the full files where a folder lacks it)",
     )
-    engines = parser.add_argument_group("tensorrt target")
-    engines.add_argument(
+    trt_args = parser.add_argument_group("tensorrt target")
+    trt_args.add_argument(
         "--resolutions",
         type=_resolutions,
         default=(),
         metavar="WxH[,WxH...]",
         help="image sizes the engines serve, one optimisation profile each (default: the model's native "
-        f"square size and {tensorrt.Resolution(*tensorrt.API_DEFAULT_RESOLUTION)})",
+        f"square size and {engines.Resolution(*engines.API_DEFAULT_RESOLUTION)})",
     )
-    engines.add_argument(
+    trt_args.add_argument(
         "--max-batch",
         type=_positive(int),
         default=tensorrt.DEFAULT_MAX_BATCH,
         help="largest batch (rows) of every engine; a request of n images with guidance is 2n UNet rows "
         f"(default {tensorrt.DEFAULT_MAX_BATCH})",
     )
-    engines.add_argument(
+    trt_args.add_argument(
         "--gpus",
         type=_gpus,
         default=(),
         metavar="0,1",
         help="GPUs Triton places the models on (default: all)",
     )
-    engines.add_argument(
+    trt_args.add_argument(
         "--workspace-gib",
         type=_positive(float),
         default=None,
         help="TensorRT workspace limit (default: the GPU's)",
     )
-    engines.add_argument(
+    trt_args.add_argument(
         "--plan",
         action="store_true",
         help="stop before the first TensorRT call (no GPU or TensorRT needed): export and check each "
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         TorchModelError,
         tensorrt.EngineBuildError,
         tensorrt.EngineMismatchError,
-        tensorrt.ResolutionError,
+        engines.ResolutionError,
         tensorrt.ProfileError,
         tensorrt.GpuSelectionError,
     ) as e:

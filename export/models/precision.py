@@ -25,8 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from export import specs
-from export.source import ModelSource
+from export.contract import specs
+from export.models.source import ModelSource
 
 logger = logging.getLogger(__name__)
 

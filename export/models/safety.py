@@ -38,16 +38,16 @@ from typing import TYPE_CHECKING, Any, Final
 import torch
 from torch import nn
 
-from export.modules import Component, transformers_model
-from export.source import ModelSourceError, read_json_object
-from export.specs import (
+from export.contract.specs import (
     CLIP_PREPROCESSOR_CONFIG,
     PREPROCESSOR_CONFIG,
     SAFETY_CHECKER,
     ModelSpec,
     safety_checker_spec,
 )
-from export.weights import WeightChoice
+from export.models.modules import Component, transformers_model
+from export.models.source import ModelSourceError, read_json_object
+from export.models.weights import WeightChoice
 
 if TYPE_CHECKING:
     import numpy as np
