@@ -23,7 +23,7 @@ import torch
 from huggingface_hub.utils import filter_repo_objects
 
 from export.contract import specs
-from export.contract.specs import MANIFEST_FILE
+from export.contract.specs import MANIFEST_FILE, SOURCE_DIR
 from export.fixtures.tiny import HubLayout, save_as_hub
 from export.models.modules import components
 from export.models.precision import float32_compute
@@ -39,7 +39,7 @@ from export.models.weights import (
 )
 from export.toolchain.onnx_export import example_inputs, export_onnx
 from export.toolchain.repository import RepositoryOptions, export_repository
-from export.triton_models.torch_model import MODULE_FILE, SOURCE_DIR, load_component
+from export.triton_models.torch_model import MODULE_FILE, load_component
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,6 +22,8 @@ VARIANT_PARAMETER = "lora_variant"
 VARIANT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
 # The folder of a model directory that holds its variants' override files.
 VARIANTS_DIR = "variants"
+# The folder of a python-torch model's version directory that holds the diffusers module's weights.
+SOURCE_DIR = "source"
 
 # Model names inside a generated Triton repository.
 TEXT_ENCODER = "text_encoder"

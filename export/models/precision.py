@@ -57,9 +57,9 @@ FP32_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-3)
 # fp16 keeps 11 significant bits: one rounding is 2**-11 ~ 4.9e-4 relative. A UNet step rounds each
 # activation some tens of times (every conv, matmul, norm and residual add of its ~20 blocks) and the
 # errors add up roughly like a random walk, so ~1e-3..5e-3 of the output's scale is what a correct fp16
-# graph shows (measured on the tiny models: see tests/test_precision.py); 1e-2 of the largest output
-# value (plus 1e-3 absolute for outputs near zero) leaves room for GPU kernels that accumulate in a
-# different order, and still catches a wrong graph (a wrong weight or op is off by O(1)).
+# graph shows (measured on the tiny models: tests/test_tensorrt.py, the fp16 graphs); 1e-2 of the
+# largest output value (plus 1e-3 absolute for outputs near zero) leaves room for GPU kernels that
+# accumulate in a different order, and still catches a wrong graph (a wrong weight or op is off by O(1)).
 FP16_TOLERANCE = Tolerance(atol=1e-3, rtol=1e-2)
 # bf16 keeps 8 significant bits (2**-8 ~ 3.9e-3 per rounding): 8x fp16's rounding, same reasoning.
 BF16_TOLERANCE = Tolerance(atol=8e-3, rtol=8e-2)

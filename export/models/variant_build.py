@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
-from export.contract.specs import VARIANT_KEY, VARIANTS_DIR
+from export.contract.specs import SOURCE_DIR, VARIANT_KEY, VARIANTS_DIR
 from export.models.lora import (
     ONNX_PREFIXES,
     LoraWeights,
@@ -38,7 +38,6 @@ from export.models.lora import (
     plan_merge,
 )
 from export.models.onnx_weights import LazyOnnxState, initializer_index
-from export.triton_models.torch_model import SOURCE_DIR
 
 if TYPE_CHECKING:
     import torch

@@ -34,7 +34,14 @@ from typing import Any, Final, Literal
 import torch
 from torch import nn
 
-from export.contract.specs import SAFETY_CHECKER, VAE_DECODER, VARIANT_KEY, VARIANTS_DIR, ModelSpec
+from export.contract.specs import (
+    SAFETY_CHECKER,
+    SOURCE_DIR,
+    VAE_DECODER,
+    VARIANT_KEY,
+    VARIANTS_DIR,
+    ModelSpec,
+)
 from export.models.lora import ONNX_PREFIXES
 from export.models.modules import Component, components
 from export.models.safety import SafetyCheckerSource
@@ -44,9 +51,6 @@ from export.models.weights import WeightChoice
 logger = logging.getLogger(__name__)
 
 MODULE_FILE: Final = "torch_module.json"
-SOURCE_DIR: Final = "source"
-# ``<model dir>/variants/<key>.safetensors``: a LoRA variant's merged parameters (the LoRA contract).
-# Request parameter naming the LoRA variant (absent or empty: the base model).
 # Float inputs kept in float32 whatever the module's dtype (diffusers casts the time embedding itself).
 FLOAT32_INPUTS: Final = frozenset({"timestep"})
 
