@@ -48,7 +48,7 @@ from tests.conftest import running_service
 
 def _skip_reason() -> str | None:
     if not torch.cuda.is_available():
-        return "needs a CUDA GPU: run `make test-gpu` on a GPU host from a checkout (README, On a GPU)"
+        return "needs a CUDA GPU: run `make test-gpu` on a GPU host from a checkout (docs/gpu.md)"
     try:
         import tensorrt  # noqa: F401
     except Exception as e:
