@@ -566,7 +566,8 @@ def _levels(text: str) -> list[int]:
 
 def _prepare(size: str, work: Path) -> Prepared:
     from export.fixtures.tiny import build_tiny_model
-    from export.toolchain.repository import RepositoryOptions, export_repository
+    from export.toolchain.options import RepositoryOptions
+    from export.toolchain.repository import export_repository
 
     if size == "tiny":
         model_dir = build_tiny_model("sd", work / "models" / "tiny-sd")

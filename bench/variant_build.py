@@ -165,7 +165,8 @@ def build_lora(size: Size, fmt: Format, model_dir: Path, work: Path) -> Path:
 
 def prepare(size: Size, work: Path) -> Prepared:
     from export.fixtures.tiny import build_tiny_model
-    from export.toolchain.repository import RepositoryOptions, export_repository
+    from export.toolchain.options import RepositoryOptions
+    from export.toolchain.repository import export_repository
 
     started = time.perf_counter()
     if size == "tiny":

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from export.fixtures import tiny
-from export.fixtures.tiny import MARKER_FILE, TINY_MODEL_VERSION, Family, build_tiny_model
+from export.fixtures.tiny import MARKER_FILE, TINY_MODEL_VERSION, build_tiny_model
+from export.fixtures.tiny_pipelines import Family
 from export.models import tokenizer
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP vocabulary

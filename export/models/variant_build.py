@@ -38,7 +38,7 @@ from export.models.lora import (
     plan_merge,
 )
 from export.models.onnx_weights import LazyOnnxState, initializer_index
-from export.triton_models.torch_model import SOURCE_DIR
+from export.triton_models.torch_source import SOURCE_DIR
 
 if TYPE_CHECKING:
     import torch
