@@ -1,7 +1,7 @@
 """Serving overhead per UNet step, end to end, and cold start: the service against its own floor.
 
 What it runs, per model size (``tiny``: the bundled tiny SD model; ``mid``: SD 1.5's UNet at half
-width with SD 1.5's full text encoder, :func:`bench.variant_build.build_mid_model`):
+width with SD 1.5's full text encoder, :func:`bench.mid_model.build_mid_model`):
 
 - **service**: the bundled Triton and the service (:class:`bench.load.Stack`), driven over HTTP at
   each concurrency level. Per UNet step: the service's ``unet_step`` stage (``/metrics``: scheduler
@@ -572,7 +572,7 @@ def _prepare(size: str, work: Path) -> Prepared:
     if size == "tiny":
         model_dir = build_tiny_model("sd", work / "models" / "tiny-sd")
     else:
-        from bench.variant_build import build_mid_model
+        from bench.mid_model import build_mid_model
 
         model_dir = build_mid_model(work)
     repository = export_repository(
