@@ -72,7 +72,8 @@ logger = logging.getLogger("bench.overhead")
 
 DEFAULT_WORK: Final = Path(tempfile.gettempdir()) / "t2i-bench-overhead"
 MODEL_SIZES: Final = ("tiny", "mid")
-# The mid UNet costs ~30x the tiny one per step on a CPU: fewer steps keep a round short.
+# The mid UNet costs many times the tiny one per step on a CPU (bench/RESULTS.md, overhead): fewer
+# steps keep a round short.
 STEPS: Final = {"tiny": 20, "mid": 8}
 IMAGE: Final = Size(256, 256)
 COLD_START_TIMEOUT_S: Final = 600.0
