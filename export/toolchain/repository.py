@@ -1,10 +1,12 @@
-"""Writes a Triton model repository for a diffusers model: one Triton model per component.
+"""Writes a Triton model repository for a diffusers model: one Triton model per component, exported and
+checked one at a time (``t2i-export``; its options: :mod:`export.toolchain.options`).
 
-Each model directory holds a ``config.pbtxt`` generated from Triton's ``ModelConfig`` protobuf, the
-exported weights under ``1/`` and an ``.export.json`` fingerprint of what it was built from.  A
-component whose fingerprint is unchanged is reused as it is, so a second export of the same model is
-a no-op.  Directories are built beside their final place and swapped in whole, so an interrupted
-export never leaves a half-written model that Triton would try to load.
+Each model directory holds a ``config.pbtxt`` (:mod:`export.toolchain.triton_config`), the exported
+weights under ``1/`` (the files read: :mod:`export.toolchain.origins`) and an ``.export.json``
+fingerprint of what it was built from.  A component whose fingerprint is unchanged is reused as it
+is, so a second export of the same model is a no-op.  Directories are built beside their final place
+and swapped in whole, so an interrupted export never leaves a half-written model that Triton would try
+to load.
 """
 
 from __future__ import annotations
