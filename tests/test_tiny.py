@@ -139,11 +139,10 @@ def test_second_build_is_a_noop(
 ) -> None:
     before = _snapshot(models[family])
 
-    def fail(tmp: Path) -> None:
+    def fail(family: str, tmp: Path) -> None:
         raise AssertionError("rebuilt a complete model")
 
-    monkeypatch.setattr(tiny, "_build_sd_pipeline", fail)
-    monkeypatch.setattr(tiny, "_build_sdxl_pipeline", fail)
+    monkeypatch.setattr(tiny, "build_pipeline", fail)
     assert build_tiny_model(family, models[family]) == models[family]
     assert tiny.main(["--family", family, "--out", str(models[family])]) == 0
     assert _snapshot(models[family]) == before
