@@ -56,7 +56,7 @@ import numpy as np
 
 from bench import log_to_stderr, machine
 from bench.plots import PLOT_DIR, load_charts
-from export.toolchain.repository import TARGETS, Target
+from export.toolchain.options import TARGETS, Target
 
 logger = logging.getLogger("bench.load")
 
@@ -250,7 +250,8 @@ class Prepared:
 
 def prepare(work: Path, target: Target = "python-onnx") -> Prepared:
     from export.fixtures.tiny import build_tiny_model
-    from export.toolchain.repository import RepositoryOptions, export_repository
+    from export.toolchain.options import RepositoryOptions
+    from export.toolchain.repository import export_repository
 
     started = time.perf_counter()
     model_dir = build_tiny_model("sd", work / "models" / "tiny-sd")

@@ -1,7 +1,7 @@
 """Serving overhead per UNet step, end to end, and cold start: the service against its own floor.
 
 What it runs, per model size (``tiny``: the bundled tiny SD model; ``mid``: SD 1.5's UNet at half
-width with SD 1.5's full text encoder, :func:`bench.variant_build.build_mid_model`):
+width with SD 1.5's full text encoder, :func:`bench.mid_model.build_mid_model`):
 
 - **service**: the bundled Triton and the service (:class:`bench.load.Stack`), driven over HTTP at
   each concurrency level. Per UNet step: the service's ``unet_step`` stage (``/metrics``: scheduler
@@ -72,7 +72,8 @@ logger = logging.getLogger("bench.overhead")
 
 DEFAULT_WORK: Final = Path(tempfile.gettempdir()) / "t2i-bench-overhead"
 MODEL_SIZES: Final = ("tiny", "mid")
-# The mid UNet costs ~30x the tiny one per step on a CPU: fewer steps keep a round short.
+# The mid UNet costs many times the tiny one per step on a CPU (bench/RESULTS.md, overhead): fewer
+# steps keep a round short.
 STEPS: Final = {"tiny": 20, "mid": 8}
 IMAGE: Final = Size(256, 256)
 COLD_START_TIMEOUT_S: Final = 600.0
@@ -566,12 +567,13 @@ def _levels(text: str) -> list[int]:
 
 def _prepare(size: str, work: Path) -> Prepared:
     from export.fixtures.tiny import build_tiny_model
-    from export.toolchain.repository import RepositoryOptions, export_repository
+    from export.toolchain.options import RepositoryOptions
+    from export.toolchain.repository import export_repository
 
     if size == "tiny":
         model_dir = build_tiny_model("sd", work / "models" / "tiny-sd")
     else:
-        from bench.variant_build import build_mid_model
+        from bench.mid_model import build_mid_model
 
         model_dir = build_mid_model(work)
     repository = export_repository(

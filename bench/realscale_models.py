@@ -110,7 +110,7 @@ def build(family: str, out: Path) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from export.fixtures.tiny import _SD_SCHEDULER, _SDXL_SCHEDULER
+    from export.fixtures.tiny_pipelines import _SD_SCHEDULER, _SDXL_SCHEDULER
     from export.models.tokenizer import EOS_TOKEN, write_clip_tokenizer
 
     sdxl = family == "sdxl"

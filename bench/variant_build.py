@@ -1,8 +1,9 @@
 """LoRA variant cost: the service's build and first request against diffusers' load + fuse, same run.
 
 For each model size (``tiny``: :func:`export.fixtures.tiny.build_tiny_model`; ``mid``: an SD 1.5 architecture
-at reduced width, random weights under fixed seeds) and each LoRA layout (diffusers/PEFT and kohya,
-from :func:`export.fixtures.tiny_lora.build_tiny_lora`), interleaved per repeat:
+at reduced width, random weights under fixed seeds: :func:`bench.mid_model.build_mid_model`) and each LoRA
+layout (diffusers/PEFT and kohya, from :func:`export.fixtures.tiny_lora.build_tiny_lora`), interleaved
+per repeat:
 
 - **variant build**: :func:`export.models.variant_build.plan_variant` + :func:`write_variant`, the pure build
   the service runs on a LoRA set's first request: read and check the LoRA, then for each base tensor
@@ -41,11 +42,14 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
 from bench import log_to_stderr, machine
+from bench.mid_model import build_mid_model
+from bench.mid_model import logger as mid_model_logger
+from bench.variant_report import Row, report
 
 logger = logging.getLogger("bench.variant_build")
 
@@ -56,43 +60,6 @@ FORMATS: Final[tuple[Format, ...]] = ("diffusers", "kohya")
 DEFAULT_WORK: Final = Path(tempfile.gettempdir()) / "t2i-bench-variant-build"
 LORA_SEED: Final = 7
 TEXT_ENCODERS: Final = ("text_encoder",)
-
-# The mid model: SD 1.5's UNet (block types, 2 layers per block, 8 heads, 768-wide cross attention)
-# at half its width, and SD 1.5's text encoder (CLIP ViT-L/14 text tower) at full size.
-MID_VERSION: Final = "1"
-MID_MARKER: Final = "bench_model.json"
-MID_SEEDS: Final = {"unet": 0, "text_encoder": 2}
-MID_UNET: Final[dict[str, Any]] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (160, 320, 640, 640),
-    "layers_per_block": 2,
-    "down_block_types": (
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "attention_head_dim": 8,
-    "cross_attention_dim": 768,
-    "norm_num_groups": 32,
-}
-MID_TEXT: Final[dict[str, Any]] = {
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-    "pad_token_id": 49407,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "max_position_embeddings": 77,
-    "vocab_size": 49408,
-    "projection_dim": 768,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-05,
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,47 +72,6 @@ class Prepared:
     model_dir: Path
     repository: Path
     loras: dict[Format, Path]
-
-
-def build_mid_model(work: Path) -> Path:
-    """The mid model folder: the tiny SD model with its UNet and text encoder replaced."""
-    out = work / "models" / "mid-sd"
-    marker = {"version": MID_VERSION, "unet": MID_UNET, "text_encoder": MID_TEXT, "seeds": MID_SEEDS}
-    try:
-        if json.loads((out / MID_MARKER).read_text()) == json.loads(json.dumps(marker)):
-            logger.info("mid model already built at %s", out)
-            return out
-    except (OSError, ValueError):
-        pass
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from export.fixtures.tiny import MARKER_FILE, build_tiny_model
-
-    started = time.perf_counter()
-    tiny = build_tiny_model("sd", work / "models" / "tiny-sd")
-    staging = out.with_name(f".{out.name}.building-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(tiny, staging)
-    (staging / MARKER_FILE).unlink()
-    for sub in ("unet", "text_encoder"):
-        shutil.rmtree(staging / sub)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(MID_SEEDS["unet"])
-        unet = cast(Any, UNet2DConditionModel)(**MID_UNET)
-        unet.save_pretrained(staging / "unet", safe_serialization=True)
-        del unet
-        torch.manual_seed(MID_SEEDS["text_encoder"])
-        encoder = CLIPTextModel(CLIPTextConfig(**MID_TEXT))
-        encoder.save_pretrained(staging / "text_encoder")
-        del encoder
-    # model_index.json already names UNet2DConditionModel / CLIPTextModel: nothing to change there.
-    (staging / MID_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    logger.info("built mid model at %s in %.1f s", out, time.perf_counter() - started)
-    return out
 
 
 def build_lora(size: Size, fmt: Format, model_dir: Path, work: Path) -> Path:
@@ -165,7 +91,8 @@ def build_lora(size: Size, fmt: Format, model_dir: Path, work: Path) -> Path:
 
 def prepare(size: Size, work: Path) -> Prepared:
     from export.fixtures.tiny import build_tiny_model
-    from export.toolchain.repository import RepositoryOptions, export_repository
+    from export.toolchain.options import RepositoryOptions
+    from export.toolchain.repository import export_repository
 
     started = time.perf_counter()
     if size == "tiny":
@@ -191,46 +118,6 @@ def remove_stale_variants(repository: Path) -> None:
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-# --------------------------------------------------------------------------------------------
-# Measurements
-
-
-@dataclass
-class Row:
-    size: str
-    fmt: str
-    unet_params: int
-    text_encoder_params: int
-    onnx_bytes: int  # base unet + text_encoder model.onnx
-    lora_bytes: int
-    lora_layers: dict[str, int]
-    merged_params: int = 0
-    changed_bytes: int = 0  # bytes of the tensors the variant changes
-    file_bytes: int = 0  # bytes of its override files
-    index_s: float = 0.0  # the base index, once per service
-    overridable_s: float = 0.0  # the overridable sessions, once per model
-    step_base: float = 0.0  # one UNet call, base session
-    step_variant: float = 0.0  # the same call on the overridable session with overrides
-    build: list[float] = field(default_factory=list)
-    plan: list[float] = field(default_factory=list)
-    write: list[float] = field(default_factory=list)
-    session: list[float] = field(default_factory=list)
-    load: list[float] = field(default_factory=list)
-    fuse: list[float] = field(default_factory=list)
-    service_first: float = 0.0  # this layout's first LoRA request of the service (HTTP)
-    first_request: list[float] = field(default_factory=list)
-    loaded_request: list[float] = field(default_factory=list)
-    http_load_fuse: list[float] = field(default_factory=list)
-
-    @property
-    def load_fuse(self) -> list[float]:
-        return [a + b for a, b in zip(self.load, self.fuse, strict=True)]
-
-    @property
-    def extra(self) -> list[float]:
-        return [a - b for a, b in zip(self.first_request, self.loaded_request, strict=True)]
 
 
 class VariantBuilder:
@@ -527,85 +414,6 @@ def measure(
     return rows
 
 
-# --------------------------------------------------------------------------------------------
-# Report
-
-
-def _s(seconds: float) -> str:
-    return f"{seconds:.3f}" if seconds < 1 else f"{seconds:.2f}"
-
-
-def _med_min(values: list[float]) -> str:
-    return f"{_s(statistics.median(values))} ({_s(min(values))})" if values else "-"
-
-
-def _params(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f}" if n >= 2**20 else f"{n / 2**20:.2f}"
-
-
-def report(rows: list[Row], repeats: str) -> str:
-    lines = [
-        f"Seconds, median (min) over {repeats} repeats after 1 warm-up. build = merge + write of the "
-        "override files; read overrides = what the model does on a new variant's first batch (its "
-        "overridable sessions, opened once per model, are a separate column); first-request extra = "
-        "(first request with a new LoRA set) - (the same request again), through HTTP; ratios against "
-        "diffusers' load+fuse timed in the same loop.",
-        "",
-        "| size | LoRA | UNet / TE params | LoRA layers unet/te (MB) | merged params | base index s (once) "
-        "| overridable sessions s (once) | build s | read overrides s | diffusers load+fuse s "
-        "| (build+read) / diffusers "
-        "| first-request extra s | diffusers load+fuse s (HTTP loop) | extra / diffusers "
-        "| changed MB | file MB | file / changed | base ONNX unet+te MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        layers = "/".join(str(r.lora_layers.get(c, 0)) for c in ("unet", "text_encoder"))
-        ratio = (statistics.median(r.build) + statistics.median(r.session)) / statistics.median(r.load_fuse)
-        extra = http_ratio = "-"
-        if r.first_request:
-            extra = _med_min(r.extra)
-            http_ratio = f"{statistics.median(r.extra) / statistics.median(r.http_load_fuse):.2f}x"
-        lines.append(
-            f"| {r.size} | {r.fmt} | {_params(r.unet_params)} / {_params(r.text_encoder_params)} "
-            f"| {layers} ({_mb(r.lora_bytes)}) | {r.merged_params} | {_s(r.index_s)} | {_s(r.overridable_s)} "
-            f"| {_med_min(r.build)} "
-            f"| {_med_min(r.session)} | {_med_min(r.load_fuse)} | {ratio:.2f}x | {extra} "
-            f"| {_med_min(r.http_load_fuse)} | {http_ratio} | {_mb(r.changed_bytes)} | {_mb(r.file_bytes)} "
-            f"| {r.file_bytes / max(1, r.changed_bytes):.3f} | {_mb(r.onnx_bytes)} |"
-        )
-    lines += [
-        "",
-        "One UNet call (batch 2, 64x64 latents), median of 3: the base session against the overridable "
-        "session fed a variant's overrides (what a variant's step costs).",
-        "",
-        "| size | LoRA | base s | variant s | variant / base |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        ratio = r.step_variant / r.step_base if r.step_base else 0.0
-        lines.append(f"| {r.size} | {r.fmt} | {_s(r.step_base)} | {_s(r.step_variant)} | {ratio:.2f}x |")
-    http = [r for r in rows if r.first_request]
-    if http:
-        lines += [
-            "",
-            "The first request of each LoRA layout through HTTP, before the timed repeats, seconds: the "
-            "service's first LoRA request (diffusers layout) also opens the python-onnx models' "
-            "overridable sessions, once per model.",
-            "",
-            "| size | LoRA | first request of this layout s | same set again, median s |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r.size} | {r.fmt} | {_s(r.service_first)} | {_s(statistics.median(r.loaded_request))} |"
-            for r in http
-        ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.variant_build",
@@ -627,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     log_to_stderr(args.verbose, logger)
+    mid_model_logger.setLevel(logging.INFO)  # its build's progress, as this benchmark's own
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown or not sizes:

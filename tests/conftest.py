@@ -23,7 +23,8 @@ from litestar import Litestar
 
 from export.fixtures.tiny import build_tiny_model
 from export.fixtures.tiny_lora import build_tiny_lora
-from export.toolchain.repository import RepositoryOptions, export_repository
+from export.toolchain.options import RepositoryOptions
+from export.toolchain.repository import export_repository
 from server.app import create_app
 from server.runtime import repository_models
 from server.settings import Settings

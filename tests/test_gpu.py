@@ -34,14 +34,10 @@ from export.contract.engines import Resolution
 from export.contract.specs import MANIFEST_FILE
 from export.models.precision import FP16_TOLERANCE
 from export.toolchain.onnx_export import example_inputs
-from export.toolchain.repository import RepositoryOptions, export_repository
-from export.toolchain.tensorrt import (
-    PLAN_FILE,
-    TIMING_CACHE_FILE,
-    EngineOptions,
-    EngineRunner,
-    current_host,
-)
+from export.toolchain.options import RepositoryOptions
+from export.toolchain.repository import export_repository
+from export.toolchain.tensorrt import TIMING_CACHE_FILE, EngineRunner, current_host
+from export.toolchain.tensorrt_plan import PLAN_FILE, EngineOptions
 from server.settings import Settings
 from tests.conftest import running_service
 

@@ -38,8 +38,9 @@ from export.models.weights import (
     variant_preference,
 )
 from export.toolchain.onnx_export import example_inputs, export_onnx
-from export.toolchain.repository import RepositoryOptions, export_repository
-from export.triton_models.torch_model import MODULE_FILE, load_component
+from export.toolchain.options import RepositoryOptions
+from export.toolchain.repository import export_repository
+from export.triton_models.torch_source import MODULE_FILE, load_component
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,9 +23,10 @@ from export.models.modules import components
 from export.models.onnx_weights import initializer_index
 from export.models.safety import model_safety_checker
 from export.models.source import ModelSource
-from export.toolchain import engine_memory, tensorrt
+from export.toolchain import engine_memory, tensorrt, tensorrt_plan
 from export.toolchain.cli import main as export_main
-from export.toolchain.repository import PLAN_FILE, RepositoryOptions, engine_plan, export_repository
+from export.toolchain.options import RepositoryOptions
+from export.toolchain.repository import PLAN_FILE, engine_plan, export_repository
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
@@ -35,7 +36,7 @@ def _engine_parts(source: ModelSource, max_batch: int = 4) -> list[specs.ModelSp
     checker = model_safety_checker(source.path)
     if checker is not None:
         parts.append(checker.component().spec)
-    return [tensorrt.engine_spec(s, max_batch) for s in parts]
+    return [tensorrt_plan.engine_spec(s, max_batch) for s in parts]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -46,8 +47,8 @@ def test_every_dynamic_axis_of_every_input_gets_min_opt_max(
     resolutions = (*engines.default_resolutions(source.default_size), engines.Resolution(512, 256))
     covered: set[str] = set()
     for spec in _engine_parts(source):
-        profiles = tensorrt.engine_profiles(spec, resolutions, source.vae_scale_factor)
-        assert len(profiles) == (len(resolutions) if tensorrt.has_resolution(spec) else 1)
+        profiles = tensorrt_plan.engine_profiles(spec, resolutions, source.vae_scale_factor)
+        assert len(profiles) == (len(resolutions) if tensorrt_plan.has_resolution(spec) else 1)
         for profile in profiles:
             assert set(profile.shapes) == {t.name for t in spec.inputs}
             for t in spec.inputs:
@@ -73,7 +74,7 @@ def test_every_dynamic_axis_of_every_input_gets_min_opt_max(
 def test_flux_image_tokens_follow_the_bucket(tiny_model: Callable[[str], Path]) -> None:
     source = ModelSource(tiny_model("flux"))
     (transformer,) = [s for s in _engine_parts(source) if s.name == specs.TRANSFORMER]
-    (profile,) = tensorrt.engine_profiles(
+    (profile,) = tensorrt_plan.engine_profiles(
         transformer, [engines.Resolution(512, 256)], source.vae_scale_factor
     )
     tokens = (256 // source.vae_scale_factor // 2) * (512 // source.vae_scale_factor // 2)
@@ -86,16 +87,16 @@ def test_flux_image_tokens_follow_the_bucket(tiny_model: Callable[[str], Path]) 
 def test_a_profile_outside_the_model_fails(tiny_model: Callable[[str], Path]) -> None:
     source = ModelSource(tiny_model("sd"))
     (unet,) = [s for s in _engine_parts(source) if s.name == specs.UNET]
-    with pytest.raises(tensorrt.ProfileError, match="height"):
-        tensorrt.engine_profiles(unet, [engines.Resolution(4096, 4096)], source.vae_scale_factor)
-    good = tensorrt.engine_profiles(unet, [engines.Resolution(512, 512)], source.vae_scale_factor)[0]
+    with pytest.raises(tensorrt_plan.ProfileError, match="height"):
+        tensorrt_plan.engine_profiles(unet, [engines.Resolution(4096, 4096)], source.vae_scale_factor)
+    good = tensorrt_plan.engine_profiles(unet, [engines.Resolution(512, 512)], source.vae_scale_factor)[0]
     broken = replace(good, shapes={k: v for k, v in good.shapes.items() if k != "timestep"})
-    with pytest.raises(tensorrt.ProfileError, match="timestep"):
-        tensorrt.check_profiles(unet, [broken])
+    with pytest.raises(tensorrt_plan.ProfileError, match="timestep"):
+        tensorrt_plan.check_profiles(unet, [broken])
     sample = good.shapes["sample"]
     reversed_batch = replace(good, shapes={**good.shapes, "sample": (sample[2], sample[1], sample[0])})
-    with pytest.raises(tensorrt.ProfileError, match="not ascending"):
-        tensorrt.check_profiles(unet, [reversed_batch])
+    with pytest.raises(tensorrt_plan.ProfileError, match="not ascending"):
+        tensorrt_plan.check_profiles(unet, [reversed_batch])
 
 
 @pytest.mark.parametrize("plan_only", [True, False])
@@ -110,9 +111,9 @@ def test_profiles_are_checked_before_any_model_is_exported(
     options = RepositoryOptions(
         target="tensorrt",
         plan_only=plan_only,
-        engine=tensorrt.EngineOptions(resolutions=(engines.Resolution(4096, 4096),)),
+        engine=tensorrt_plan.EngineOptions(resolutions=(engines.Resolution(4096, 4096),)),
     )
-    with pytest.raises(tensorrt.ProfileError):
+    with pytest.raises(tensorrt_plan.ProfileError):
         export_repository(str(tiny_model("sd")), tmp_path / "repo", options)
     assert exported == []
 
@@ -256,18 +257,18 @@ def test_build_applies_the_plans_flags(
     set_flags: list[str],
     cleared: list[str],
 ) -> None:
-    unet = tensorrt.engine_spec(
+    unet = tensorrt_plan.engine_spec(
         specs.unet_spec(
             in_channels=4, out_channels=4, cross_attention_dim=64, latent_range=specs.AxisRange(8, 32, 128)
         ),
         max_batch=4,
     )
-    profiles = tuple(tensorrt.engine_profiles(unet, [engines.Resolution(512, 512)], 8))
-    plan = tensorrt.EnginePlan(
+    profiles = tuple(tensorrt_plan.engine_profiles(unet, [engines.Resolution(512, 512)], 8))
+    plan = tensorrt_plan.EnginePlan(
         name="unet",
         precision=precision,
         precision_reason="test",
-        flags=tensorrt.build_flags(precision, refittable),  # type: ignore[arg-type]
+        flags=tensorrt_plan.build_flags(precision, refittable),  # type: ignore[arg-type]
         profiles=profiles,
         config="",
         workspace_bytes=1 << 30,
@@ -293,12 +294,12 @@ def test_fp32_parts_are_built_without_tf32(tmp_path: Path, tiny_model: Callable[
     vae_config = folder / "vae" / "config.json"
     vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "force_upcast": True}))
     source = ModelSource(folder)
-    options = RepositoryOptions(target="tensorrt", precision="fp16", engine=tensorrt.EngineOptions(
+    options = RepositoryOptions(target="tensorrt", precision="fp16", engine=tensorrt_plan.EngineOptions(
         resolutions=engines.default_resolutions(source.default_size)
     ))  # fmt: skip
     flags = {}
     for component in components(source):
-        part = replace(component, spec=tensorrt.engine_spec(component.spec, 4))
+        part = replace(component, spec=tensorrt_plan.engine_spec(component.spec, 4))
         plan = engine_plan(part, source, source.vae_scale_factor, options)
         flags[plan.name] = (plan.precision, plan.flags)
     checker = model_safety_checker(tiny_model("sd"))
@@ -307,7 +308,7 @@ def test_fp32_parts_are_built_without_tf32(tmp_path: Path, tiny_model: Callable[
     flags[plan.name] = (plan.precision, plan.flags)
     assert flags[specs.VAE_DECODER][0] == "fp32" and flags[specs.VAE_DECODER][1].cleared == ("TF32",)
     assert flags[specs.SAFETY_CHECKER][0] == "fp32" and flags[specs.SAFETY_CHECKER][1].cleared == ("TF32",)
-    assert flags[specs.UNET] == ("fp16", tensorrt.BuildFlags(("STRONGLY_TYPED",), ("REFIT",), ()))
+    assert flags[specs.UNET] == ("fp16", tensorrt_plan.BuildFlags(("STRONGLY_TYPED",), ("REFIT",), ()))
     assert flags[specs.TEXT_ENCODER_2][1].set == ("REFIT",)
 
 
@@ -401,7 +402,7 @@ def test_the_build_consumes_exactly_the_plan(
     monkeypatch.setattr(tensorrt, "check_engine", lambda *a, **k: [])
     out = tmp_path / "repo"
     export_repository(
-        str(model), out, RepositoryOptions(target="tensorrt", engine=tensorrt.EngineOptions(gpus=(1,)))
+        str(model), out, RepositoryOptions(target="tensorrt", engine=tensorrt_plan.EngineOptions(gpus=(1,)))
     )
     built = json.loads((out / PLAN_FILE).read_text())
     assert [m["name"] for m in built["models"]] == [m["name"] for m in planned["models"]]

@@ -39,10 +39,11 @@ from export.models.precision import (
 )
 from export.models.refit import variant_model_name, variant_refit_map
 from export.models.source import ModelSource
-from export.toolchain import tensorrt
+from export.toolchain import tensorrt_plan
 from export.toolchain.onnx_export import export_onnx
-from export.toolchain.repository import RepositoryOptions, config_text, model_config
-from export.toolchain.tensorrt import EngineOptions
+from export.toolchain.options import RepositoryOptions
+from export.toolchain.tensorrt_plan import EngineOptions
+from export.toolchain.triton_config import config_text, model_config
 from server.engines import (
     EngineHostMismatch,
     NotExported,
@@ -212,9 +213,9 @@ def _unet(sdxl: bool) -> specs.ModelSpec:
 
 def test_profiles_per_bucket_and_batch() -> None:
     buckets = (Resolution(1024, 576), Resolution(512, 512))
-    unet = tensorrt.engine_spec(_unet(sdxl=True), max_batch=8)
+    unet = tensorrt_plan.engine_spec(_unet(sdxl=True), max_batch=8)
     assert unet.axes["batch"] == specs.AxisRange(1, 2, 8) and unet.max_batch_size == 8
-    profiles = tensorrt.engine_profiles(unet, buckets, vae_scale=8)
+    profiles = tensorrt_plan.engine_profiles(unet, buckets, vae_scale=8)
     assert [p.resolution for p in profiles] == list(buckets)
     wide, square = profiles
     assert wide.shapes["sample"] == ((1, 4, 72, 128), (2, 4, 72, 128), (8, 4, 72, 128))
@@ -225,20 +226,20 @@ def test_profiles_per_bucket_and_batch() -> None:
     assert wide.shapes["time_ids"] == ((1, 6), (2, 6), (8, 6))
     assert wide.opt_sizes["batch"] == 2 and wide.opt_sizes["height"] == 72 and wide.opt_sizes["width"] == 128
 
-    vae = tensorrt.engine_spec(
+    vae = tensorrt_plan.engine_spec(
         specs.vae_decoder_spec(latent_channels=4, scale_factor=8, latent_range=specs.AxisRange(8, 32, 128)),
         max_batch=4,
     )
-    (p,) = tensorrt.engine_profiles(vae, [Resolution(1024, 576)], vae_scale=8)
+    (p,) = tensorrt_plan.engine_profiles(vae, [Resolution(1024, 576)], vae_scale=8)
     assert p.shapes == {"latent": ((1, 4, 72, 128), (1, 4, 72, 128), (4, 4, 72, 128))}
     assert p.opt_sizes["image_height"] == 576 and p.opt_sizes["image_width"] == 1024
 
-    encoder = tensorrt.engine_spec(specs.text_encoder_spec("text_encoder", 64, 64), max_batch=1)
-    (p,) = tensorrt.engine_profiles(encoder, buckets, vae_scale=8)
+    encoder = tensorrt_plan.engine_spec(specs.text_encoder_spec("text_encoder", 64, 64), max_batch=1)
+    (p,) = tensorrt_plan.engine_profiles(encoder, buckets, vae_scale=8)
     assert p.resolution is None
     assert p.shapes == {"input_ids": ((1, 77), (1, 77), (1, 77))}  # opt clipped into 1..max_batch
     with pytest.raises(ValueError, match="at least one resolution"):
-        tensorrt.engine_profiles(unet, (), vae_scale=8)
+        tensorrt_plan.engine_profiles(unet, (), vae_scale=8)
 
 
 @pytest.mark.parametrize(("gpus", "expected_gpus"), [((), []), ((0, 1), [0, 1])])
@@ -246,7 +247,7 @@ def test_tensorrt_configs_parse_back_through_the_protobuf(
     gpus: tuple[int, ...], expected_gpus: list[int]
 ) -> None:
     options = RepositoryOptions(target="tensorrt", engine=EngineOptions(max_batch=8, gpus=gpus))
-    unet = tensorrt.engine_spec(_unet(sdxl=False), max_batch=8)
+    unet = tensorrt_plan.engine_spec(_unet(sdxl=False), max_batch=8)
     text = config_text(model_config(unet, options, profiles=2))
     config = text_format.Parse(text, mc.ModelConfig())
     assert config.platform == "tensorrt_plan" and not config.backend

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from export.fixtures import tiny
-from export.fixtures.tiny import MARKER_FILE, TINY_MODEL_VERSION, Family, build_tiny_model
+from export.fixtures.tiny import MARKER_FILE, TINY_MODEL_VERSION, build_tiny_model
+from export.fixtures.tiny_pipelines import Family
 from export.models import tokenizer
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with the real CLIP vocabulary
@@ -138,11 +139,10 @@ def test_second_build_is_a_noop(
 ) -> None:
     before = _snapshot(models[family])
 
-    def fail(tmp: Path) -> None:
+    def fail(family: str, tmp: Path) -> None:
         raise AssertionError("rebuilt a complete model")
 
-    monkeypatch.setattr(tiny, "_build_sd_pipeline", fail)
-    monkeypatch.setattr(tiny, "_build_sdxl_pipeline", fail)
+    monkeypatch.setattr(tiny, "build_pipeline", fail)
     assert build_tiny_model(family, models[family]) == models[family]
     assert tiny.main(["--family", family, "--out", str(models[family])]) == 0
     assert _snapshot(models[family]) == before

@@ -24,18 +24,9 @@ from export.models.modules import components
 from export.models.source import ModelSource
 from export.toolchain.onnx_export import example_inputs
 from export.toolchain.repository import export_repository
-from export.triton_models.torch_model import (
-    MODULE_FILE,
-    CudaGraphs,
-    TorchModel,
-    TorchOptions,
-    VariantError,
-    VariantWeights,
-    base_state,
-    batch_bucket,
-    cuda_dtype_for,
-    load_component,
-)
+from export.triton_models.torch_model import CudaGraphs, TorchModel, TorchOptions, batch_bucket
+from export.triton_models.torch_source import MODULE_FILE, base_state, cuda_dtype_for, load_component
+from export.triton_models.torch_variants import VariantError, VariantWeights
 from server.triton.launcher import BundledTriton
 from tests.conftest import needs_triton
 
@@ -148,7 +139,7 @@ def test_cuda_dtype_follows_diffusers_vae_upcast(
 
 def test_export_is_reused_and_cli_takes_the_target(tmp_path: Path, tiny_model: Callable[[str], Path]) -> None:
     from export.toolchain.cli import main as export_main
-    from export.toolchain.repository import RepositoryOptions
+    from export.toolchain.options import RepositoryOptions
 
     out = tmp_path / "repo"
     options = RepositoryOptions(target=TORCH, check=False)

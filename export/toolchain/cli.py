@@ -14,10 +14,12 @@ from export.models.precision import PRECISIONS
 from export.models.refit import TensorRTUnavailable
 from export.models.source import ModelSourceError
 from export.models.weights import AUTO
-from export.toolchain import tensorrt
+from export.toolchain import tensorrt, tensorrt_plan
 from export.toolchain.onnx_export import OnnxMismatchError
-from export.toolchain.repository import TARGETS, RepositoryOptions, export_repository
-from export.triton_models.torch_model import COMPILE_MODES, TorchModelError, TorchOptions
+from export.toolchain.options import TARGETS, RepositoryOptions
+from export.toolchain.repository import export_repository
+from export.triton_models.torch_model import COMPILE_MODES, TorchOptions
+from export.triton_models.torch_source import TorchModelError
 
 
 def _gpus(text: str) -> tuple[int, ...]:
@@ -102,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     trt_args.add_argument(
         "--max-batch",
         type=_positive(int),
-        default=tensorrt.DEFAULT_MAX_BATCH,
+        default=tensorrt_plan.DEFAULT_MAX_BATCH,
         help="largest batch (rows) of every engine; a request of n images with guidance is 2n UNet rows "
-        f"(default {tensorrt.DEFAULT_MAX_BATCH})",
+        f"(default {tensorrt_plan.DEFAULT_MAX_BATCH})",
     )
     trt_args.add_argument(
         "--gpus",
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             torch=torch_options,
             precision=args.precision,
             variant=args.variant,
-            engine=tensorrt.EngineOptions(
+            engine=tensorrt_plan.EngineOptions(
                 resolutions=args.resolutions,
                 max_batch=args.max_batch,
                 gpus=args.gpus,
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         tensorrt.EngineBuildError,
         tensorrt.EngineMismatchError,
         engines.ResolutionError,
-        tensorrt.ProfileError,
+        tensorrt_plan.ProfileError,
         tensorrt.GpuSelectionError,
     ) as e:
         logging.getLogger("t2i-export").error("%s", e)

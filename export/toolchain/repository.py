@@ -1,10 +1,12 @@
-"""Writes a Triton model repository for a diffusers model: one Triton model per component.
+"""Writes a Triton model repository for a diffusers model: one Triton model per component, exported and
+checked one at a time (``t2i-export``; its options: :mod:`export.toolchain.options`).
 
-Each model directory holds a ``config.pbtxt`` generated from Triton's ``ModelConfig`` protobuf, the
-exported weights under ``1/`` and an ``.export.json`` fingerprint of what it was built from.  A
-component whose fingerprint is unchanged is reused as it is, so a second export of the same model is
-a no-op.  Directories are built beside their final place and swapped in whole, so an interrupted
-export never leaves a half-written model that Triton would try to load.
+Each model directory holds a ``config.pbtxt`` (:mod:`export.toolchain.triton_config`), the exported
+weights under ``1/`` (the files read: :mod:`export.toolchain.origins`) and an ``.export.json``
+fingerprint of what it was built from.  A component whose fingerprint is unchanged is reused as it
+is, so a second export of the same model is a no-op.  Directories are built beside their final place
+and swapped in whole, so an interrupted export never leaves a half-written model that Triton would try
+to load.
 """
 
 from __future__ import annotations
@@ -17,15 +19,11 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
-
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2 as mc
 
 from export.contract import engines
-from export.contract.specs import FINGERPRINT_FILE, MANIFEST_FILE, ModelSpec, TensorSpec
+from export.contract.specs import FINGERPRINT_FILE, MANIFEST_FILE
 from export.models.heap import release_memory
 from export.models.modules import Component, components
 from export.models.precision import (
@@ -34,27 +32,22 @@ from export.models.precision import (
     TORCH_DTYPES,
     Precision,
     component_precision,
-    default_precision,
     float32_compute,
     with_precision,
 )
 from export.models.safety import SafetyCheckerSource, model_safety_checker
-from export.models.source import CONFIG_PATTERNS, ModelSource, fetch_files, hub_files, resolve_model
+from export.models.source import ModelSource
 from export.models.tokenizer import write_serving_tokenizers
-from export.models.weights import AUTO, WeightChoice, allow_patterns, folder_files
-from export.toolchain import engine_memory, tensorrt
+from export.models.weights import WeightChoice
+from export.toolchain import engine_memory, tensorrt, tensorrt_plan
 from export.toolchain.onnx_export import compare_onnx, export_onnx, reference_outputs
-from export.triton_models.torch_model import (
-    TorchOptions,
-    check_torch_model,
-    cuda_dtype_for,
-    write_torch_model,
-)
+from export.toolchain.options import RepositoryOptions
+from export.toolchain.origins import Origin, choose_weights
+from export.toolchain.triton_config import config_text, model_config
+from export.triton_models.torch_model import check_torch_model
+from export.triton_models.torch_source import cuda_dtype_for, write_torch_model
 
 logger = logging.getLogger(__name__)
-
-Target = Literal["python-onnx", "python-torch", "tensorrt"]
-TARGETS: tuple[Target, ...] = ("python-onnx", "python-torch", "tensorrt")
 
 # Bump when the exported graphs or the generated configs change meaning, to invalidate caches.
 EXPORT_VERSION = "3"
@@ -88,107 +81,6 @@ def python_model(target: str) -> Path:
     return model_source(PYTHON_MODEL_DIRS[target])
 
 
-_DTYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int32": mc.TYPE_INT32, "int64": mc.TYPE_INT64}
-
-
-@dataclass(frozen=True)
-class RepositoryOptions:
-    target: Target = "python-onnx"
-    check: bool = True
-    # Zero: a batch forms from what is queued when the model is free, so a lone request never waits
-    # and concurrent ones still meet while the model is busy (bench/RESULTS.md, overhead).
-    max_queue_delay_us: int = 0
-    # python-torch only: how the module runs (GPU speed switches, resident LoRA variants).
-    torch: TorchOptions = field(default_factory=TorchOptions)
-    # None: the target's default (fp16 for GPU targets, fp32 for python-onnx).
-    precision: Precision | None = None
-    # The tensorrt target's buckets, batch range, GPUs and workspace.
-    engine: tensorrt.EngineOptions = field(default_factory=tensorrt.EngineOptions)
-    # Which weight files to read (export/models/weights.py): "auto" (the precision's variant when present),
-    # "none" (the full files only) or a variant name such as "fp16".
-    variant: str = AUTO
-    # tensorrt only: stop before the first TensorRT call and write the plan (no GPU, no TensorRT needed).
-    plan_only: bool = False
-
-    @property
-    def resolved_precision(self) -> Precision:
-        return self.precision or default_precision(self.target)
-
-
-def model_config(spec: ModelSpec, options: RepositoryOptions, profiles: int = 1) -> mc.ModelConfig:
-    """The Triton config of one model: batched I/O from the spec and the dynamic batcher on.
-
-    ``profiles`` is the number of optimisation profiles of a tensorrt engine."""
-    config = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
-    if options.target == "python-onnx":
-        config.backend = "python"
-        config.parameters["onnx_file"].string_value = "model.onnx"
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-    elif options.target == "python-torch":
-        config.backend = "python"
-        for key, value in options.torch.parameters().items():
-            config.parameters[key].string_value = value
-        # Inputs may stay in GPU memory (DLPack hands them to torch as they are).
-        config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value = "no"
-        # One instance per GPU where there are GPUs, else one on CPU.
-        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO, count=1)
-    elif options.target == "tensorrt":
-        tensorrt.engine_config(config, spec, profiles, options.engine)
-    for t in spec.inputs:
-        _tensor(config.input.add(), t)
-    for t in spec.outputs:
-        _tensor(config.output.add(), t)
-    config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
-    return config
-
-
-def _tensor(message: mc.ModelInput | mc.ModelOutput, t: TensorSpec) -> None:
-    message.name = t.name
-    message.data_type = _DTYPES[t.dtype]
-    dims = [-1 if isinstance(a, str) else a for a in t.shape[1:]]
-    if dims:
-        message.dims.extend(dims)
-    else:
-        # A per-row scalar ([batch] only): Triton needs a non-empty shape, so clients send [batch, 1]
-        # and the backend sees [batch].
-        message.dims.append(1)
-        message.reshape.SetInParent()
-
-
-def config_text(config: mc.ModelConfig) -> str:
-    return text_format.MessageToString(config)
-
-
-@dataclass(frozen=True)
-class _Origin:
-    """Where a model folder came from: a local folder, or a Hub repository whose configs are in ``root``
-    and whose weight files are fetched once chosen (from the repository's listing)."""
-
-    model_id: str
-    root: Path
-    hub: bool
-
-    @classmethod
-    def resolve(cls, model_id: str) -> _Origin:
-        hub = not Path(model_id).expanduser().is_dir()
-        return cls(model_id, resolve_model(model_id, weights=False), hub)
-
-    def files(self, root: Path) -> list[str]:
-        """Every file of the model, relative to ``root`` (the folder a component's subfolders are
-        relative to: this model's folder, or its parent for a checker that is a repository itself)."""
-        if not self.hub:
-            return folder_files(root)
-        prefix = self.root.relative_to(root).as_posix()
-        return [f if prefix == "." else f"{prefix}/{f}" for f in hub_files(self.model_id)]
-
-    def fetch(self, choices: list[WeightChoice], root: Path) -> None:
-        if self.hub and choices:
-            logger.info("fetching %s: %s", self.model_id, ", ".join(c.describe() for c in choices))
-            prefix = self.root.relative_to(root).as_posix()
-            files = [f.removeprefix(f"{prefix}/") for f in allow_patterns(choices)]
-            fetch_files(self.model_id, [*CONFIG_PATTERNS, *files])
-
-
 def export_repository(
     model_id: str, out: Path, options: RepositoryOptions | None = None, safety_checker: str | None = None
 ) -> Path:
@@ -214,7 +106,7 @@ def export_repository(
         # Before any work: without TensorRT and a GPU nothing of this export could be used.
         host = tensorrt.current_host(options.engine.gpus)
         logger.info("building TensorRT engines on %s, CUDA device %d", host, host.device)
-    origin = _Origin.resolve(model_id)
+    origin = Origin.resolve(model_id)
     source = ModelSource(origin.root)
     if options.target == "tensorrt":
         resolutions = options.engine.resolutions or engines.default_resolutions(source.default_size)
@@ -222,11 +114,11 @@ def export_repository(
         options = replace(options, engine=replace(options.engine, resolutions=resolutions))
     parts = components(source)
     if options.target == "tensorrt":
-        parts = [replace(c, spec=tensorrt.engine_spec(c.spec, options.engine.max_batch)) for c in parts]
+        parts = [replace(c, spec=tensorrt_plan.engine_spec(c.spec, options.engine.max_batch)) for c in parts]
     origins = {c.spec.name: origin for c in parts}
     # Extra files written beside a component's config.
     extras: dict[str, Callable[[Path], object]] = {}
-    checker_origin = origin if safety_checker is None else _Origin.resolve(safety_checker)
+    checker_origin = origin if safety_checker is None else Origin.resolve(safety_checker)
     checker = (
         model_safety_checker(source.path)
         if safety_checker is None
@@ -236,7 +128,7 @@ def export_repository(
         checker_part = checker.component()
         if options.target == "tensorrt":
             checker_part = replace(
-                checker_part, spec=tensorrt.engine_spec(checker_part.spec, options.engine.max_batch)
+                checker_part, spec=tensorrt_plan.engine_spec(checker_part.spec, options.engine.max_batch)
             )
         parts.append(checker_part)
         origins[checker_part.spec.name] = checker_origin
@@ -248,13 +140,13 @@ def export_repository(
         for c in parts
     }
     # Every engine's plan (profiles, flags, config) before any model is exported: a wrong one fails now.
-    plans: dict[str, tensorrt.EnginePlan] = {}
+    plans: dict[str, tensorrt_plan.EnginePlan] = {}
     if options.target == "tensorrt":
         for component in parts:
             plans[component.spec.name] = engine_plan(
                 component, source if component.root == source.path else None, source.vae_scale_factor, options
             )
-    weights = _choose_weights(parts, origins, precisions, options.variant)
+    weights = choose_weights(parts, origins, precisions, options.variant)
     if options.plan_only:
         return _write_plan(parts, plans, weights, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,51 +198,29 @@ def export_repository(
     return out
 
 
-def _choose_weights(
-    parts: list[Component],
-    origins: dict[str, _Origin],
-    precisions: dict[str, tuple[Precision, str]],
-    variant: str,
-) -> dict[str, WeightChoice]:
-    """Each component's weight files, chosen from its origin's listing; a Hub origin then downloads
-    exactly those.  Raises :class:`export.models.weights.MissingWeightsError` for the first folder
-    lacking any."""
-    listings: dict[tuple[_Origin, Path], list[str]] = {}
-    weights: dict[str, WeightChoice] = {}
-    for c in parts:
-        key = (origins[c.spec.name], c.root)
-        if key not in listings:
-            listings[key] = key[0].files(c.root)
-        weights[c.spec.name] = c.weights(precisions[c.spec.name][0], variant, files=listings[key])
-    for origin, root in listings:
-        chosen = [weights[c.spec.name] for c in parts if (origins[c.spec.name], c.root) == (origin, root)]
-        origin.fetch(chosen, root)
-    return weights
-
-
 PLAN_FILE = "plan.json"
 
 
 def engine_plan(
     component: Component, source: ModelSource | None, vae_scale: int, options: RepositoryOptions
-) -> tensorrt.EnginePlan:
+) -> tensorrt_plan.EnginePlan:
     """One engine's plan before its ONNX graph exists: precision, builder flags, profiles, config."""
     spec = component.spec
     precision, reason = component_precision(source, spec.name, options.resolved_precision)
-    profiles = tensorrt.engine_profiles(spec, options.engine.resolutions, vae_scale)
+    profiles = tensorrt_plan.engine_profiles(spec, options.engine.resolutions, vae_scale)
     workspace = options.engine.workspace_gib
-    return tensorrt.EnginePlan(
+    return tensorrt_plan.EnginePlan(
         name=spec.name,
         precision=precision,
         precision_reason=reason,
-        flags=tensorrt.build_flags(precision, spec.name in tensorrt.REFITTABLE_MODELS),
+        flags=tensorrt_plan.build_flags(precision, spec.name in tensorrt_plan.REFITTABLE_MODELS),
         profiles=tuple(profiles),
         config=config_text(model_config(spec, options, len(profiles))),
         workspace_bytes=None if workspace is None else int(workspace * (1 << 30)),
     )
 
 
-def with_memory(plan: tensorrt.EnginePlan, onnx_path: Path) -> tensorrt.EnginePlan:
+def with_memory(plan: tensorrt_plan.EnginePlan, onnx_path: Path) -> tensorrt_plan.EnginePlan:
     """``plan`` with the weight bytes of its ONNX graph and the activation estimate of its largest
     profile (the one every execution context is sized for)."""
     estimates = [
@@ -368,7 +238,7 @@ def with_memory(plan: tensorrt.EnginePlan, onnx_path: Path) -> tensorrt.EnginePl
 
 def _write_plan(
     parts: list[Component],
-    plans: dict[str, tensorrt.EnginePlan],
+    plans: dict[str, tensorrt_plan.EnginePlan],
     weights: dict[str, WeightChoice],
     out: Path,
 ) -> Path:
@@ -392,13 +262,13 @@ def _write_plan(
     return out / PLAN_FILE
 
 
-def component_precision_of(plan: tensorrt.EnginePlan) -> Precision:
+def component_precision_of(plan: tensorrt_plan.EnginePlan) -> Precision:
     precision = plan.precision
     assert precision in PRECISIONS, precision
     return precision  # type: ignore[return-value]
 
 
-def _write_plan_file(plans: dict[str, tensorrt.EnginePlan], out: Path) -> None:
+def _write_plan_file(plans: dict[str, tensorrt_plan.EnginePlan], out: Path) -> None:
     document = {
         "note": "weights exact (the ONNX initializers at the engine's precision); activations an estimate "
         "per execution context (peak live intermediate tensors at the largest profile), until a build "
@@ -439,7 +309,7 @@ class _Build:
     precision: Precision = "fp32"
     host: engines.EngineHost | None = None
     timing_cache: Path | None = None
-    plan: tensorrt.EnginePlan | None = None
+    plan: tensorrt_plan.EnginePlan | None = None
 
 
 def _build_model(
@@ -450,7 +320,7 @@ def _build_model(
     write_extras: Callable[[Path], object] | None = None,
     build: _Build | None = None,
     weights: WeightChoice | None = None,
-) -> tensorrt.EnginePlan | None:
+) -> tensorrt_plan.EnginePlan | None:
     """Export one model directory; for the tensorrt target, build its engine from ``build.plan`` (and
     return the plan with its memory filled in)."""
     build = build or _Build()
@@ -462,11 +332,11 @@ def _build_model(
     onnx_path = version_dir / "model.onnx"
     _export_checked(component, build.precision, onnx_path, options.check, weights)
     record: dict[str, object] = {"fingerprint": fingerprint, "precision": build.precision}
-    plan: tensorrt.EnginePlan | None = None
+    plan: tensorrt_plan.EnginePlan | None = None
     if options.target == "tensorrt":
         assert build.host is not None and build.timing_cache is not None and build.plan is not None
         plan = with_memory(build.plan, onnx_path)
-        plan_file = version_dir / tensorrt.PLAN_FILE
+        plan_file = version_dir / tensorrt_plan.PLAN_FILE
         tensorrt.build_engine(onnx_path, plan_file, plan, timing_cache=build.timing_cache)
         if options.check:
             tensorrt.check_engine(

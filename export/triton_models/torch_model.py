@@ -2,18 +2,14 @@
 
 Each Triton model runs the same wrapper module (:mod:`export.models.modules`,
 :mod:`export.models.safety`) that the ONNX export traces, so both targets compute one definition of
-each model.  Nothing is traced or compiled at export time:
+each model.  Nothing is traced or compiled at export time: the export copies what the module is built
+from into the model directory and the model rebuilds it there (:mod:`export.triton_models.torch_source`).
 
-1. :func:`write_torch_model` copies what the module is built from into ``<model>/1/source/``: the
-   component's diffusers subfolders (config + safetensors weights), the small JSON configs of the
-   other subfolders (the loaders read the model's description from them), and ``torch_module.json``
-   naming the component and its CUDA dtype.
-2. :func:`load_component` rebuilds the component from that folder with the very loader the exporter
-   uses (:func:`export.models.modules.components` over the copied folder, or the safety checker's).
-3. :class:`TorchModel` runs it: fp16 with SDPA attention on CUDA (an SDXL VAE whose config asks for
-   it stays fp32, as diffusers upcasts it), fp32 on CPU; one forward pass per dynamic batch; the speed
-   switches of :class:`TorchOptions` (CUDA only); LoRA variants as in-place parameter overrides
-   (:class:`VariantWeights`).
+:class:`TorchModel` runs it: fp16 with SDPA attention on CUDA (an SDXL VAE whose config asks for it
+stays fp32, as diffusers upcasts it), fp32 on CPU; one forward pass per dynamic batch; the speed
+switches of :class:`TorchOptions` (CUDA only), CUDA graphs per shape bucket among them; LoRA variants as
+in-place parameter overrides (:mod:`export.triton_models.torch_variants`).
+:func:`check_torch_model` runs a freshly written model directory once at export.
 
 ``model_repository/python_torch/model.py`` is the Triton adapter around :class:`TorchModel`.
 """
@@ -21,11 +17,7 @@ each model.  Nothing is traced or compiled at export time:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import shutil
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,23 +26,13 @@ from typing import Any, Final, Literal
 import torch
 from torch import nn
 
-from export.contract.specs import (
-    SAFETY_CHECKER,
-    SOURCE_DIR,
-    VAE_DECODER,
-    VARIANT_KEY,
-    VARIANTS_DIR,
-    ModelSpec,
-)
+from export.contract.specs import VARIANTS_DIR
 from export.models.lora import ONNX_PREFIXES
-from export.models.modules import Component, components
-from export.models.safety import SafetyCheckerSource
-from export.models.source import ModelSource, read_json_object
-from export.models.weights import WeightChoice
+from export.triton_models.torch_source import LoadedComponent, TorchModelError, load_component
+from export.triton_models.torch_variants import VariantError, VariantWeights
 
 logger = logging.getLogger(__name__)
 
-MODULE_FILE: Final = "torch_module.json"
 # Float inputs kept in float32 whatever the module's dtype (diffusers casts the time embedding itself).
 FLOAT32_INPUTS: Final = frozenset({"timestep"})
 
@@ -64,16 +46,6 @@ COMPILE_MODES: Final[tuple[str, ...]] = (
 )
 # torch.compile modes that capture CUDA graphs themselves (then our own capture is not wanted).
 _COMPILE_MODES_WITH_GRAPHS: Final = frozenset({"reduce-overhead", "max-autotune"})
-_DTYPES: Final[dict[str, torch.dtype]] = {"float16": torch.float16, "float32": torch.float32}
-
-
-class TorchModelError(RuntimeError):
-    """A python-torch model directory whose module cannot be rebuilt or does not fit its spec."""
-
-
-class VariantError(ValueError):
-    """A request names a LoRA variant this model cannot serve: bad key, no file, or a file that does
-    not fit the module."""
 
 
 @dataclass(frozen=True)
@@ -147,101 +119,6 @@ class TorchOptions:
         return replace(self, channels_last=False, compile_mode="", cuda_graphs=False)
 
 
-# --------------------------------------------------------------------------------------------------
-# Export: the model directory
-# --------------------------------------------------------------------------------------------------
-
-
-def write_torch_model(
-    component: Component, version_dir: Path, weights: WeightChoice, *, cuda_dtype: str
-) -> None:
-    """Copy what ``component`` is built from (its chosen weight files and configs) into
-    ``version_dir/source``.
-
-    The component's subfolders are relative to its root: the diffusers model folder, or a safety
-    checker's root.  For a pipeline component the JSON configs of every subfolder come too, since the
-    loaders read the model's description (UNet sample size, VAE scale...) from them.  Weight files are
-    hard-linked where the file system allows, else copied.
-    """
-    if cuda_dtype not in _DTYPES:
-        raise ValueError(f"cuda_dtype must be one of {sorted(_DTYPES)}, got {cuda_dtype!r}")
-    root = component.root
-    source = version_dir / SOURCE_DIR
-    source.mkdir(parents=True)
-    info: dict[str, Any] = {"name": component.spec.name, "cuda_dtype": cuda_dtype}
-    files = component.source_files(weights)
-    if component.spec.name == SAFETY_CHECKER:
-        info["loader"] = "safety_checker"
-        info["checker"] = component.subfolders[0]
-    else:
-        info["loader"] = "pipeline"
-        files += [p.relative_to(root).as_posix() for p in (*root.glob("*.json"), *root.glob("*/*.json"))]
-    for rel in sorted(set(files)):
-        target = source / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(str(root / rel), str(target))
-    (version_dir / MODULE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    if os.path.exists(dst):
-        os.remove(dst)
-    try:
-        os.link(os.path.realpath(src), dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def cuda_dtype_for(source: ModelSource, spec: ModelSpec) -> str:
-    """fp16, except an SDXL VAE whose config says ``force_upcast`` (its fp16 decode overflows), which
-    diffusers' SDXL pipeline runs in fp32."""
-    if spec.name == VAE_DECODER and source.is_sdxl and source.config("vae").get("force_upcast", True):
-        return "float32"
-    return "float16"
-
-
-@dataclass(frozen=True)
-class LoadedComponent:
-    component: Component
-    module: nn.Module
-    cuda_dtype: torch.dtype
-
-
-def load_component(version_dir: Path, cuda: bool = False) -> LoadedComponent:
-    """Rebuild the component written by :func:`write_torch_model`, on CPU in eval mode: in float32, or
-    with ``cuda`` in the dtype it runs in on a GPU (loaded so, not cast after a float32 load)."""
-    info = read_json_object(version_dir / MODULE_FILE)
-    cuda_dtype = _DTYPES[str(info.get("cuda_dtype", "float16"))]
-    source = version_dir / SOURCE_DIR
-    if info.get("loader") == "safety_checker":
-        component = SafetyCheckerSource.find(source / str(info["checker"])).component()
-    else:
-        matches = [c for c in components(ModelSource(source)) if c.spec.name == info.get("name")]
-        if not matches:
-            raise TorchModelError(
-                f"{version_dir}: the model in {source} has no component {info.get('name')!r}"
-            )
-        component = matches[0]
-    module = component.load(cuda_dtype if cuda else torch.float32).eval().requires_grad_(False)
-    return LoadedComponent(component, module, cuda_dtype)
-
-
-def base_state(model_dir: Path, version: str = "1") -> dict[str, torch.Tensor]:
-    """The base weights a LoRA variant of Triton model directory ``model_dir`` merges into, keyed as
-    the variant file must key them (the diffusers module's parameter names, as
-    :func:`export.models.lora.load_base_state` gives them): the state for
-    :func:`export.models.lora.merge_deltas` on this target, where there is no ONNX graph to read it from."""
-    loaded = load_component(model_dir / version)
-    prefix = ONNX_PREFIXES.get(loaded.component.spec.name)
-    if prefix is None:
-        raise TorchModelError(f"{model_dir}: model {loaded.component.spec.name} takes no LoRA variants")
-    return {
-        k.removeprefix(prefix): v.detach()
-        for k, v in loaded.module.state_dict().items()
-        if k.startswith(prefix)
-    }
-
-
 def check_torch_model(version_dir: Path) -> None:
     """Rebuild the module from ``version_dir`` alone and run it (CPU, float32) at the spec's check
     sizes: the folder is complete and the outputs have the spec's names, count and known axes.
@@ -278,104 +155,6 @@ def use_sdpa(module: nn.Module) -> None:
             # tower, visited next, takes it.
             with contextlib.suppress(ValueError):
                 setter("sdpa")
-
-
-# --------------------------------------------------------------------------------------------------
-# LoRA variants: in-place parameter overrides
-# --------------------------------------------------------------------------------------------------
-
-
-class VariantWeights:
-    """LoRA variants of ``module`` (the diffusers model inside the wrapper) as in-place overrides.
-
-    Variant ``key``'s merged parameters are read from ``directory/<key>.safetensors`` and kept on the
-    module's device; at most ``max_resident`` stay resident, least recently used dropped first.
-    :meth:`activate` copies a variant's tensors into the parameters (and the base values back when
-    switching away), so the parameters keep their storage: compiled modules and captured CUDA graphs
-    see the variant's weights without being rebuilt.  The base values of the parameters that resident
-    variants touch are kept beside them.
-    """
-
-    def __init__(self, module: nn.Module, directory: Path, max_resident: int) -> None:
-        self.directory = directory
-        self.max_resident = max_resident
-        self._params = dict(module.named_parameters())
-        self._resident: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self._base: dict[str, torch.Tensor] = {}
-        self.active = ""
-
-    @property
-    def resident(self) -> list[str]:
-        """Keys of the resident variants, least recently used first."""
-        return list(self._resident)
-
-    @torch.no_grad()
-    def activate(self, key: str) -> None:
-        """Make the module compute variant ``key`` ("" = base).  Raises :class:`VariantError`."""
-        if key == self.active:
-            if key:
-                self._resident.move_to_end(key)
-            return
-        overrides = self._load(key) if key else {}
-        self._restore_base()
-        for name, tensor in overrides.items():
-            self._params[name].copy_(tensor)
-        self.active = key
-
-    def _restore_base(self) -> None:
-        if self.active:
-            for name in self._resident[self.active]:
-                self._params[name].copy_(self._base[name])
-        self.active = ""
-
-    def _load(self, key: str) -> dict[str, torch.Tensor]:
-        if not VARIANT_KEY.fullmatch(key):
-            raise VariantError(f"bad LoRA variant key {key[:80]!r}: expected 16 to 64 lowercase hex digits")
-        if key in self._resident:
-            self._resident.move_to_end(key)
-            return self._resident[key]
-        path = self.directory / f"{key}.safetensors"
-        if not path.is_file():
-            raise VariantError(f"LoRA variant {key} not found: {path} is missing")
-        overrides = self._read(path)
-        while len(self._resident) >= self.max_resident:
-            self._evict(next(iter(self._resident)))
-        for name in overrides:
-            if name not in self._base:
-                self._base[name] = self._params[name].detach().clone()
-        self._resident[key] = overrides
-        logger.info("LoRA variant %s resident (%d tensors)", key, len(overrides))
-        return overrides
-
-    def _read(self, path: Path) -> dict[str, torch.Tensor]:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise VariantError(f"cannot read LoRA variant {path.name}: {e}") from e
-        overrides = {}
-        for name, tensor in tensors.items():
-            param = self._params.get(name)
-            if param is None:
-                raise VariantError(f"LoRA variant {path.name}: the model has no parameter '{name}'")
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise VariantError(
-                    f"LoRA variant {path.name}: '{name}' has shape {tuple(tensor.shape)}, "
-                    f"the model's is {tuple(param.shape)}"
-                )
-            overrides[name] = tensor.to(device=param.device, dtype=param.dtype)
-        return overrides
-
-    def _evict(self, key: str) -> None:
-        if key == self.active:
-            self._restore_base()
-        del self._resident[key]
-        still_used = {name for tensors in self._resident.values() for name in tensors}
-        for name in [n for n in self._base if n not in still_used]:
-            del self._base[name]
-        logger.info("LoRA variant %s dropped (least recently used)", key)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Triton python-backend model that runs a diffusers module with torch (the ``python-torch`` target).
 
 The exporter copies this file into ``<repository>/<model>/1/model.py`` beside ``torch_module.json`` and
-the module's weights (``source/``); :mod:`export.triton_models.torch_model` rebuilds the module and runs it, so
-Triton's Python needs torch, diffusers, transformers and this project's ``export`` package.
+the module's weights (``source/``); :mod:`export.triton_models.torch_model` rebuilds the module and runs
+it, so Triton's Python needs torch, diffusers, transformers and this project's ``export`` package.
 
 Triton's dynamic batcher hands ``execute`` several requests at once; requests with the same LoRA
 variant (request parameter ``lora_variant``, absent or empty: the base model) and the same non-batch
@@ -21,7 +21,8 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from export.contract.specs import VARIANT_PARAMETER
-from export.triton_models.torch_model import TorchModel, TorchOptions, VariantError
+from export.triton_models.torch_model import TorchModel, TorchOptions
+from export.triton_models.torch_variants import VariantError
 
 
 class TritonPythonModel:
