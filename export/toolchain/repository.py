@@ -43,8 +43,8 @@ from export.toolchain import engine_memory, tensorrt, tensorrt_plan
 from export.toolchain.onnx_export import compare_onnx, export_onnx, reference_outputs
 from export.toolchain.options import RepositoryOptions
 from export.toolchain.origins import Origin, choose_weights
+from export.toolchain.torch_check import check_torch_model
 from export.toolchain.triton_config import config_text, model_config
-from export.triton_models.torch_model import check_torch_model
 from export.triton_models.torch_source import cuda_dtype_for, write_torch_model
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from into the model directory and the model rebuilds it there (:mod:`export.trit
 stays fp32, as diffusers upcasts it), fp32 on CPU; one forward pass per dynamic batch; the speed
 switches of :class:`TorchOptions` (CUDA only), CUDA graphs per shape bucket among them; LoRA variants as
 in-place parameter overrides (:mod:`export.triton_models.torch_variants`).
-:func:`check_torch_model` runs a freshly written model directory once at export.
+:func:`export.toolchain.torch_check.check_torch_model` runs a freshly written model directory once at
+export.
 
 ``model_repository/python_torch/model.py`` is the Triton adapter around :class:`TorchModel`.
 """
@@ -28,7 +29,7 @@ from torch import nn
 
 from export.contract.specs import VARIANTS_DIR
 from export.models.lora import ONNX_PREFIXES
-from export.triton_models.torch_source import LoadedComponent, TorchModelError, load_component
+from export.triton_models.torch_source import LoadedComponent, load_component
 from export.triton_models.torch_variants import VariantError, VariantWeights
 
 logger = logging.getLogger(__name__)
@@ -117,31 +118,6 @@ class TorchOptions:
         if device.type == "cuda":
             return self
         return replace(self, channels_last=False, compile_mode="", cuda_graphs=False)
-
-
-def check_torch_model(version_dir: Path) -> None:
-    """Rebuild the module from ``version_dir`` alone and run it (CPU, float32) at the spec's check
-    sizes: the folder is complete and the outputs have the spec's names, count and known axes.
-    Raises :class:`TorchModelError` naming what does not fit."""
-    from export.toolchain.onnx_export import example_inputs
-
-    model = TorchModel(load_component(version_dir), torch.device("cpu"), TorchOptions(), version_dir)
-    spec = model.spec
-    for i, sizes in enumerate(spec.check_sizes):
-        feeds = {k: torch.from_numpy(v) for k, v in example_inputs(spec, sizes, seed=i + 1).items()}
-        (outputs,) = model.run([feeds])
-        for t in spec.outputs:
-            got = tuple(outputs[t.name].shape)
-            expected = tuple(sizes.get(a) if isinstance(a, str) else a for a in t.shape)
-            if len(got) != len(expected) or any(
-                e is not None and e != g for e, g in zip(expected, got, strict=True)
-            ):
-                raise TorchModelError(
-                    f"{spec.name}.{t.name} at {sizes}: shape {got}, the spec says {t.shape}"
-                )
-            if not bool(torch.isfinite(outputs[t.name]).all()):
-                raise TorchModelError(f"{spec.name}.{t.name} at {sizes}: non-finite values")
-    logger.info("%s: torch module rebuilt from %s runs at %s", spec.name, version_dir, spec.check_sizes)
 
 
 def use_sdpa(module: nn.Module) -> None:
