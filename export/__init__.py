@@ -1,7 +1,8 @@
 """The export side of triton-t2i, in subpackages by job (docs/ARCHITECTURE.md, section 2).
 
-- :mod:`export.contract`: what the exporter and the service both read (names, I/O specs, patterns,
-  the repository manifest, resolution buckets and engine hosts). Imports nothing else of this project.
+- :mod:`export.contract`: what the exporter and the service both read (names, I/O specs, model
+  families, patterns, the repository manifest, resolution buckets and engine hosts). Imports nothing
+  else of this project.
 - :mod:`export.models`: the model library: model sources, weights, tokenizers, the torch modules and
   their precision, LoRA files and variants, refits. Imports :mod:`export.contract`.
 - :mod:`export.toolchain`: the exporter (``t2i-export``): ONNX export, the Triton repository, TensorRT

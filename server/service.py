@@ -79,7 +79,7 @@ class TextToImageService:
                         waiting_for = "it was generating"
                         request = replace(
                             request,
-                            unet=models.unet,
+                            denoiser=models.denoiser,
                             text_encoders=models.text_encoders,
                             model_parameters=models.parameters,
                         )

@@ -35,7 +35,7 @@ def test_t5_tokenizer_trained_in_code(tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_tiny_models_have_the_real_families_traits(family: str, tiny_model: Callable[[str], Path]) -> None:
     source = ModelSource(tiny_model(family))
-    assert source.is_transformer and source.denoiser == "transformer"
+    assert source.family.flow_matching and source.denoiser == "transformer"
     assert source.latent_channels == 16 and source.size_multiple == 16
     vae = source.config("vae")
     assert vae["shift_factor"] is not None and not vae["use_quant_conv"]

@@ -207,7 +207,7 @@ def test_refitted_lora_variant_matches_diffusers_lora(
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_model("sd"), safety_checker=None)
     pipe.load_lora_weights(str(lora))
     pipe.fuse_lora(lora_scale=0.8)
-    reference = UNetModule(pipe.unet, sdxl=False).eval()
+    reference = UNetModule(pipe.unet, text_time=False).eval()
     from export.models.modules import components
     from export.models.source import ModelSource
 

@@ -227,7 +227,7 @@ def _onnx_vs_torch(onnx_path: Path, unet: Any, spec: Any) -> tuple[float, float]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     (got,) = session.run(["noise_pred"], feeds)
     with torch.no_grad():
-        expected = UNetModule(unet, sdxl=False)(
+        expected = UNetModule(unet, text_time=False)(
             *(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
         ).numpy()
     return float(np.abs(got - expected).max()), ATOL + RTOL * float(np.abs(expected).max())

@@ -153,7 +153,7 @@ def test_lru_bound_keeps_the_most_recently_used_variants(
         models_before = _models(triton_client)
         first_image = post(running.url, _json({"sd-diffusers-d": 1.0}), seed=3).json()["images"][0]["url"]
         (first,) = variants.loaded()
-        assert first.unet == "unet" and first.parameters["unet"] == {"lora_variant": first.key}
+        assert first.denoiser == "unet" and first.parameters["unet"] == {"lora_variant": first.key}
         assert post(running.url, _json({"sd-kohya-d": 1.0})).status_code == 200
         (second,) = variants.loaded()
         assert second.key != first.key

@@ -287,8 +287,8 @@ def test_a_variant_in_use_is_never_evicted_between_its_load_and_its_use(tmp_path
         async with manager.use({f"l{i % 5}": 1.0}) as models:
             # the load finished and the model is there for the whole use
             for _ in range(3):
-                if models.unet not in triton.loaded:
-                    violations.append(f"{models.unet} not loaded while in use")
+                if models.denoiser not in triton.loaded:
+                    violations.append(f"{models.denoiser} not loaded while in use")
                 resident_max = max(resident_max, len(triton.loaded), len(manager.loaded()))
                 await asyncio.sleep(hold_s)
 
@@ -323,11 +323,11 @@ def test_held_load_does_not_let_others_evict_it(tmp_path: Path) -> None:
 
     async def use(name: str, started: asyncio.Event | None = None) -> None:
         async with manager.use({name: 1.0}) as models:
-            order.append(f"use {name} loaded={models.unet in triton.loaded}")
+            order.append(f"use {name} loaded={models.denoiser in triton.loaded}")
             if started is not None:
                 started.set()
             await asyncio.sleep(0.02)
-            order.append(f"end {name} loaded={models.unet in triton.loaded}")
+            order.append(f"end {name} loaded={models.denoiser in triton.loaded}")
 
     async def run() -> None:
         a = asyncio.create_task(use("l0"))
@@ -597,8 +597,8 @@ def test_out_of_memory_at_load_evicts_the_lru_idle_variant_and_retries_once(tmp_
 
     async def use(name: str) -> str:
         async with manager.use({name: 1.0}) as models:
-            assert models.unet in triton.loaded
-            return models.unet
+            assert models.denoiser in triton.loaded
+            return models.denoiser
 
     async def run() -> list[str]:
         return [await use("l0"), await use("l1"), await use("l0"), await use("l2")]
@@ -607,7 +607,7 @@ def test_out_of_memory_at_load_evicts_the_lru_idle_variant_and_retries_once(tmp_
     # l1 is the least recently used idle variant when l2 does not fit: it goes, l2 loads on the retry
     assert triton.loaded == {first, third}
     assert triton.events[-3:] == [f"load {third}", f"unload {second}", f"load {third}"]
-    assert [m.unet for m in manager.loaded()] == [first, third]
+    assert [m.denoiser for m in manager.loaded()] == [first, third]
 
 
 def test_out_of_memory_at_load_without_an_idle_variant_is_the_contract_500(tmp_path: Path) -> None:
@@ -621,11 +621,11 @@ def test_out_of_memory_at_load_without_an_idle_variant_is_the_contract_500(tmp_p
             ):
                 async with manager.use({"l1": 1.0}):
                     pass
-            assert triton.loaded == {held.unet}, "the variant in use stays; nothing of l1 is left loaded"
+            assert triton.loaded == {held.denoiser}, "the variant in use stays; nothing of l1 is left loaded"
         assert [m.key for m in manager.loaded()] == [held.key]
         # l0 is idle now: l1 evicts it on its retry and loads
         async with manager.use({"l1": 1.0}) as models:
-            assert triton.loaded == {models.unet}
+            assert triton.loaded == {models.denoiser}
         # a second failure after the eviction is the 500 too, and leaves nothing half loaded
         triton.capacity = 0
         with pytest.raises(OutOfMemory):

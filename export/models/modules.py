@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from export.contract import specs
+from export.contract.families import CLIP_PROJECTION, T5
 from export.models.source import ModelSource, ModelSourceError
 from export.models.weights import (
     AUTO,
@@ -41,12 +42,13 @@ class TextEncoderModule(nn.Module):
 
 
 class UNetModule(nn.Module):
-    """UNet step; with ``sdxl`` the pooled text embeddings and time ids are extra inputs."""
+    """UNet step; with ``text_time`` (SDXL's added conditions) the pooled text embeddings and time ids
+    are extra inputs."""
 
-    def __init__(self, unet: nn.Module, sdxl: bool) -> None:
+    def __init__(self, unet: nn.Module, text_time: bool) -> None:
         super().__init__()
         self.unet = unet
-        self.sdxl = sdxl
+        self.text_time = text_time
 
     def forward(
         self,
@@ -56,7 +58,7 @@ class UNetModule(nn.Module):
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.text_time else None
         out = self.unet(
             sample,
             timestep,
@@ -313,14 +315,15 @@ def transformers_model(
 
 
 def latent_range(source: ModelSource) -> specs.AxisRange:
-    if source.is_sd3:
+    family = source.family
+    if family.pos_embed_limit:
         # The SD3 transformer crops its position embedding: at most pos_embed_max_size patches a side.
-        config = source.config(specs.TRANSFORMER)
+        config = source.config(source.denoiser)
         top = int(config.get("pos_embed_max_size") or 96) * source.patch_size
         return specs.AxisRange(8, min(int(config["sample_size"]), top), top)
-    if source.is_flux:
-        return specs.AxisRange(8, 128, 256)  # 64 to 2048 pixels, 1024 (FLUX's default) optimal
-    sample = int(source.config("unet")["sample_size"])
+    if family.latent_range is not None:
+        return family.latent_range
+    sample = int(source.config(source.denoiser)["sample_size"])
     return specs.AxisRange(8, sample, max(2 * sample, 128))
 
 
@@ -331,12 +334,13 @@ def components(source: ModelSource) -> list[Component]:
 
     root = source.path
     result: list[Component] = []
-    for name in source.text_encoders:
+    for encoder in source.family.text_encoders:
+        name = encoder.name
         config = source.config(name)
-        if name in source.t5_encoders:
+        if encoder.kind == T5:
             result.append(_t5_component(root, name, config))
             continue
-        with_projection = "WithProjection" in "".join(config.get("architectures") or [])
+        with_projection = encoder.kind == CLIP_PROJECTION
         pooled = int(config["projection_dim"] if with_projection else config["hidden_size"])
         cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
 
@@ -356,13 +360,10 @@ def components(source: ModelSource) -> list[Component]:
             )
         )
 
-    if not source.is_transformer:
+    if source.denoiser == specs.UNET:
         _refuse_guidance_embedding(source)
     lrange = latent_range(source)
-    if source.is_transformer:
-        result.append(_transformer_component(source, lrange))
-    else:
-        result.append(_unet_component(source, lrange))
+    result.append(_DENOISER_COMPONENTS[source.family.denoiser_class](source, lrange))
     load_vae = _diffusers(AutoencoderKL, root, "vae")
     result.append(
         Component(
@@ -396,44 +397,50 @@ def _t5_component(root: Path, name: str, config: dict[str, Any]) -> Component:
     )
 
 
-def _transformer_component(source: ModelSource, lrange: specs.AxisRange) -> Component:
-    """SD3 or FLUX transformer, traced at a non-square size that is no multiple of 4 patches."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+# SD3's and FLUX's transformers are traced at a non-square size that is no multiple of 4 patches.
+
+
+def _sd3_component(source: ModelSource, lrange: specs.AxisRange) -> Component:
+    from diffusers import SD3Transformer2DModel
 
     root = source.path
     config = source.config(specs.TRANSFORMER)
-    joint_attention_dim = int(config["joint_attention_dim"])
-    pooled_projection_dim = int(config["pooled_projection_dim"])
-    if source.is_sd3:
-        load_sd3 = _diffusers(SD3Transformer2DModel, root, specs.TRANSFORMER)
-        patch = source.patch_size
-        return Component(
-            spec=specs.sd3_transformer_spec(
-                in_channels=int(config["in_channels"]),
-                out_channels=int(config.get("out_channels") or config["in_channels"]),
-                patch_size=patch,
-                joint_attention_dim=joint_attention_dim,
-                pooled_projection_dim=pooled_projection_dim,
-                latent_range=lrange,
-            ),
-            subfolders=(specs.TRANSFORMER,),
-            loader=lambda dtype, weights: SD3TransformerModule(load_sd3(dtype, weights)),
-            root=root,
-            trace_sizes={
-                "batch": 2,
-                "height": lrange.min + patch,
-                "width": lrange.min + 3 * patch,
-                "text_length": specs.TOKEN_LENGTH + 7,
-            },
-        )
-    side = lrange.min // 2
+    load_sd3 = _diffusers(SD3Transformer2DModel, root, specs.TRANSFORMER)
+    patch = source.patch_size
+    return Component(
+        spec=specs.sd3_transformer_spec(
+            in_channels=int(config["in_channels"]),
+            out_channels=int(config.get("out_channels") or config["in_channels"]),
+            patch_size=patch,
+            joint_attention_dim=int(config["joint_attention_dim"]),
+            pooled_projection_dim=int(config["pooled_projection_dim"]),
+            latent_range=lrange,
+        ),
+        subfolders=(specs.TRANSFORMER,),
+        loader=lambda dtype, weights: SD3TransformerModule(load_sd3(dtype, weights)),
+        root=root,
+        trace_sizes={
+            "batch": 2,
+            "height": lrange.min + patch,
+            "width": lrange.min + 3 * patch,
+            "text_length": specs.TOKEN_LENGTH + 7,
+        },
+    )
+
+
+def _flux_component(source: ModelSource, lrange: specs.AxisRange) -> Component:
+    from diffusers import FluxTransformer2DModel
+
+    root = source.path
+    config = source.config(specs.TRANSFORMER)
+    side = lrange.min // source.family.latent_packing
     load_flux = _diffusers(FluxTransformer2DModel, root, specs.TRANSFORMER)
     return Component(
         spec=specs.flux_transformer_spec(
             in_channels=int(config["in_channels"]),
             guidance=bool(config.get("guidance_embeds")),
-            joint_attention_dim=joint_attention_dim,
-            pooled_projection_dim=pooled_projection_dim,
+            joint_attention_dim=int(config["joint_attention_dim"]),
+            pooled_projection_dim=int(config["pooled_projection_dim"]),
             latent_range=lrange,
         ),
         subfolders=(specs.TRANSFORMER,),
@@ -448,8 +455,9 @@ def _unet_component(source: ModelSource, lrange: specs.AxisRange) -> Component:
 
     load_unet = _diffusers(UNet2DConditionModel, source.path, "unet")
     unet_config = source.config("unet")
+    text_time = source.family.conditioning.time_ids
     text_embeds_dim = None
-    if source.is_sdxl:
+    if text_time:
         text_embeds_dim = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(
             unet_config["addition_time_embed_dim"]
         )
@@ -462,10 +470,18 @@ def _unet_component(source: ModelSource, lrange: specs.AxisRange) -> Component:
             text_embeds_dim=text_embeds_dim,
         ),
         subfolders=("unet",),
-        loader=lambda dtype, weights: UNetModule(load_unet(dtype, weights), source.is_sdxl),
+        loader=lambda dtype, weights: UNetModule(load_unet(dtype, weights), text_time),
         trace_sizes={"batch": 2, "height": lrange.min + 1, "width": lrange.min + 3},
         root=source.path,
     )
+
+
+# The component of each denoiser class a family names (ModelFamily.denoiser_class).
+_DENOISER_COMPONENTS: dict[str, Callable[[ModelSource, specs.AxisRange], Component]] = {
+    "UNet2DConditionModel": _unet_component,
+    "SD3Transformer2DModel": _sd3_component,
+    "FluxTransformer2DModel": _flux_component,
+}
 
 
 def _refuse_guidance_embedding(source: ModelSource) -> None:

@@ -81,12 +81,15 @@ def component_precision(source: ModelSource | None, name: str, requested: Precis
         return "fp32", "fp32 requested"
     if name == specs.SAFETY_CHECKER:
         return "fp32", "the safety checker stays fp32 (a threshold verdict, run once per image)"
-    if name == specs.TRANSFORMER and source is not None and source.is_flux and requested == "fp16":
-        return "bf16", (
+    if source is None:
+        return requested, f"{requested} requested"
+    family = source.family
+    if name == family.denoiser and requested == "fp16" and family.denoiser_fp16 != requested:
+        return family.denoiser_fp16, (
             "FLUX's transformer is trained and shipped in bf16 and is past the fp16 tolerance in fp16 "
             "(the tiny model in torch alone: 0.069 off against 0.022 allowed); bf16 as its weights are"
         )
-    if name == specs.VAE_DECODER and source is not None and source.is_sdxl:
+    if name == specs.VAE_DECODER and family.vae_force_upcast:
         force_upcast = bool(source.config("vae").get("force_upcast", True))
         if force_upcast:
             return "fp32", (

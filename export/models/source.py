@@ -13,16 +13,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from export.contract.specs import TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3, TRANSFORMER, UNET
+from export.contract.families import SUPPORTED_PIPELINES, T5, ModelFamily, family_for
+from export.contract.specs import UNET
 
 logger = logging.getLogger(__name__)
-
-SD_PIPELINES = frozenset({"StableDiffusionPipeline"})
-SDXL_PIPELINES = frozenset({"StableDiffusionXLPipeline"})
-# Transformer families with flow matching: SD3 (two CLIP encoders + T5), FLUX (CLIP + T5, packed latents).
-SD3_PIPELINES = frozenset({"StableDiffusion3Pipeline"})
-FLUX_PIPELINES = frozenset({"FluxPipeline"})
-SUPPORTED_PIPELINES = SD_PIPELINES | SDXL_PIPELINES | SD3_PIPELINES | FLUX_PIPELINES
 
 # What the service needs from a Hub repository without its weights.
 # An export reads these too, and then only the weight files it chose (export/models/weights.py): the safety
@@ -85,7 +79,7 @@ class ModelSource:
     def __post_init__(self) -> None:
         if not (self.path / "model_index.json").is_file():
             raise ModelSourceError(f"{self.path} is not a diffusers folder: model_index.json is missing")
-        if self.pipeline_class not in SUPPORTED_PIPELINES:
+        if family_for(self.model_index) is None:
             raise ModelSourceError(
                 f"{self.path}: pipeline '{self.pipeline_class}' is not supported "
                 f"(supported: {', '.join(sorted(SUPPORTED_PIPELINES))})"
@@ -99,51 +93,40 @@ class ModelSource:
     def pipeline_class(self) -> str:
         return str(self.model_index.get("_class_name", ""))
 
-    @property
-    def is_sdxl(self) -> bool:
-        return self.pipeline_class in SDXL_PIPELINES
-
-    @property
-    def is_sd3(self) -> bool:
-        return self.pipeline_class in SD3_PIPELINES
-
-    @property
-    def is_flux(self) -> bool:
-        return self.pipeline_class in FLUX_PIPELINES
-
-    @property
-    def is_transformer(self) -> bool:
-        """A flow-matching transformer family (SD3, FLUX) rather than a UNet one."""
-        return self.is_sd3 or self.is_flux
+    @cached_property
+    def family(self) -> ModelFamily:
+        """What the pipeline class makes of the folder (:mod:`export.contract.families`)."""
+        family = family_for(self.model_index)
+        assert family is not None  # checked at construction
+        return family
 
     @property
     def denoiser(self) -> str:
         """The diffusers subfolder (and Triton model) that denoises: ``unet`` or ``transformer``."""
-        return TRANSFORMER if self.is_transformer else UNET
+        return self.family.denoiser
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
-        if self.is_sd3:
-            return (TEXT_ENCODER, TEXT_ENCODER_2, TEXT_ENCODER_3)
-        return (TEXT_ENCODER, TEXT_ENCODER_2) if self.is_sdxl or self.is_flux else (TEXT_ENCODER,)
+        return tuple(e.name for e in self.family.text_encoders)
 
     @property
     def t5_encoders(self) -> tuple[str, ...]:
         """The text encoders that are T5 (the last one of SD3 and FLUX); the others are CLIP."""
-        return self.text_encoders[-1:] if self.is_transformer else ()
+        return self.family.t5_encoders
 
     @property
     def tokenizers(self) -> tuple[str, ...]:
-        return tuple(name.replace("text_encoder", "tokenizer") for name in self.text_encoders)
+        return tuple(e.tokenizer for e in self.family.text_encoders)
 
     @property
     def t5_tokenizers(self) -> tuple[str, ...]:
         """The tokenizers of the T5 encoders (T5's, loaded as ``T5Tokenizer``); the others are CLIP's."""
-        return tuple(name.replace("text_encoder", "tokenizer") for name in self.t5_encoders)
+        return tuple(e.tokenizer for e in self.family.text_encoders if e.kind == T5)
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
-        return self.is_sdxl and bool(self.model_index.get("force_zeros_for_empty_prompt", True))
+        option = bool(self.model_index.get("force_zeros_for_empty_prompt", True))
+        return self.family.force_zeros_option and option
 
     def config(self, component: str) -> dict[str, Any]:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
@@ -155,8 +138,9 @@ class ModelSource:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the VAE latents the loop draws (FLUX's transformer sees them packed 2x2)."""
-        return int(self.config("vae")["latent_channels"]) if self.is_transformer else self.in_channels
+        """Channels of the VAE latents the loop draws: a UNet's input channels; a transformer's input is
+        patched or packed (FLUX's 2x2), so the VAE's."""
+        return self.in_channels if self.denoiser == UNET else int(self.config("vae")["latent_channels"])
 
     @property
     def in_channels(self) -> int:
@@ -164,10 +148,10 @@ class ModelSource:
 
     @property
     def patch_size(self) -> int:
-        """Latent pixels per transformer token side: SD3's patch size, FLUX's 2x2 packing; 1 for a UNet."""
-        if self.is_flux:
-            return 2
-        return int(self.config(self.denoiser).get("patch_size", 1)) if self.is_sd3 else 1
+        """Latent pixels per transformer token side: FLUX's 2x2 packing, SD3's patch size; 1 for a UNet."""
+        if self.family.packs_latents:
+            return self.family.latent_packing
+        return 1 if self.denoiser == UNET else int(self.config(self.denoiser).get("patch_size", 1))
 
     @property
     def size_multiple(self) -> int:

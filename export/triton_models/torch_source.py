@@ -78,7 +78,11 @@ def _link_or_copy(src: str, dst: str) -> None:
 def cuda_dtype_for(source: ModelSource, spec: ModelSpec) -> str:
     """fp16, except an SDXL VAE whose config says ``force_upcast`` (its fp16 decode overflows), which
     diffusers' SDXL pipeline runs in fp32."""
-    if spec.name == VAE_DECODER and source.is_sdxl and source.config("vae").get("force_upcast", True):
+    if (
+        spec.name == VAE_DECODER
+        and source.family.vae_force_upcast
+        and source.config("vae").get("force_upcast", True)
+    ):
         return "float32"
     return "float16"
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from export.contract import specs
+from export.contract.families import T5
 from server.pipeline.generate import (
     Generation,
     InferenceClient,
@@ -41,8 +41,10 @@ class FlowMatchPipeline(TextToImagePipeline):
 
     def __init__(self, model: DiffusionModel, client: InferenceClient) -> None:
         super().__init__(model, client)
-        config = self.source.config(specs.TRANSFORMER)
-        self.guidance_embeds = self.source.is_flux and bool(config.get("guidance_embeds"))
+        config = self.source.config(self.source.denoiser)
+        self.guidance_embeds = self.family.conditioning.guidance_embedding and bool(
+            config.get("guidance_embeds")
+        )
         self.patch_size = self.source.patch_size
 
     async def __call__(
@@ -51,11 +53,13 @@ class FlowMatchPipeline(TextToImagePipeline):
         between_steps: StepCheck | None = None,
         observe: StageObserver = _ignore,
     ) -> Generation:
-        flux = self.source.is_flux
-        do_cfg = not flux and request.guidance_scale > 1 and self.model.guidance_allowed
+        family = self.family
+        do_cfg = (
+            family.classifier_free_guidance and request.guidance_scale > 1 and self.model.guidance_allowed
+        )
         positive, negative = self.model.prompts(request.prompt, request.negative_prompt)
         # The base transformer, or the variant a LoRA set named.
-        denoiser = specs.TRANSFORMER if request.unet == specs.UNET else request.unet
+        denoiser = request.denoiser or self.source.denoiser
 
         # 1. text encoders
         start = time.perf_counter()
@@ -71,14 +75,20 @@ class FlowMatchPipeline(TextToImagePipeline):
         channels = self.source.latent_channels
         shape = (request.num_images, channels, height, width)
         latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
-        if flux:
+        if family.packs_latents:
             latents = _flux_pipeline()._pack_latents(latents, request.num_images, channels, height, width)
             text_length = cond["encoder_hidden_states"].shape[1]
             cond.update(self._flux_ids(height, width, text_length, request.num_images))
             if self.guidance_embeds:
                 cond["guidance"] = np.full(request.num_images, request.guidance_scale, dtype=np.float32)
         timesteps = await asyncio.to_thread(
-            _set_timesteps, scheduler, request.num_inference_steps, height, width, self.patch_size, flux
+            _set_timesteps,
+            scheduler,
+            request.num_inference_steps,
+            height,
+            width,
+            self.patch_size,
+            family.sets_sigmas,
         )
 
         # 3. denoising loop
@@ -103,7 +113,7 @@ class FlowMatchPipeline(TextToImagePipeline):
 
         # 4. VAE decoder
         start = time.perf_counter()
-        if flux:
+        if family.packs_latents:
             latents = _flux_pipeline()._unpack_latents(latents, request.height, request.width, vsf)
         images = await self._decode(latents)
         observe("vae", time.perf_counter() - start, len(images))
@@ -125,7 +135,7 @@ class FlowMatchPipeline(TextToImagePipeline):
             if do_cfg:
                 texts.append(negative.parts[i] or "")
             ids = await asyncio.to_thread(self.model.tokenize, i, texts)
-            t5 = i == len(encoders) - 1  # SD3's and FLUX's last encoder
+            t5 = self.family.text_encoders[i].kind == T5  # SD3's and FLUX's last encoder
             outputs = ["last_hidden_state"] if t5 else ["penultimate_hidden_state", "pooled"]
             calls.append(
                 self.client.infer(name, {"input_ids": ids}, outputs, request.model_parameters.get(name))
@@ -133,15 +143,15 @@ class FlowMatchPipeline(TextToImagePipeline):
         results = await asyncio.gather(*calls)
 
         t5_hidden = results[-1]["last_hidden_state"]
-        if self.source.is_flux:
-            hidden, pooled = t5_hidden, results[0]["pooled"]
+        if self.family.conditioning.hidden == "t5":
+            hidden = t5_hidden
         else:
             clip = np.concatenate([r["penultimate_hidden_state"] for r in results[:-1]], axis=-1)
             width = t5_hidden.shape[-1]
             if clip.shape[-1] < width:
                 clip = np.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1])))
             hidden = np.concatenate([clip[..., :width], t5_hidden], axis=-2)
-            pooled = np.concatenate([r["pooled"] for r in results[:-1]], axis=-1)
+        pooled = self._pooled(results)
 
         n = request.num_images
 
@@ -149,11 +159,16 @@ class FlowMatchPipeline(TextToImagePipeline):
             pos = np.repeat(values[:1], n, axis=0)
             return np.concatenate([np.repeat(values[1:2], n, axis=0), pos]) if do_cfg else pos
 
-        return {"encoder_hidden_states": rows(hidden), "pooled_projections": rows(pooled)}
+        pooled_input = self.family.conditioning.pooled
+        assert pooled_input is not None  # SD3's and FLUX's pooled_projections
+        return {"encoder_hidden_states": rows(hidden), pooled_input: rows(pooled)}
 
     def _flux_ids(self, height: int, width: int, text_length: int, rows: int) -> dict[str, np.ndarray]:
         """FLUX's rotary position ids, the same for every row: image tokens (row, column), text zeros."""
-        image = _flux_pipeline()._prepare_latent_image_ids(1, height // 2, width // 2, "cpu", torch.float32)
+        packing = self.family.latent_packing
+        image = _flux_pipeline()._prepare_latent_image_ids(
+            1, height // packing, width // packing, "cpu", torch.float32
+        )
         return {
             "img_ids": np.repeat(image.numpy()[None], rows, axis=0),
             "txt_ids": np.zeros((rows, text_length, 3), dtype=np.float32),
@@ -168,12 +183,13 @@ def _flux_pipeline() -> Any:
 
 
 def _set_timesteps(
-    scheduler: Any, steps: int, height: int, width: int, patch_size: int, flux: bool
+    scheduler: Any, steps: int, height: int, width: int, patch_size: int, sets_sigmas: bool
 ) -> torch.Tensor:
-    """Sigmas and timesteps exactly as ``FluxPipeline`` / ``StableDiffusion3Pipeline`` set them."""
+    """Sigmas and timesteps exactly as ``FluxPipeline`` (``sets_sigmas``) / ``StableDiffusion3Pipeline``
+    set them."""
     config = scheduler.config
     image_seq_len = (height // patch_size) * (width // patch_size)
-    if flux:
+    if sets_sigmas:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
         sigmas: Any = np.linspace(1.0, 1 / steps, steps)
@@ -225,6 +241,6 @@ def _flow_step(
 
 def pipeline_for(model: DiffusionModel, client: InferenceClient) -> TextToImagePipeline:
     """The loop for the model's family: flow matching for SD3 / FLUX, the UNet loop otherwise."""
-    if model.source.is_transformer:
+    if model.source.family.flow_matching:
         return FlowMatchPipeline(model, client)
     return TextToImagePipeline(model, client)

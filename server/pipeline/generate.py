@@ -76,6 +76,7 @@ class TextToImagePipeline:
         self.model = model
         self.client = client
         self.source = model.source
+        self.family = model.source.family
 
     async def __call__(
         self,
@@ -85,6 +86,8 @@ class TextToImagePipeline:
     ) -> Generation:
         do_cfg = request.guidance_scale > 1 and self.model.guidance_allowed
         positive, negative = self.model.prompts(request.prompt, request.negative_prompt)
+        # The base UNet, or the variant a LoRA set named.
+        denoiser = request.denoiser or self.source.denoiser
 
         # 1. text encoders
         start = time.perf_counter()
@@ -115,10 +118,10 @@ class TextToImagePipeline:
                 timestep = np.full(model_input.shape[0], float(t), dtype=np.float32)
                 out = await infer_rows(
                     self.client,
-                    request.unet,
+                    denoiser,
                     {"sample": model_input.numpy(), "timestep": timestep, **step_cond},
                     "noise_pred",
-                    request.model_parameters.get(request.unet),
+                    request.model_parameters.get(denoiser),
                 )
                 rows = len(model_input)
                 latents, model_input = await cpu(
@@ -167,12 +170,12 @@ class TextToImagePipeline:
             calls.append(self.client.infer(name, {"input_ids": input_ids}, outputs, parameters))
         results = await asyncio.gather(*calls)
 
-        if self.source.is_sdxl:
+        conditioning = self.family.conditioning
+        if conditioning.hidden == "penultimate":
             hidden = np.concatenate([r["penultimate_hidden_state"] for r in results], axis=-1)
-            pooled = results[-1]["pooled"]
         else:
             hidden = results[0]["last_hidden_state"]
-            pooled = None
+        pooled = self._pooled(results) if conditioning.pooled else None
         pos_hidden, pos_pooled = hidden[:1], None if pooled is None else pooled[:1]
         if encode_negative:
             neg_hidden, neg_pooled = hidden[1:2], None if pooled is None else pooled[1:2]
@@ -187,13 +190,21 @@ class TextToImagePipeline:
             return np.concatenate([np.repeat(neg, num_images, axis=0), pos]) if do_cfg else pos
 
         cond = {"encoder_hidden_states": rows(pos_hidden, neg_hidden)}
-        if self.source.is_sdxl:
+        if conditioning.pooled:
             assert pos_pooled is not None and neg_pooled is not None
-            cond["text_embeds"] = rows(pos_pooled, neg_pooled)
+            cond[conditioning.pooled] = rows(pos_pooled, neg_pooled)
+        if conditioning.time_ids:
             h, w = request.height, request.width
             time_ids = np.array([[h, w, 0, 0, h, w]], dtype=np.float32)
-            cond["time_ids"] = np.repeat(time_ids, len(cond["text_embeds"]), axis=0)
+            cond["time_ids"] = np.repeat(time_ids, len(cond["encoder_hidden_states"]), axis=0)
         return cond
+
+    def _pooled(self, results: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+        """The pooled embeddings: the pooled outputs of the encoders the family pools, side by side."""
+        encoders = self.family.text_encoders
+        return np.concatenate(
+            [r["pooled"] for r, e in zip(results, encoders, strict=True) if e.pooled], axis=-1
+        )
 
 
 async def infer_rows(

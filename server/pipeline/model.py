@@ -139,10 +139,11 @@ class DiffusionModel:
         rule that requires its scheduler (SDXL-Lightning) takes precedence over both.  ``repository``
         is the exported repository, whose serving tokenizers spare the transformers import."""
         self.source = source
+        self.family = family = source.family
         self.rule = rule
         # Tokens per prompt: CLIP's own length; for T5 the rule's (FLUX.1-schnell 256, dev 512), else
         # the pipeline's default.
-        t5_length = rule.max_sequence_length or (512 if source.is_flux else 256)
+        t5_length = rule.max_sequence_length or family.t5_length
         self.tokenizers = prompt_tokenizers(source, t5_length, repository)
         config = source.config("scheduler")
         name = scheduler or str(config["_class_name"])
@@ -152,7 +153,7 @@ class DiffusionModel:
         cls = getattr(diffusers, name, None)
         if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
             raise ValueError(f"unknown diffusers scheduler '{name}'")
-        if source.is_transformer and not _flow_scheduler(cls, needs_sigmas=source.is_flux):
+        if family.flow_matching and not _flow_scheduler(cls, needs_sigmas=family.sets_sigmas):
             raise ValueError(f"{source.pipeline_class} needs a flow-matching scheduler, not '{name}'")
         self._scheduler_template = cls.from_config(config)
         denoiser = source.config(source.denoiser)
@@ -175,7 +176,7 @@ class DiffusionModel:
     @property
     def max_side(self) -> int | None:
         """The largest image side the denoiser takes, where it has one (SD3's position embedding)."""
-        if not self.source.is_sd3:
+        if not self.family.pos_embed_limit:
             return None
         size = self.source.config(self.source.denoiser).get("pos_embed_max_size")
         return None if size is None else int(size) * self.size_multiple
@@ -197,11 +198,12 @@ class DiffusionModel:
         parts = split_prompt(prompt, self.encoders)
         if not parts:
             raise BadRequest("Prompt must be provided.")
-        if self.source.is_transformer:
-            # More parts than encoders is a mistake here (FLUX ignores its negative prompt).
+        if self.family.strict_prompt_parts:
+            # More parts than encoders is a mistake here (a family without guidance ignores its
+            # negative prompt: FLUX).
             checked = {
                 "prompt": prompt,
-                **({"negative_prompt": negative_prompt} if self.source.is_sd3 else {}),
+                **({"negative_prompt": negative_prompt} if self.family.classifier_free_guidance else {}),
             }
             for field_name, text in checked.items():
                 count = sum(1 for p in text.split("|") if p.strip())

@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from export.contract import specs
-
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -22,7 +20,7 @@ class GenerationRequest:
     num_images: int
     seed: int
     # Triton models to run: the base ones, or the merged variants of a LoRA set.
-    unet: str = specs.UNET
+    denoiser: str = ""  # the UNet or transformer; empty: the model's own
     text_encoders: tuple[str, ...] = ()  # empty: the model's own
     # Request parameters per Triton model (a LoRA variant: {"unet": {"lora_variant": key}}).
     model_parameters: Mapping[str, Mapping[str, str]] = field(default_factory=dict)

@@ -54,14 +54,14 @@ WEIGHT_DECIMALS: Final = 6
 class VariantModels:
     """The Triton models one request runs, and the request parameters each of them gets."""
 
-    unet: str
+    denoiser: str  # the UNet or transformer
     text_encoders: tuple[str, ...]
     key: str = ""  # empty for the base model
     parameters: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:
-        return (self.unet, *self.text_encoders)
+        return (self.denoiser, *self.text_encoders)
 
 
 class ModelControl(Protocol):
@@ -87,7 +87,7 @@ class ParameterServing:
 
     def models(self, base: VariantModels, record: VariantRecord) -> VariantModels:
         params = {m: {VARIANT_PARAMETER: record.key} for m in record.files}
-        return VariantModels(base.unet, base.text_encoders, record.key, params)
+        return VariantModels(base.denoiser, base.text_encoders, record.key, params)
 
     async def load(self, models: VariantModels) -> None:
         return None  # the model opens the variant's session on its first batch
@@ -114,7 +114,7 @@ class ModelPerVariant:
             return f"{model}__{record.key}" if model in record.files else model
 
         self._files[record.key] = record.files
-        return VariantModels(name(base.unet), tuple(name(t) for t in base.text_encoders), record.key)
+        return VariantModels(name(base.denoiser), tuple(name(t) for t in base.text_encoders), record.key)
 
     async def load(self, models: VariantModels) -> None:
         client = self._client()
