@@ -3,7 +3,11 @@ become the base model's module names (:meth:`LoraWeights.resolve`).
 
 Names in the diffusers layout are module names already, up to the suffix (``.lora_A.weight``, the older
 ``.lora.down.weight`` / ``.lora_linear_layer.down.weight`` / attention-processor ``to_q_lora.down.weight``:
-:func:`module_part`). kohya SD / SDXL names are converted by diffusers' own converters, the two calls that
+:func:`module_part`, one table for every component). diffusers' ``convert_unet_state_dict_to_peft`` /
+``convert_state_dict_to_peft`` do this per component by string replaces, and are not used: the text
+encoders' one infers the layout from the whole dict and raises "Could not automatically infer state dict
+type" for a PEFT file with only MLP layers, the UNet's leaves ``.lora_linear_layer.`` names as they are.
+kohya SD / SDXL names are converted by diffusers' own converters, the two calls that
 ``StableDiffusionXLLoraLoaderMixin.lora_state_dict`` makes for such a file:
 ``_maybe_map_sgm_blocks_to_diffusers`` (kohya's SDXL trainer writes the SGM/LDM block names; the block
 layout comes from the base's own module names, as diffusers takes it from the UNet config) and
@@ -202,7 +206,11 @@ def _kohya_modules(
 
     The converters move values without reading them, so each layer goes in as its own value and comes
     out under its converted name; alphas stay out (each layer has its scale: diffusers would apply
-    one alpha to all attention layers of a file whose alphas differ).
+    one alpha to all attention layers of a file whose alphas differ). A layer that diffusers names after
+    no module of the base (its heuristics collapse a diffusers-spelled ``add_embedding_linear_1``; it drops
+    the SGM names of a file that mixes both layouts; its SGM block matching by substring fails on a UNet
+    with 10 or more input blocks, SD 1.5's) is refused, as every layer without a module is: diffusers
+    would skip it with a warning.
     """
     from diffusers.loaders.lora_conversion_utils import (
         _convert_non_diffusers_lora_to_diffusers,
