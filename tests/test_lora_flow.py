@@ -133,9 +133,7 @@ def test_kohya_flux_single_block_linear1_is_split_into_qkv_and_mlp(
     prefix = "single_transformer_blocks.0."
     names = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
     assert set(merged) == {f"{prefix}{n}.weight" for n in names}
-    up = torch.cat(
-        [lora.layers["transformer"][f"single_transformer_blocks_0_{n.replace('.', '_')}"].up for n in names]
-    )
+    up = torch.cat([lora.layers["transformer"][f"{prefix}{n}"].up for n in names])
     delta = torch.cat([merged[f"{prefix}{n}.weight"] - base[f"{prefix}{n}.weight"] for n in names])
     torch.testing.assert_close(delta, layer.scale * up @ layer.down, atol=1e-6, rtol=0)
 

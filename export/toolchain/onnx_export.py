@@ -79,7 +79,7 @@ def export_onnx(module: nn.Module, spec: ModelSpec, trace_sizes: dict[str, int],
             opset_version=OPSET,
             export_params=False,
             # Every parameter keeps its own initializer, named after it, so LoRA variants
-            # (export/models/lora.py) and TensorRT refits replace weights by name. Constant folding would
+            # (export/models/lora/) and TensorRT refits replace weights by name. Constant folding would
             # pre-transpose Linear weights into anonymous ``onnx::MatMul_*`` initializers, and the
             # deduplication pass (off only with keep_initializers_as_inputs) would let equal-valued
             # parameters share one. onnxruntime and TensorRT fold the transposes when they load.
