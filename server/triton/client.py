@@ -6,10 +6,19 @@ input's raw bytes; the answer is a JSON header, then each output's raw bytes.  O
 per connection (HTTP/1.1), a pool of idle connections reused; at most ``connections`` calls are on the
 wire at once, the others wait for a free one.
 
-Why not tritonclient's clients: a UNet step over this exchange spends about 0.5 ms less outside the
-model than over tritonclient's gRPC aio client (whose completions reach the event loop through a
-poller thread), and about 2 ms less than over its aiohttp-based HTTP client (bench/RESULTS.md, the
-overhead section).
+Why not tritonclient's clients: a UNet step over this exchange spends less time outside the model than
+over tritonclient's gRPC aio client (whose completions reach the event loop through a poller thread)
+or its aiohttp-based HTTP client (bench/RESULTS.md, "HTTP to Triton instead of gRPC").
+
+Why the bodies are made and read here (:func:`inference_body`, :func:`inference_outputs`) and not by
+tritonclient's ``InferenceServerClient.generate_request_body`` and ``parse_response_body``: those
+copy each input twice (``tobytes``, then one joined body) before the transport copies it, where this
+module hands the arrays' own buffers to the transport, and they read each output through two more
+copies.  Measured through ``bench/transport.py``, an inline SD 1.5 or SDXL call was slower with them
+by far more than the run-to-run spread (bench/RESULTS.md, "Request bodies: tritonclient's helpers or
+the client's own"); and importing them needs tritonclient's ``http`` extra (gevent,
+geventhttpclient, aiohttp), which the service does not otherwise use.  Only tritonclient's dtype
+tables are used here.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ _DEAD_STUB = re.compile(r"Stub process '[^']*' is not healthy")
 
 DEFAULT_CONNECTIONS = 64
 # Constant inputs below this many bytes go inline: a region's register and unregister calls cost more
-# than they save (the tiny model's 19 KiB of embeddings: 0.03 ms a step; bench/RESULTS.md).
+# than they save at the tiny model's size (bench/RESULTS.md, the transport figures).
 SHARED_MIN_BYTES = 64 * 1024
 # What a server that is not Triton's HTTP endpoint (most likely its gRPC port, HTTP/2 only) gets told.
 NOT_HTTP = (

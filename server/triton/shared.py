@@ -1,8 +1,8 @@
 """A request's constant inputs in a system shared-memory region that Triton reads in place.
 
 A request's text embeddings are the same at each of its UNet steps.  Sent inline, Triton reads them
-off the socket at every step: with guidance, SD 1.5's 462 KiB cost 0.7 ms a call more than naming a
-region, SDXL's 1.2 MiB 2.1 ms (bench/RESULTS.md, 2 CPU cores).  When Triton runs on this host and
+off the socket at every step, which costs SD 1.5's and SDXL's guided calls a good share of their
+exchange (bench/RESULTS.md, the ``bench/transport.py`` figures).  When Triton runs on this host and
 shares its ``/dev/shm``, :class:`Region` holds them for the request and each call names the region
 (:class:`SharedArray`) instead of carrying the bytes.  The region's file is created with its pages
 allocated (a full ``/dev/shm`` is an error here, not a SIGBUS on the first write), only while half
