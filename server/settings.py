@@ -1,59 +1,27 @@
-"""The service's settings: one object built once at start, defaults < environment < CLI."""
+"""The service's settings: one frozen msgspec Struct built once at start, defaults < environment < CLI.
+
+Each field carries its constraints and its one description (``msgspec.Meta``); msgspec checks them
+and converts environment and command-line strings.  A field's environment variable is its name in
+capitals (``Meta(extra={"env": ...})`` would name another; the names follow Livepeer's ai-runner where
+it has one) and its flag ``--name-with-dashes``.  The README's settings table is generated from the
+fields: ``python -m server.settings --markdown`` prints it, ``--update README.md`` rewrites it, and
+tests/test_settings.py fails while the README's differs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
-# Environment variable -> settings field.  Names follow Livepeer's ai-runner where it has one.
-ENV_NAMES: dict[str, str] = {
-    "PIPELINE": "pipeline",
-    "MODEL_ID": "model_id",
-    "MODEL_DIR": "model_dir",
-    "AUTH_TOKEN": "auth_token",
-    "TRITON_URL": "triton_url",
-    "MODEL_REPOSITORY": "model_repository",
-    "STATE_DIR": "state_dir",
-    "HOST": "host",
-    "PORT": "port",
-    "VERSION": "version",
-    "SCHEDULER": "scheduler",
-    "MAX_LORAS": "max_loras",
-    "MAX_IMAGES": "max_images",
-    "MAX_PIXELS": "max_pixels",
-    "MAX_BATCH_PIXELS": "max_batch_pixels",
-    "TRITON_TIMEOUT_S": "triton_timeout_s",
-    "TRITON_SHARED_MEMORY": "triton_shared_memory",
-    "STARTUP_TIMEOUT_S": "startup_timeout_s",
-    "MAX_STEPS": "max_steps",
-    "MAX_IN_FLIGHT": "max_in_flight",
-    "MAX_QUEUE": "max_queue",
-    "REQUEST_TIMEOUT_S": "request_timeout_s",
-    "HEALTH_INTERVAL_S": "health_interval_s",
-    "SAFETY_CHECKER": "safety_checker",
-    "LORA_DIR": "lora_dir",
-    "MAX_LORA_VARIANTS": "max_lora_variants",
-    "LORA_EXTRA_DIRS": "lora_extra_dirs",
-    "LORA_HUB": "lora_hub",
-    "LORA_HUB_TIMEOUT_S": "lora_hub_timeout_s",
-    "HF_ENDPOINT": "hf_endpoint",
-    "LORA_MAX_MB": "lora_max_mb",
-    "LORA_CACHE_GB": "lora_cache_gb",
-    "LORA_BUILD_CONCURRENCY": "lora_build_concurrency",
-    "LORA_PRELOAD": "lora_preload",
-    "WARMUP": "warmup",
-    "TORCH_THREADS": "torch_threads",
-    "MALLOC_ARENA_MAX": "malloc_arena_max",
-    "MEMORY_RELEASE_S": "memory_release_s",
-    "MAX_BODY_BYTES": "max_body_bytes",
-    "HTTP_RETRY_STATUSES": "http_retry_statuses",
-    "TRITONSERVER": "tritonserver",
-}
+import msgspec
+import msgspec.inspect as mi
+from msgspec import Meta
 
 
 class SettingsError(ValueError):
@@ -74,160 +42,404 @@ def triton_address(url: str) -> tuple[str, int]:
     return parsed.hostname, port
 
 
-@dataclass(frozen=True)
-class Settings:
-    pipeline: str = "text-to-image"
-    model_id: str = ""
-    model_dir: Path = Path("/models")
-    auth_token: str | None = None
-    # Triton's HTTP endpoint (host:port); empty: start the bundled tritonserver on ``model_repository``.
-    triton_url: str = ""
-    model_repository: Path = Path("model_repository/default")
-    state_dir: Path = Path("state")
-    host: str = "0.0.0.0"
-    port: int = 8000
-    version: str = "0.1.0"
-    # A diffusers scheduler class name replacing the model's own (its config is kept).
-    scheduler: str = ""
-    max_loras: int = 4
-    max_images: int = 4
-    max_pixels: int = 1024 * 1024
-    # Image pixels (rows x height x width, CFG rows included) one UNet / VAE batch of the bundled
-    # Triton's python-onnx models runs at once; a bigger dynamic batch runs in chunks, and a request
-    # whose own rows exceed it is a 400.  The default admits MAX_IMAGES images of MAX_PIXELS with CFG.
-    max_batch_pixels: int = 8 * 1024 * 1024
-    max_steps: int = 200
-    # Generations running at once (their UNet steps batch together in Triton), and waiting beyond them.
-    max_in_flight: int = 8
-    max_queue: int = 32
-    # Per request, from arrival to answer (waiting for the model to load and for a slot included);
-    # past it: 500 (503 with HTTP_RETRY_STATUSES) naming what it waited for.
-    request_timeout_s: float = 600.0
-    health_interval_s: float = 1.0
-    # Where LoRA names are looked up (besides local paths and Hub ids).
-    lora_dir: Path | None = None
-    # LoRA variants in use / resident at once; the least recently used idle one goes first.
-    max_lora_variants: int = 4
-    # More folders LoRA names are looked up in, after LORA_DIR (separated by ':').
-    lora_extra_dirs: str = ""
-    # Whether LoRA ids may name Hugging Face Hub repositories; off: only the folders above.
-    lora_hub: bool = True
-    # Longest wait for the Hub per lookup and per download; past it the request is refused (500).
-    lora_hub_timeout_s: float = 20.0
-    # The Hub's address ("" = huggingface_hub's default, https://huggingface.co).
-    hf_endpoint: str = ""
-    # Largest LoRA file fetched from the Hub (safetensors only).
-    lora_max_mb: float = 512.0
-    # Disk for LoRA variants and downloaded LoRAs; least recently used idle entries are deleted first.
-    lora_cache_gb: float = 20.0
-    # Variant builds running at once.
-    lora_build_concurrency: int = 1
-    # python-onnx on the bundled Triton: the models a LoRA can change open their LoRA-variant session
-    # in the background at start (a second copy of their weights in memory), so the service's first
-    # LoRA request waits only for its build; off: opened on that request (22.6 s on the mid model).
-    # Off by default: it holds the stubs' GIL while the service warms up (cold start +3-4 s, tiny).
-    lora_preload: bool = False
-    # "auto": use Triton's safety_checker model when the repository has one; "off": never.
-    safety_checker: str = "auto"
-    triton_timeout_s: float = 300.0
-    # A request's text embeddings go to Triton once, in a /dev/shm region it reads at every step, when
-    # Triton runs on this host (found out at the first request; each region lives for its request).
-    triton_shared_memory: bool = True
-    startup_timeout_s: float = 300.0
-    warmup: bool = True
-    torch_threads: int = 1
-    # glibc malloc arenas of the service process (glibc's own variable): more let the RSS creep with
-    # memory freed on many threads (export/models/heap.py).
-    malloc_arena_max: int = 2
-    # The bundled Triton's python-onnx models keep the memory a batch freed for the next one (a fresh
-    # page per allocation cost 40% of a tiny UNet step) and give it back after this many idle
-    # seconds; 0: after every batch.
-    memory_release_s: float = 2.0
-    # Request body size; a larger body is a 400 (413 with HTTP_RETRY_STATUSES) before it is read in full.
-    max_body_bytes: int = 1024 * 1024
-    # Answer a request the service cannot serve now with 503 + Retry-After, and a body over
-    # MAX_BODY_BYTES with 413, for a generic load balancer that retries on them.  Off: 500 and 400, the
-    # only statuses besides 200, 401 and 422 that go-livepeer and the livepeer-ai SDK parse.
-    http_retry_statuses: bool = False
-    # The tritonserver binary to start when TRITON_URL is empty: this path; empty: `tritonserver` on
-    # PATH (the Docker image's), else the one bundled in the nvidia-pytriton wheel.
-    tritonserver: str = ""
-    extra: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+NOTES = "docs/settings.md"  # the longer notes some descriptions point to
+AT_LEAST_1 = Meta(ge=1)
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """What the service reads; the README's settings table lists the fields in this order."""
+
+    model_id: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            description="Hub id or local diffusers folder; distilled ids (`lightning`, `turbo`) switch on "
+            "the model rules (`server/pipeline/rules.py`)",
+        ),
+    ] = ""
+    model_dir: Annotated[Path, Meta(description="Hugging Face cache for Hub ids")] = Path("/models")
+    model_repository: Annotated[Path, Meta(description="Triton repository the bundled Triton serves")] = Path(
+        "model_repository/default"
+    )
+    triton_url: Annotated[
+        str,
+        Meta(
+            description="HTTP `host:port` (or `http://host:port`; port 8000 when left out) of a running "
+            "Triton, spoken to over HTTP/REST with binary tensors, not gRPC; empty: start the bundled "
+            "one (and restart it if it dies)"
+        ),
+    ] = ""
+    state_dir: Annotated[
+        Path,
+        Meta(
+            description="the bundled Triton's backend folder, log (`triton.log`) and pid file "
+            f"(`tritonserver.json`); one per service ({NOTES})"
+        ),
+    ] = Path("state")
+    host: Annotated[str, Meta(description="address the service listens on")] = "0.0.0.0"
+    port: Annotated[int, Meta(ge=1, le=65535, description="port the service listens on")] = 8000
+    auth_token: Annotated[
+        str | None,
+        Meta(description="bearer token required on `/text-to-image` (compared in constant time)"),
+    ] = None
+    version: Annotated[str, Meta(description="reported by `/version`")] = "0.1.0"
+    scheduler: Annotated[
+        str,
+        Meta(
+            description="a diffusers scheduler class name replacing the model's own, built from the "
+            "model's scheduler config; empty: the model's own"
+        ),
+    ] = ""
+    max_pixels: Annotated[int, AT_LEAST_1, Meta(description="height x width per image; above: 400")] = (
+        1024 * 1024
+    )
+    max_images: Annotated[int, AT_LEAST_1, Meta(description="`num_images_per_prompt`; above: 400")] = 4
+    max_batch_pixels: Annotated[
+        int,
+        AT_LEAST_1,
+        Meta(
+            description="image pixels (rows x height x width, guidance rows included) one UNet / VAE "
+            "batch of the bundled Triton's python-onnx models runs at once; a request whose own rows "
+            f"exceed it: 400 ({NOTES})"
+        ),
+    ] = 8 * 1024 * 1024
+    max_loras: Annotated[int, AT_LEAST_1, Meta(description="LoRAs per request; above: 400")] = 4
+    lora_dir: Annotated[
+        Path | None,
+        Meta(
+            description="folder where LoRA names are looked up (the only local source, with LORA_EXTRA_DIRS)"
+        ),
+    ] = None
+    lora_extra_dirs: Annotated[
+        str, Meta(description="more allowed LoRA folders, `:`-separated, looked up after LORA_DIR")
+    ] = ""
+    lora_hub: Annotated[
+        bool,
+        Meta(
+            description="whether LoRA ids may name Hugging Face Hub repositories; false: only LORA_DIR "
+            "and LORA_EXTRA_DIRS"
+        ),
+    ] = True
+    lora_hub_timeout_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="longest wait for the Hub per lookup and per download; past it the request is "
+            "refused (500 naming the LoRA)",
+        ),
+    ] = 20.0
+    hf_endpoint: Annotated[
+        str, Meta(description="the Hub's address; empty: huggingface_hub's default, https://huggingface.co")
+    ] = ""
+    lora_max_mb: Annotated[
+        float,
+        Meta(gt=0, description="largest LoRA file downloaded from the Hub (safetensors only); above: 400"),
+    ] = 512.0
+    lora_cache_gb: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="disk for LoRA variants' overrides and downloaded LoRAs; the least recently used "
+            "idle entries are deleted first",
+        ),
+    ] = 20.0
+    lora_build_concurrency: Annotated[int, AT_LEAST_1, Meta(description="variant builds running at once")] = 1
+    lora_preload: Annotated[
+        bool,
+        Meta(
+            description="python-onnx on the bundled Triton: the models a LoRA can change open their "
+            "LoRA-variant session at start, so the first LoRA request waits only for its build; it "
+            f"delays `/health` OK ({NOTES})"
+        ),
+    ] = False
+    max_lora_variants: Annotated[
+        int,
+        AT_LEAST_1,
+        Meta(
+            description="LoRA variants in use / resident at once, the least recently used idle one "
+            "leaving first (python-onnx: override sets held per model; the model reads it too)"
+        ),
+    ] = 4
+    max_steps: Annotated[int, AT_LEAST_1, Meta(description="`num_inference_steps`; above: 400")] = 200
+    max_in_flight: Annotated[
+        int,
+        AT_LEAST_1,
+        Meta(description="generations running at once (their UNet steps batch together in Triton)"),
+    ] = 8
+    max_queue: Annotated[
+        int,
+        Meta(
+            ge=0,
+            description="requests waiting (for the model to load, or for a slot) beyond MAX_IN_FLIGHT; "
+            'the next one is refused at once: 500 "The service is busy ..."',
+        ),
+    ] = 32
+    request_timeout_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="per request, from arrival, waiting for the model to load and for a slot "
+            'included; past it: 500 "The request did not finish within N s (REQUEST_TIMEOUT_S): <what '
+            'it waited for>" (503 with HTTP_RETRY_STATUSES)',
+        ),
+    ] = 600.0
+    safety_checker: Annotated[
+        Literal["auto", "off"],
+        Meta(
+            description="`auto`: run Triton's `safety_checker` model when the repository has one; "
+            "`off`: never"
+        ),
+    ] = "auto"
+    health_interval_s: Annotated[float, Meta(gt=0, description="how often the service checks Triton")] = 1.0
+    triton_timeout_s: Annotated[float, Meta(description="per Triton call")] = 300.0
+    triton_shared_memory: Annotated[
+        bool,
+        Meta(
+            description="a request's text embeddings go to Triton once, in a `/dev/shm` region it reads "
+            f"at each step, when Triton shares this host's `/dev/shm`; else inline ({NOTES})"
+        ),
+    ] = True
+    startup_timeout_s: Annotated[float, Meta(description="longest wait for the bundled Triton to start")] = (
+        300.0
+    )
+    warmup: Annotated[bool, Meta(description="run one small generation before reporting OK")] = True
+    torch_threads: Annotated[
+        int, AT_LEAST_1, Meta(description="threads for the scheduler math on the service")
+    ] = 1
+    malloc_arena_max: Annotated[
+        int,
+        AT_LEAST_1,
+        Meta(
+            description="glibc malloc arenas of the service process (glibc reads the same variable); more "
+            "let its RSS creep with memory freed on many threads (export/models/heap.py)"
+        ),
+    ] = 2
+    memory_release_s: Annotated[
+        float,
+        Meta(
+            ge=0,
+            description="idle seconds after which the bundled Triton's python-onnx models give back the "
+            f"memory a batch freed (kept for the next batch until then); 0: after every batch ({NOTES})",
+        ),
+    ] = 2.0
+    max_body_bytes: Annotated[
+        int,
+        AT_LEAST_1,
+        Meta(
+            description="request body size; above: 400 (413 with HTTP_RETRY_STATUSES), refused before the "
+            "body is read in full (docs/api.md, Request limits)"
+        ),
+    ] = 1024 * 1024
+    http_retry_statuses: Annotated[
+        bool,
+        Meta(
+            description="true: a request the service cannot serve now is 503 with `Retry-After: 5`, a body "
+            f"over MAX_BODY_BYTES 413, for a generic load balancer; never behind go-livepeer ({NOTES})"
+        ),
+    ] = False
+    tritonserver: Annotated[
+        str,
+        Meta(
+            description="`tritonserver` binary started when TRITON_URL is empty; empty: `tritonserver` on "
+            "PATH (the Docker image's, with the TensorRT backend), else the nvidia-pytriton wheel's"
+        ),
+    ] = ""
+    pipeline: Annotated[Literal["text-to-image"], Meta(description="the only pipeline served")] = (
+        "text-to-image"
+    )
 
     def __post_init__(self) -> None:
-        if self.pipeline != "text-to-image":
-            raise SettingsError(f"PIPELINE '{self.pipeline}' is not served here (only text-to-image)")
-        if not self.model_id:
-            raise SettingsError("MODEL_ID is required: a Hugging Face model id or a local diffusers folder")
-        for name in (
-            "max_loras",
-            "max_images",
-            "max_pixels",
-            "max_batch_pixels",
-            "max_steps",
-            "max_in_flight",
-            "max_lora_variants",
-            "lora_build_concurrency",
-            "torch_threads",
-            "malloc_arena_max",
-            "max_body_bytes",
-        ):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"{name} must be at least 1")
-        if self.max_queue < 0 or self.request_timeout_s <= 0 or self.health_interval_s <= 0:
-            raise SettingsError("max_queue must be >= 0; request_timeout_s and health_interval_s > 0")
-        if self.memory_release_s < 0:
-            raise SettingsError("memory_release_s must be >= 0")
-        if self.lora_hub_timeout_s <= 0 or self.lora_max_mb <= 0 or self.lora_cache_gb <= 0:
-            raise SettingsError("lora_hub_timeout_s, lora_max_mb and lora_cache_gb must be > 0")
-        if self.safety_checker not in ("auto", "off"):
-            raise SettingsError(f"safety_checker must be 'auto' or 'off', got '{self.safety_checker}'")
+        for field in FIELDS.values():
+            field.check(getattr(self, field.name))
         if self.triton_url:
             triton_address(self.triton_url)
-        if not 0 < self.port < 65536:
-            raise SettingsError(f"port {self.port} is out of range")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Defaults, then the environment, then ``overrides`` (the CLI); values are converted by type."""
+        """Defaults, then the environment, then ``overrides`` (the CLI; None: not given)."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for env_name, attr in ENV_NAMES.items():
-            if env.get(env_name, "") != "":
-                values[attr] = env[env_name]
+        values = {f.name: env[f.env] for f in FIELDS.values() if env.get(f.env, "") != ""}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**{k: _convert(k, v) for k, v in values.items()})
+        return cls(**{k: _field(k).convert(v) for k, v in values.items()})
 
     def with_overrides(self, **overrides: Any) -> Settings:
-        return replace(self, **{k: _convert(k, v) for k, v in overrides.items()})
+        return msgspec.structs.replace(self, **{k: _field(k).convert(v) for k, v in overrides.items()})
 
 
-_TYPES = {f.name: f.type for f in fields(Settings)}
+# Boolean words beyond msgspec's own (true/false, 1/0, any case).
+_BOOL_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
+# msgspec.Meta's bounds: (attribute, in words, as a symbol)
+_BOUNDS = (
+    ("ge", "at least", ">="),
+    ("gt", "greater than", ">"),
+    ("le", "at most", "<="),
+    ("lt", "less than", "<"),
+)
 
 
-def _convert(name: str, value: Any) -> Any:
-    if name not in _TYPES:
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, str | os.PathLike):
+        return Path(value)
+    raise NotImplementedError
+
+
+class Setting(NamedTuple):
+    """One setting as msgspec sees it: the annotated type it checks values against and its constraints."""
+
+    name: str
+    env: str
+    annotation: Any
+    info: mi.Type  # constraints and kind, from msgspec.inspect
+    description: str
+    default: Any
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name.replace('_', '-')}"
+
+    def convert(self, value: Any) -> Any:
+        """A string from the environment or the CLI (or a value as is) -> this setting's type."""
+        if not isinstance(value, str):
+            return value
+        if isinstance(self.info, mi.IntType | mi.FloatType | mi.BoolType):
+            value = value.strip()
+        if isinstance(self.info, mi.BoolType):
+            value = _BOOL_WORDS.get(value.lower(), value)
+        return self.check(value, strict=False)
+
+    def check(self, value: Any, strict: bool = True) -> Any:
+        try:
+            return msgspec.convert(value, self.annotation, strict=strict, dec_hook=_dec_hook)
+        except msgspec.ValidationError:
+            raise SettingsError(self.refusal(value, strict)) from None
+
+    def refusal(self, value: Any, strict: bool) -> str:
+        """Why ``value`` is refused, naming the setting, its variable and what it accepts."""
+        where = f"(env {self.env}, flag {self.flag})"
+        if value == "" and isinstance(self.info, mi.StrType) and self.info.min_length:
+            return f"{self.env} is required: {self.description}"
+        try:  # of the right kind: a constraint refused it
+            msgspec.convert(value, _bare(self.annotation), strict=strict, dec_hook=_dec_hook)
+        except msgspec.ValidationError:
+            return f"{self.name} must be {kind_of(self.info, prose=True)}, got {value!r} {where}"
+        return f"{self.name} must be {' and '.join(bounds_of(self.info))}, got {value!r} {where}"
+
+
+def _bare(annotation: Any) -> Any:
+    """The type without its ``Annotated`` constraints."""
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+
+
+def _unwrap(info: mi.Type) -> mi.Type:
+    info = info.type if isinstance(info, mi.Metadata) else info
+    if isinstance(info, mi.UnionType):  # X | None: None is the default, unset
+        (info,) = [t for t in info.types if not isinstance(t, mi.NoneType)]
+    return info
+
+
+def bounds_of(info: mi.Type, prose: bool = True) -> list[str]:
+    """A number's bounds: ``["at least 1", "at most 65535"]``, or not ``prose``: ``[">= 1", "<= 65535"]``."""
+    bounds = [(word if prose else symbol, getattr(info, attr, None)) for attr, word, symbol in _BOUNDS]
+    return [f"{word} {value:g}" for word, value in bounds if value is not None]
+
+
+_KINDS = {mi.IntType: "integer", mi.FloatType: "number", mi.BoolType: "boolean", mi.CustomType: "path"}
+_KINDS_IN_PROSE = {
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "a boolean (true/false, 1/0, yes/no, on/off)",
+    "path": "a path",
+}
+
+
+def kind_of(info: mi.Type, prose: bool = False) -> str:
+    """What a setting accepts, as the settings table (or, ``prose``, an error message) says it."""
+    if isinstance(info, mi.LiteralType):
+        return " or ".join(repr(v) if prose else f"`{v}`" for v in info.values)
+    kind = _KINDS.get(type(info), "text")
+    if prose:
+        return _KINDS_IN_PROSE.get(kind, kind)
+    return " ".join([kind, ", ".join(bounds_of(info, prose=False))]).strip()
+
+
+def _fields() -> dict[str, Setting]:
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    info = mi.type_info(Settings)
+    assert isinstance(info, mi.StructType)
+    found = {}
+    for f in info.fields:
+        meta = [m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Meta)]
+        description = next(m.description for m in meta if m.description)
+        env = next((m.extra["env"] for m in meta if m.extra and "env" in m.extra), f.name.upper())
+        found[f.name] = Setting(f.name, env, hints[f.name], _unwrap(f.type), description, f.default)
+    return found
+
+
+FIELDS: dict[str, Setting] = _fields()
+# Environment variable -> settings field.
+ENV_NAMES: dict[str, str] = {f.env: f.name for f in FIELDS.values()}
+
+
+def _field(name: str) -> Setting:
+    if name not in FIELDS:
         raise SettingsError(f"unknown setting '{name}'")
-    if not isinstance(value, str):
-        return value
-    kind = str(_TYPES[name])
-    try:
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "bool":
-            if value.lower() not in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
-                raise ValueError(value)
-            return value.lower() in {"1", "true", "yes", "on"}
-        if kind in ("Path", "Path | None"):
-            return Path(value)
-    except ValueError as e:
-        raise SettingsError(f"setting {name}={value!r} is not a valid {kind}") from e
-    return value
+    return FIELDS[name]
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per setting; each overrides its environment variable."""
-    for env_name, attr in ENV_NAMES.items():
-        parser.add_argument(f"--{attr.replace('_', '-')}", dest=attr, default=None, help=f"(env {env_name})")
+    for f in FIELDS.values():
+        help_text = f"{f.description} (env {f.env}; {kind_of(f.info)})".replace("%", "%%")
+        parser.add_argument(f.flag, dest=f.name, default=None, help=help_text)
+
+
+# The README's settings table lies between these lines.
+TABLE_BEGIN = "<!-- settings table: generated by `python -m server.settings --markdown`, do not edit -->"
+TABLE_END = "<!-- end of the settings table -->"
+
+
+def _default_text(f: Setting) -> str:
+    if isinstance(f.info, mi.StrType) and f.info.min_length:
+        return "required"
+    if f.default is None:
+        return "unset"
+    if isinstance(f.default, bool):
+        return str(f.default).lower()
+    if isinstance(f.default, float):
+        return f"{f.default:g}"
+    return str(f.default) if f.default != "" else '""'
+
+
+def markdown_table() -> str:
+    """The README's settings table: one row per setting, in the fields' order."""
+    rows = ["| env | default | accepts | meaning |", "|---|---|---|---|"]
+    for f in FIELDS.values():
+        cells = (f.env, _default_text(f), kind_of(f.info), f.description)
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def replace_table(text: str) -> str:
+    """``text`` (the README) with the generated table between its markers."""
+    head, begin, rest = text.partition(TABLE_BEGIN + "\n")
+    _, end, tail = rest.partition(TABLE_END)
+    if not begin or not end:
+        raise SettingsError(f"the markers of the settings table are missing: {TABLE_BEGIN} ... {TABLE_END}")
+    return head + begin + markdown_table() + end + tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.settings", description=__doc__)
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--markdown", action="store_true", help="print the README's settings table")
+    group.add_argument("--update", type=Path, metavar="README", help="rewrite the table in this file")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(markdown_table())
+    else:
+        args.update.write_text(replace_table(args.update.read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
