@@ -25,7 +25,7 @@ from export.fixtures.tiny import build_tiny_model
 from export.fixtures.tiny_lora import build_tiny_lora
 from export.toolchain.repository import RepositoryOptions, export_repository
 from server.app import create_app
-from server.runtime import repository_models
+from server.engines import repository_models
 from server.settings import Settings
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 
