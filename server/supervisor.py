@@ -250,6 +250,8 @@ class Supervisor:
         assert self._source is not None
         if self.backend.connected:
             return
+        if self._ready.is_set():  # the bundled Triton exited after serving: ERROR while it starts again
+            self._fail("the bundled Triton exited; starting it again")
         self.loaded = None
         self._forget_variants()
         environment = tritonserver_environment(
