@@ -364,7 +364,7 @@ class Stack:
         self.service_log = work / "service.log"
 
     def start(self) -> None:
-        from server.runtime import repository_models
+        from server.engines import repository_models
         from server.triton.launcher import BundledTriton, TritonLaunchConfig
 
         started = time.perf_counter()

@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     # One client for the run, as an orchestrator keeps its connection (a client per request would
     # add its own TLS contexts to this process's RSS).
     with service, httpx.Client(timeout=900) as client:
-        runtime = service.app.state.runtime
-        variants = runtime.variants
+        backend = service.app.state.backend
+        variants = service.app.state.supervisor.loaded.variants
         for i in range(args.sets):
             weights = {
                 names[fmt]: round(0.2 + 0.004 * i, 6) if j == 0 else 0.5 for j, fmt in enumerate(formats)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             response.raise_for_status()
             seconds = time.perf_counter() - request_started
-            triton_pid = runtime.triton.pid if runtime.triton is not None else None
+            triton_pid = backend.triton.pid if backend.triton is not None else None
             row = {
                 "set": i,
                 "seconds": seconds,

@@ -1,4 +1,8 @@
-"""``create_app(settings)``: the Litestar application with a lifespan owning the runtime."""
+"""``create_app(settings)``: the Litestar application, its lifespan running the supervisor.
+
+The back end is wired here, once: the Triton backend is handed to the supervisor, the supervisor to
+the service; the routes get the service.
+"""
 
 from __future__ import annotations
 
@@ -16,26 +20,28 @@ from server.api.errors import EXCEPTION_HANDLERS
 from server.api.request import APIRequest
 from server.api.routes import SECURITY_COMPONENTS, route_handlers
 from server.metrics import Metrics, request_metrics_middleware
-from server.runtime import Runtime
 from server.service import TextToImageService
 from server.settings import Settings
+from server.supervisor import Supervisor
+from server.triton.backend import TritonBackend
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> Litestar:
     metrics = Metrics()
-    runtime = Runtime(settings, metrics)
-    service = TextToImageService(settings, runtime, metrics)
+    backend = TritonBackend(settings)
+    supervisor = Supervisor(settings, backend, metrics)
+    service = TextToImageService(settings, supervisor, metrics)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         limit_arenas(settings.malloc_arena_max)
-        runtime.start()
+        supervisor.start()
         try:
             yield
         finally:
-            await runtime.close()
+            await supervisor.close()
 
     def provide(value: object) -> Provide:
         return Provide(lambda: value, sync_to_thread=False)
@@ -47,7 +53,6 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[lifespan],
         dependencies={
             "settings": provide(settings),
-            "runtime": provide(runtime),
             "service": provide(service),
             "metrics": provide(metrics),
         },
@@ -56,5 +61,13 @@ def create_app(settings: Settings) -> Litestar:
         openapi_config=OpenAPIConfig(
             title="triton-t2i", version=settings.version, components=SECURITY_COMPONENTS
         ),
-        state=State({"settings": settings, "runtime": runtime, "service": service, "metrics": metrics}),
+        state=State(
+            {
+                "settings": settings,
+                "backend": backend,
+                "supervisor": supervisor,
+                "service": service,
+                "metrics": metrics,
+            }
+        ),
     )

@@ -5,7 +5,8 @@
 ``"engine": {"gpu", "compute_capability", "tensorrt"}``. A request for another size is a 400 naming
 the served sizes; engines built on another GPU model or TensorRT version are refused at start with
 the command that rebuilds them (Triton itself would fail to deserialize them, or worse, run them
-slowly on a GPU they were not tuned for).
+slowly on a GPU they were not tuned for).  The manifest's ``"models"`` are the base models a bundled
+Triton loads at start.
 """
 
 from __future__ import annotations
@@ -80,6 +81,15 @@ def read_repository(repository: Path) -> RepositoryEngines:
     built_on = EngineHost.from_dict(engine) if isinstance(engine, dict) else None
     gpus = tuple(int(g) for g in manifest.get("gpus") or ())
     return RepositoryEngines(str(manifest.get("target", "")), resolutions, built_on, gpus)
+
+
+def repository_models(repository: Path) -> tuple[str, ...]:
+    """The base models an exported repository lists in its manifest (empty: load everything)."""
+    try:
+        manifest = json.loads((repository / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return ()
+    return tuple(str(name) for name in manifest.get("models", []))
 
 
 def tensorrt_version() -> str:

@@ -1,4 +1,9 @@
-"""The serving object behind the routes: request rules, admission, the pipeline call, the response."""
+"""The serving object behind the routes: request rules, admission, the pipeline call, the response.
+
+It is handed the supervisor (``server/supervisor.py``) and takes the model from it: the model's
+description for the rules, and, once the service serves, the :class:`server.loaded.LoadedModel` a
+request runs on.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +27,11 @@ from server.metrics import Metrics
 from server.pipeline.images import png_data_url
 from server.pipeline.request import GenerationRequest
 from server.pipeline.rules import apply_rule, rule_for
-from server.runtime import Health, Runtime
 from server.settings import Settings
+from server.supervisor import Health, Supervisor
 
 if TYPE_CHECKING:
-    from server.pipeline.model import DiffusionModel
+    from server.loaded import LoadedModel, ModelDescription
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +39,17 @@ MAX_SEED = 2**64 - 1
 
 
 class TextToImageService:
-    def __init__(self, settings: Settings, runtime: Runtime, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, supervisor: Supervisor, metrics: Metrics) -> None:
         self.settings = settings
-        self.runtime = runtime
+        self.supervisor = supervisor
         self.metrics = metrics
         self.rule = rule_for(settings.model_id)
         self.admission = Admission(settings.max_in_flight, settings.max_queue, metrics)
 
     def health(self) -> Health:
-        """``/health``: the runtime's status, and ``IDLE`` for ``OK`` while no request runs or waits
+        """``/health``: the supervisor's status, and ``IDLE`` for ``OK`` while no request runs or waits
         (go-livepeer returns a container it took out of its pool only at ``IDLE``)."""
-        status = self.runtime.status
+        status = self.supervisor.status
         return Health.IDLE if status is Health.OK and self.admission.idle else status
 
     @staticmethod
@@ -58,24 +63,24 @@ class TextToImageService:
     ) -> ImageResponse:
         """Check the request, take a place in the bounded queue, wait there for the service (while it
         loads) and for a slot, run it; the deadline covers all the waiting too."""
-        model = self.runtime.model
+        description = self.supervisor.description
         # with the model known the rules answer at once; while it loads, once it is known
-        checked = self._request(params, model) if model is not None else None
+        checked = self._request(params, description) if description is not None else None
         waiting_for = "the service was still loading the model"
 
-        async def prepare() -> tuple[GenerationRequest, dict[str, float]]:
+        async def prepare() -> tuple[GenerationRequest, dict[str, float], LoadedModel]:
             nonlocal waiting_for
-            prepared = checked or self._request(params, await self.runtime.wait_model())
-            await self.runtime.wait_serving()
+            request, loras = checked or self._request(params, await self.supervisor.wait_description())
+            loaded = await self.supervisor.ready_model()
             waiting_for = "it was waiting for a free slot"
-            return prepared
+            return request, loras, loaded
 
         timeout_s = self.settings.request_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 # admission first: a full service refuses before resolving or building anything
-                async with self.admission.slot(prepare) as (request, loras):  # noqa: SIM117 - loras from the first
-                    async with self.runtime.variants.use(loras) as models:
+                async with self.admission.slot(prepare) as (request, loras, loaded):  # noqa: SIM117 - loras from the first
+                    async with loaded.variants.use(loras) as models:
                         waiting_for = "it was generating"
                         request = replace(
                             request,
@@ -95,7 +100,8 @@ class TextToImageService:
     async def _run(
         self, request: GenerationRequest, safety_check: bool, client_gone: Callable[[], bool]
     ) -> ImageResponse:
-        pipeline = self.runtime.pipeline
+        # Refused now, as at admission, when Triton went away while the variant was made ready.
+        loaded = await self.supervisor.ready_model()
         self.metrics.generations.inc()
 
         async def between_steps(step: int) -> None:
@@ -111,12 +117,12 @@ class TextToImageService:
 
         started = time.perf_counter()
         try:
-            result = await pipeline(request, between_steps, observe)
+            result = await loaded.pipeline(request, between_steps, observe)
         except (ServiceUnavailable, InferenceFailed) as e:
-            self.runtime.report_failure(e)
+            self.supervisor.report_failure(e)
             raise
         nsfw = [False] * len(result.images)
-        safety = self.runtime.safety_checker
+        safety = loaded.safety_checker
         if safety_check and safety is not None:
             start = time.perf_counter()
             nsfw = await safety.check(result.images)
@@ -138,7 +144,7 @@ class TextToImageService:
         return ImageResponse(images=media)
 
     def _request(
-        self, params: TextToImageParams, model: DiffusionModel
+        self, params: TextToImageParams, description: ModelDescription
     ) -> tuple[GenerationRequest, dict[str, float]]:
         """Apply the API's rules; every violation is a 400 with a message naming the field.
 
@@ -149,6 +155,7 @@ class TextToImageService:
             raise BadRequest(
                 f"Model '{brief(params.model_id)}' is not served here; this service serves '{s.model_id}'."
             )
+        model, engines = description.model, description.engines
         vae_scale, size_multiple, max_side = model.vae_scale_factor, model.size_multiple, model.max_side
         loras = parse_loras(params.loras, s.max_loras)
         min_side = MIN_LATENT_SIDE * vae_scale
@@ -166,7 +173,6 @@ class TextToImageService:
                 f"Image size {params.width}x{params.height} is above this service's limit "
                 f"of {s.max_pixels} pixels."
             )
-        engines = self.runtime.engines
         if not engines.serves(params.width, params.height):
             raise BadRequest(
                 f"Image size {params.width}x{params.height} is not served by this model's TensorRT engines; "

@@ -26,7 +26,7 @@ from export.fixtures.tiny_lora import build_tiny_lora
 from export.toolchain.options import RepositoryOptions
 from export.toolchain.repository import export_repository
 from server.app import create_app
-from server.runtime import repository_models
+from server.engines import repository_models
 from server.settings import Settings
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
 

@@ -117,7 +117,7 @@ def test_a_deadline_fails_that_request_only(
 ) -> None:
     settings = Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").http_url)
     with running_service(settings) as running:
-        client = running.app.state.runtime.client
+        client = running.app.state.backend.client
         client.timeout_s = 0.01
         response = post(running.url, height=512, width=512)
         assert response.status_code == 500, response.text  # a refusal that says why, not a 503
@@ -146,7 +146,7 @@ def test_killed_stub_then_killed_triton_each_end_serving_with_no_region_left(
         startup_timeout_s=60,
     )
     with running_service(settings) as running:
-        url, triton = running.url, running.app.state.runtime.triton
+        url, triton = running.url, running.app.state.backend.triton
         backend_directory = triton.backend_directory
         prefix = triton.shm_region_prefix
         assert post(url).status_code == 200
@@ -161,8 +161,8 @@ def test_killed_stub_then_killed_triton_each_end_serving_with_no_region_left(
                 first = await client.post(f"{url}/text-to-image", json={"prompt": "x", **SMALL})
             started = time.monotonic()
             while log.seen[-1] not in SERVING or "ERROR" not in log.seen:
-                runtime = running.app.state.runtime
-                assert time.monotonic() - started < 180, f"not serving again: {log.seen}, {runtime.error}"
+                supervisor = running.app.state.supervisor
+                assert time.monotonic() - started < 180, f"not serving again: {log.seen}, {supervisor.error}"
                 await asyncio.sleep(0.1)
             task.cancel()
             return log.seen, first
@@ -188,7 +188,7 @@ def test_killed_stub_then_killed_triton_each_end_serving_with_no_region_left(
                 ), said
             assert post(url).status_code == 200
             assert stubs(backend_directory)["unet"][0] != unet_pid
-            if running.app.state.runtime.triton is triton:  # reloaded (the fallback restarts Triton)
+            if running.app.state.backend.triton is triton:  # reloaded (the fallback restarts Triton)
                 assert triton.shm_region_prefix == prefix
             gone = functools.partial(lambda region: region not in regions(prefix), unet_region)
             wait_until(gone, 30, "the dead stub's region to be removed")
@@ -197,11 +197,11 @@ def test_killed_stub_then_killed_triton_each_end_serving_with_no_region_left(
         assert first == 500, "no request met the dead worker in 4 tries"
 
         # 2. tritonserver itself: started again under a new prefix, the old launch's regions removed
-        triton = running.app.state.runtime.triton
+        triton = running.app.state.backend.triton
         old_pid, prefix = triton.pid, triton.shm_region_prefix
         seen, _ = asyncio.run(scenario(lambda: os.kill(old_pid, signal.SIGKILL)))
         assert seen[0] in SERVING and "ERROR" in seen and seen[-1] in SERVING, seen
-        new_triton = running.app.state.runtime.triton
+        new_triton = running.app.state.backend.triton
         assert new_triton.pid != old_pid and new_triton.shm_region_prefix != prefix
         assert regions(prefix) == set()
         assert post(url).status_code == 200

@@ -186,10 +186,10 @@ def test_engines_from_another_host_are_refused_with_the_command(
         model_id=str(tiny_model("sd")), model_repository=manifest, state_dir=tmp_path / "state"
     )
     with running_service(settings, wait_for="ERROR", timeout_s=60) as running:
-        error = running.app.state["runtime"].error
+        error = running.app.state["supervisor"].error
         assert "NVIDIA H100 80GB HBM3 (sm 9.0) with TensorRT 10.8.0.43" in error
         assert f"t2i-export {tiny_model('sd')} --target tensorrt --out {manifest.resolve()}" in error
-        assert running.app.state["runtime"].triton is None
+        assert running.app.state["backend"].triton is None
         assert httpx.get(f"{running.url}/health", timeout=5).json() == {"status": "ERROR"}
 
 
@@ -200,7 +200,7 @@ def test_no_exported_models_says_which_command_to_run(
     empty.mkdir()
     settings = Settings(model_id=str(tiny_model("sd")), model_repository=empty, state_dir=tmp_path / "state")
     with running_service(settings, wait_for="ERROR", timeout_s=60) as running:
-        error = running.app.state["runtime"].error
+        error = running.app.state["supervisor"].error
         assert f"t2i-export {tiny_model('sd')} --target python-onnx --out {empty.resolve()}" in error
-        assert running.app.state["runtime"].triton is None
+        assert running.app.state["backend"].triton is None
     shutil.rmtree(empty)

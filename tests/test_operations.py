@@ -293,7 +293,7 @@ def test_out_of_memory_is_500_with_the_contract_message_and_the_service_keeps_se
 ) -> None:
     settings = Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").http_url)
     with running_service(settings) as running:
-        client = running.app.state.runtime.client
+        client = running.app.state.backend.client
         real_infer = client.infer
         calls = {"n": 0}
 
@@ -325,9 +325,9 @@ def test_triton_unreachable_at_start_is_loading_and_a_request_waits_for_it(
     )
     # LOADING, not ERROR: go-livepeer gives up for good on an external runner that says ERROR at start
     with running_service(settings, wait_for="LOADING") as running:
-        runtime = running.app.state.runtime
-        wait_until(lambda: runtime.error is not None, 30, "the first failed connection")
-        assert health(running.url) == "LOADING" and "is not reachable" in runtime.error
+        supervisor = running.app.state.supervisor
+        wait_until(lambda: supervisor.error is not None, 30, "the first failed connection")
+        assert health(running.url) == "LOADING" and "is not reachable" in supervisor.error
         waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
             httpx.post, f"{running.url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=120
         )
@@ -348,9 +348,9 @@ def test_triton_url_at_the_grpc_port_is_an_error_that_says_so(
     """TRITON_URL used to be Triton's gRPC address; pointed there now, /health says which port to use."""
     settings = Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").grpc_url)
     with running_service(settings, wait_for="LOADING") as running:
-        runtime = running.app.state.runtime
-        wait_until(lambda: runtime.error is not None, 30, "the first failed connection")
-        assert "not its gRPC port" in runtime.error and "HTTP port" in runtime.error, runtime.error
+        supervisor = running.app.state.supervisor
+        wait_until(lambda: supervisor.error is not None, 30, "the first failed connection")
+        assert "not its gRPC port" in supervisor.error and "HTTP port" in supervisor.error, supervisor.error
 
 
 def test_bundled_triton_killed_mid_request_fails_that_request_and_comes_back(
@@ -363,7 +363,7 @@ def test_bundled_triton_killed_mid_request_fails_that_request_and_comes_back(
         health_interval_s=0.2,
     )
     with running_service(settings) as running:
-        url, runtime = running.url, running.app.state.runtime
+        url, backend = running.url, running.app.state.backend
 
         async def scenario() -> httpx.Response:
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
@@ -375,7 +375,7 @@ def test_bundled_triton_killed_mid_request_fails_that_request_and_comes_back(
                 )
                 while metric(url, "t2i_unet_steps_total") < 3:
                     await asyncio.sleep(0.02)
-                os.killpg(runtime.triton.pid, signal.SIGKILL)
+                os.killpg(backend.triton.pid, signal.SIGKILL)
                 return await task
 
         response = asyncio.run(scenario())
@@ -448,12 +448,12 @@ def test_model_that_cannot_be_fetched_is_error_and_500(tmp_path: Path) -> None:
             response.json()["detail"]["msg"]
             == "The service could not load model 'someone/not-downloadable'; see its log."
         )
-        assert running.app.state.runtime.error.startswith("cannot load model 'someone/not-downloadable'")
+        assert running.app.state.supervisor.error.startswith("cannot load model 'someone/not-downloadable'")
 
 
 def test_starting_the_app_imports_no_serving_code() -> None:
     """Cold start: what ``t2i-serve`` imports before it listens leaves torch, diffusers, transformers
-    and onnx to the runtime, which loads them in a worker thread while Triton starts."""
+    and onnx to the supervisor, which loads them in a worker thread while Triton starts."""
     heavy = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "tensorrt")
     code = f"import sys, server.__main__; print(sorted(set({heavy!r}) & set(sys.modules)))"
     root = Path(__file__).parents[1]
@@ -476,15 +476,15 @@ def test_model_that_cannot_load_is_error_and_its_bundled_triton_is_stopped(
         memory_release_s=0.5,
     )
     with running_service(settings, wait_for="ERROR") as running:
-        runtime = running.app.state.runtime
-        assert runtime.error.startswith(f"cannot load model '{settings.model_id}'")
-        assert "unknown diffusers scheduler 'NoSuchScheduler'" in runtime.error
-        assert runtime.triton is not None  # it was started beside the model's loading
+        supervisor, backend = running.app.state.supervisor, running.app.state.backend
+        assert supervisor.error.startswith(f"cannot load model '{settings.model_id}'")
+        assert "unknown diffusers scheduler 'NoSuchScheduler'" in supervisor.error
+        assert backend.triton is not None  # it was started beside the model's loading
         # LORA_PRELOAD: the models a LoRA can change open their variant session at start
-        assert runtime.triton.config.environment["T2I_LORA_PRELOAD"] == "unet,text_encoder"
+        assert backend.triton.config.environment["T2I_LORA_PRELOAD"] == "unet,text_encoder"
         # MEMORY_RELEASE_S: the python-onnx workers read it from tritonserver's environment
-        assert runtime.triton.config.environment["T2I_MEMORY_RELEASE_S"] == "0.5"
-        wait_until(lambda: not runtime.triton.is_running(), 60, "the bundled Triton to stop")
+        assert backend.triton.config.environment["T2I_MEMORY_RELEASE_S"] == "0.5"
+        wait_until(lambda: not backend.triton.is_running(), 60, "the bundled Triton to stop")
         response = httpx.post(f"{running.url}/text-to-image", json={"prompt": "x", **SMALL}, timeout=30)
         assert response.status_code == 500
         assert health(running.url) == "ERROR"
@@ -502,7 +502,7 @@ def test_hub_model_id_is_served_from_the_model_dir_cache(
     settings = Settings(model_id="someone/tiny-sd", triton_url=triton("sd").http_url, model_dir=tmp_path)
     with running_service(settings) as running:
         (image,) = generate(running.url, prompt="x", **SMALL, seed=3)
-        assert running.app.state.runtime.model.source.path == repo / "snapshots" / revision
+        assert running.app.state.supervisor.description.model.source.path == repo / "snapshots" / revision
     with running_service(Settings(model_id=str(tiny_model("sd")), triton_url=triton("sd").http_url)) as local:
         (same,) = generate(local.url, prompt="x", **SMALL, seed=3)
     assert image["url"] == same["url"]

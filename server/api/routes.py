@@ -1,4 +1,4 @@
-"""Thin routes over the serving object, the runtime and the metrics."""
+"""Thin routes over the serving object and the metrics."""
 
 from __future__ import annotations
 
