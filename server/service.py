@@ -25,7 +25,7 @@ from server.errors import BadRequest, ClientGone, InferenceFailed, ServiceUnavai
 from server.loras import parse_loras
 from server.metrics import Metrics
 from server.pipeline.images import png_data_url
-from server.pipeline.request import GenerationRequest
+from server.pipeline.request import GenerationRequest, Stage
 from server.pipeline.rules import apply_rule, rule_for
 from server.settings import Settings
 from server.supervisor import Health, Supervisor
@@ -111,7 +111,7 @@ class TextToImageService:
 
         def observe(stage: str, seconds: float, rows: int) -> None:
             self.metrics.stage_latency.labels(stage).observe(seconds)
-            if stage == "unet_step":
+            if stage == Stage.UNET_STEP:
                 self.metrics.unet_steps.inc()
                 self.metrics.unet_rows.observe(rows)
 
@@ -126,10 +126,10 @@ class TextToImageService:
         if safety_check and safety is not None:
             start = time.perf_counter()
             nsfw = await safety.check(result.images)
-            observe("safety_check", time.perf_counter() - start, len(result.images))
+            observe(Stage.SAFETY_CHECK, time.perf_counter() - start, len(result.images))
         start = time.perf_counter()
         urls = await asyncio.to_thread(lambda: [png_data_url(image) for image in result.images])
-        observe("png_encode", time.perf_counter() - start, len(urls))
+        observe(Stage.PNG_ENCODE, time.perf_counter() - start, len(urls))
         self.metrics.images.inc(len(urls))
         logger.info(
             "generated %d image(s) %dx%d, %d steps, guidance %g in %.2f s",

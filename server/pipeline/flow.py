@@ -33,7 +33,7 @@ from server.pipeline.generate import (
     infer_rows,
 )
 from server.pipeline.model import DiffusionModel, Prompts
-from server.pipeline.request import GenerationRequest
+from server.pipeline.request import GenerationRequest, Stage
 
 
 class FlowMatchPipeline(TextToImagePipeline):
@@ -64,7 +64,7 @@ class FlowMatchPipeline(TextToImagePipeline):
         # 1. text encoders
         start = time.perf_counter()
         cond = await self._encode_flow(positive, negative, do_cfg, request)
-        observe("text_encoder", time.perf_counter() - start, 2 if do_cfg else 1)
+        observe(Stage.TEXT_ENCODER, time.perf_counter() - start, 2 if do_cfg else 1)
 
         # 2. initial latents, sigmas and timesteps
         scheduler = self.model.new_scheduler()
@@ -109,14 +109,14 @@ class FlowMatchPipeline(TextToImagePipeline):
                 latents = await asyncio.to_thread(
                     _flow_step, scheduler, torch.from_numpy(out), t, latents, request.guidance_scale, do_cfg
                 )
-                observe("unet_step", time.perf_counter() - start, len(model_input))
+                observe(Stage.UNET_STEP, time.perf_counter() - start, len(model_input))
 
         # 4. VAE decoder
         start = time.perf_counter()
         if family.packs_latents:
             latents = _flux_pipeline()._unpack_latents(latents, request.height, request.width, vsf)
         images = await self._decode(latents)
-        observe("vae", time.perf_counter() - start, len(images))
+        observe(Stage.VAE, time.perf_counter() - start, len(images))
         return Generation(images=images, seeds=seeds)
 
     async def _encode_flow(

@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from export.contract import specs
 from server.pipeline.model import DiffusionModel, Prompts
-from server.pipeline.request import GenerationRequest
+from server.pipeline.request import GenerationRequest, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Generation:
 
 # Called before each step; raising stops the loop (client gone, deadline passed).
 StepCheck = Callable[[int], Awaitable[None]]
-# Told how long each stage took: ("text_encoder" | "unet_step" | "vae", seconds, rows).
+# Told how long each stage took: (the stage, seconds, rows).
 StageObserver = Callable[[str, float, int], None]
 
 
@@ -92,7 +92,7 @@ class TextToImagePipeline:
         # 1. text encoders
         start = time.perf_counter()
         cond = await self._encode(positive, negative, do_cfg, request)
-        observe("text_encoder", time.perf_counter() - start, 2 if do_cfg else 1)
+        observe(Stage.TEXT_ENCODER, time.perf_counter() - start, 2 if do_cfg else 1)
 
         # 2. timesteps and initial latents
         scheduler = self.model.new_scheduler()
@@ -135,12 +135,12 @@ class TextToImagePipeline:
                     step_kwargs,
                     timesteps[i + 1] if i + 1 < len(timesteps) else None,
                 )
-                observe("unet_step", time.perf_counter() - start, rows)
+                observe(Stage.UNET_STEP, time.perf_counter() - start, rows)
 
         # 4. VAE decoder
         start = time.perf_counter()
         images = await self._decode(latents)
-        observe("vae", time.perf_counter() - start, len(images))
+        observe(Stage.VAE, time.perf_counter() - start, len(images))
         return Generation(images=images, seeds=seeds)
 
     async def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:

@@ -5,8 +5,20 @@ Its own module so that the service and its routes import it without the pipeline
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+
+class Stage(enum.StrEnum):
+    """The stages of one generation, as the ``/metrics`` series ``t2i_stage_latency_seconds{stage}``
+    names them: the pipeline times the first three, the service the last two."""
+
+    TEXT_ENCODER = "text_encoder"
+    UNET_STEP = "unet_step"
+    VAE = "vae"
+    SAFETY_CHECK = "safety_check"
+    PNG_ENCODE = "png_encode"
 
 
 @dataclass(frozen=True)
