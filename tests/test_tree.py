@@ -23,6 +23,25 @@ ALLOWED: dict[str, frozenset[str]] = {
     "model_repository": frozenset({"export.contract", "export.triton_models"}),
 }
 PROJECT = ("export", "server", "bench", "tests", "model_repository")
+# Inside server/: module or package -> the server modules it may import (docs/ARCHITECTURE.md, section 1).
+_BASE = frozenset({"errors", "metrics", "settings"})
+SERVER_ALLOWED: dict[str, frozenset[str]] = {
+    "errors": frozenset(),
+    "settings": frozenset(),
+    "hardware": frozenset(),
+    "engines": frozenset(),
+    "pipeline": frozenset({"errors"}),
+    "triton": frozenset({"errors", "settings"}),
+    "metrics": frozenset({"pipeline"}),
+    "admission": _BASE,
+    "loras": _BASE,
+    "container": _BASE,
+    "variants": _BASE,
+    "loaded": frozenset({"engines", "metrics", "pipeline", "settings", "triton", "variants"}),
+    "supervisor": _BASE | {"engines", "loaded", "pipeline", "triton", "variants"},
+    "service": _BASE | {"admission", "api", "loaded", "loras", "pipeline", "supervisor"},
+    "api": _BASE | {"hardware", "service"},
+}
 MAX_LINES = 500
 # A path the code or the docs cite: a project folder, then a file name with an extension.
 CITED = re.compile(
@@ -80,6 +99,27 @@ def test_each_layer_imports_only_the_layers_below_it() -> None:
                 continue
             if allowed is None or imported not in allowed:
                 wrong.append(f"{path.relative_to(ROOT)} ({layer}) imports {imported}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_server_modules_import_down_the_layers() -> None:
+    wrong = []
+    for path in _tracked("server/*.py"):
+        own = path.relative_to(ROOT / "server").parts[0].removesuffix(".py")
+        allowed = SERVER_ALLOWED.get(own)
+        if allowed is None:  # app, __main__, __init__: the wiring
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "server" and len(parts) > 1 and parts[1] != own and parts[1] not in allowed:
+                    wrong.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not wrong, "\n".join(wrong)
 
 
