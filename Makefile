@@ -41,9 +41,10 @@ export: install
 serve: export
 	MODEL_ID=$(MODEL_ID) MODEL_REPOSITORY=$(MODEL_REPOSITORY) PORT=$(PORT) $(BIN)/t2i-serve
 
-# GPU tests are left out here; `make test-gpu` runs them on a GPU host.
+# GPU tests are left out here; `make test-gpu` runs them on a GPU host. The 25 slowest tests are listed
+# at the end (what each costs).
 test: install
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q -m "not gpu" --durations=25
 
 # The Docker image is one CUDA major: resolves the Dockerfile's pip lines on PyPI for the image's Python
 # and platform (downloads metadata only) and fails on a CUDA library of another major. Not in `make test`
