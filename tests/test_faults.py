@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from bench.worker_memory import memory_mb
+from export.fixtures.service import SERVING, free_port, health, wait_until
 from server.errors import InferenceFailed, ModelUnavailable, ServiceUnavailable, TritonUnavailable
 from server.settings import Settings
 from server.triton.client import TritonClient
@@ -33,8 +34,8 @@ from server.triton.launcher import (
     stub_model,
     stub_processes,
 )
-from tests.conftest import SERVING, free_port, running_service
-from tests.test_operations import health, wait_until
+from tests.support.service import running_service
+from tests.support.triton import unet_inputs
 
 SMALL = {"height": 64, "width": 64, "num_inference_steps": 2}
 SHM = Path("/dev/shm")
@@ -274,15 +275,6 @@ def test_killed_service_leaves_nothing_running_and_starts_again(
 
 
 # -- worker memory and the per-batch pixel cap --------------------------------------------------------
-
-
-def unet_inputs(rows: int, side: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "sample": rng.standard_normal((rows, 4, side, side), dtype=np.float32),
-        "timestep": np.full(rows, 500.0, dtype=np.float32),
-        "encoder_hidden_states": rng.standard_normal((rows, 77, 32), dtype=np.float32),
-    }
 
 
 def page_faults(pid: int) -> int:

@@ -43,7 +43,7 @@ from export.toolchain.tensorrt import (
     current_host,
 )
 from server.settings import Settings
-from tests.conftest import running_service
+from tests.support.service import running_service
 
 
 def _skip_reason() -> str | None:
