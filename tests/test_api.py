@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from export.fixtures.service import SERVING, free_port, health, wait_until
+from export.fixtures.service import SERVING, ServiceProcess
 from server.triton.launcher import BundledTriton
 from tests.support.hostile import (
     HOSTILE,
@@ -231,30 +228,11 @@ def served(
     triton: Callable[[str], BundledTriton],
 ) -> Iterator[ServedProcess]:
     """``python -m server`` as operators run it, with default limits: its log and its memory are its own."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    env = {"MODEL_ID": str(tiny_model("sd")), "TRITON_URL": triton("sd").http_url}
     log_path = tmp_path_factory.mktemp("served") / "service.log"
-    env = {
-        **os.environ,
-        "MODEL_ID": str(tiny_model("sd")),
-        "TRITON_URL": triton("sd").http_url,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-    }
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            wait_until(lambda: health(url) in SERVING, 120, "the service to start")
-            yield ServedProcess(url, process.pid, log_path)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with ServiceProcess(env, log_path, stop_timeout_s=30) as service:
+        assert service.pid is not None
+        yield ServedProcess(service.url, service.pid, log_path)
 
 
 def send(url: str, hostile: Hostile) -> httpx.Response:

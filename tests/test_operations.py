@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from export.fixtures.service import SERVING, free_port, health, wait_until
+from export.fixtures.service import SERVING, ServiceProcess, free_port, health, wait_until
 from server.errors import OutOfMemory
 from server.pipeline.rules import MODEL_RULES, apply_rule, rule_for
 from server.settings import Settings
@@ -370,19 +370,12 @@ def test_bundled_triton_killed_mid_request_fails_that_request_and_comes_back(
 def test_sigterm_finishes_requests_in_flight_then_exits(
     tmp_path: Path, tiny_model: Callable[[str], Path], triton: Callable[[str], BundledTriton]
 ) -> None:
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_ID": str(tiny_model("sd")),
-        "TRITON_URL": triton("sd").http_url,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-    }
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "service.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server"], env=env, stdout=log, stderr=subprocess.STDOUT
+    service = ServiceProcess(
+        {"MODEL_ID": str(tiny_model("sd")), "TRITON_URL": triton("sd").http_url}, tmp_path / "service.log"
     )
+    url = service.url
+    process = service.start().process
+    assert process is not None
 
     def refuses_connections() -> bool:
         try:
@@ -412,7 +405,6 @@ def test_sigterm_finishes_requests_in_flight_then_exits(
         if process.poll() is None:
             process.kill()
             process.wait()
-        log.close()
 
 
 def test_model_that_cannot_be_fetched_is_error_and_500(tmp_path: Path) -> None:
