@@ -6,6 +6,6 @@ imports another one, nor names from ``conftest``.
 - :mod:`tests.support.images`: the service's images against diffusers' (decode, reference, tolerance).
 - :mod:`tests.support.lora`: LoRA cases, the LoRA request body, diffusers' LoRA references, LoRA files.
 - :mod:`tests.support.hostile`: hostile request bodies and the reference's error body.
-- :mod:`tests.support.fake_triton`: a loopback fake of Triton's HTTP API, UNet inputs.
+- :mod:`tests.support.triton`: a loopback fake of Triton's HTTP API, random inputs of the tiny UNet.
 - :mod:`tests.support.dockerfile`: the Dockerfile's instructions.
 """
