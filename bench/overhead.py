@@ -3,13 +3,13 @@
 What it runs, per model size (``tiny``: the bundled tiny SD model; ``mid``: SD 1.5's UNet at half
 width with SD 1.5's full text encoder, :func:`bench.mid_model.build_mid_model`):
 
-- **service**: the bundled Triton and the service (:class:`bench.load.Stack`), driven over HTTP at
+- **service**: the bundled Triton and the service (:class:`bench.common.Stack`), driven over HTTP at
   each concurrency level. Per UNet step: the service's ``unet_step`` stage (``/metrics``: scheduler
   math + the Triton call with its queueing) and Triton's own statistics for the ``unet`` model
   (queue time per request, compute time per execution, rows per execution).
-- **floor**: the same exported ONNX graphs in a process of their own (``--floor-worker``), with the
-  session options the Triton model uses (threads from the model's config / ``T2I_ORT_THREADS``, the
-  same arena and spinning settings), while the service idles:
+- **floor** (:mod:`bench.floor`): the same exported ONNX graphs in a process of their own
+  (``--floor-worker``), with the session options the Triton model uses (threads from the model's
+  config / ``T2I_ORT_THREADS``, the same arena and spinning settings), while the service idles:
   ``graph``: the UNet graph alone on the very inputs the pipeline sends it (recorded from one
   in-process generation), at the rows of one request and at the rows Triton executed per batch;
   ``e2e``: the service's own pipeline code (:class:`server.pipeline.generate.TextToImagePipeline`,
@@ -30,29 +30,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import httpx
-import numpy as np
 
 from bench import log_to_stderr, machine
-from bench.load import (
+from bench.common import (
     HTTP_TIMEOUT_S,
     PROMPT,
-    REPO_ROOT,
     Body,
     Prepared,
     Size,
@@ -60,13 +55,16 @@ from bench.load import (
     cpu_sample,
     cpu_use,
     drive,
-    free_port,
+    ms,
+    positive_ints,
     running_stack,
     scrape_service,
     stage_deltas,
     triton_deltas,
 )
+from bench.floor import FloorProcess, floor_worker
 from bench.plots import PLOT_DIR, overhead_chart
+from export.fixtures.service import REPO_ROOT, ServiceProcess
 
 logger = logging.getLogger("bench.overhead")
 
@@ -77,229 +75,6 @@ MODEL_SIZES: Final = ("tiny", "mid")
 STEPS: Final = {"tiny": 20, "mid": 8}
 IMAGE: Final = Size(256, 256)
 COLD_START_TIMEOUT_S: Final = 600.0
-
-
-# --------------------------------------------------------------------------------------------
-# The floor: the exported graphs in-process, with the Triton model's session options
-
-
-class LocalOnnxClient:
-    """The pipeline's ``InferenceClient`` over onnxruntime sessions in this process.
-
-    Each model's session is built with :mod:`export.triton_models.onnx_model`'s own
-    ``session_options`` and malloc keeps freed memory between runs as that model's ``FreedMemory``
-    has it, as in Triton, so the floor differs from the service only by the serving path.
-    """
-
-    def __init__(self, repository: Path, names: Sequence[str]) -> None:
-        import onnxruntime as ort
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2 as mc
-
-        from export.models.heap import FreedMemory
-        from export.triton_models.onnx_model import session_options
-        from server.settings import Settings
-
-        # the service's MEMORY_RELEASE_S (this process's environment, as the service it is compared to)
-        release_s = Settings.from_env(model_id=str(repository)).memory_release_s
-        self.freed_memory = FreedMemory(release_s)
-        self.sessions: dict[str, Any] = {}
-        self.batch: dict[str, int] = {}
-        self.calls: dict[str, list[dict[str, np.ndarray]]] = {}
-        for name in names:
-            config = text_format.Parse((repository / name / "config.pbtxt").read_text(), mc.ModelConfig())
-            params = {k: v.string_value for k, v in config.parameters.items()}
-            path = repository / name / "1" / params.get("onnx_file", "model.onnx")
-            self.sessions[name] = ort.InferenceSession(
-                str(path), session_options(params), providers=["CPUExecutionProvider"]
-            )
-            self.batch[name] = int(config.max_batch_size)
-
-    async def infer(
-        self,
-        model: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str],
-        parameters: Mapping[str, str] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Base models only: the floor serves no LoRA variants (``parameters`` unused)."""
-        if model in self.calls:
-            self.calls[model].append(dict(inputs))
-        results = self.sessions[model].run(list(outputs), dict(inputs))
-        self.freed_memory.batch_done()
-        return dict(zip(outputs, results, strict=True))
-
-    async def max_batch_size(self, name: str) -> int:
-        return self.batch[name]
-
-    def shared(
-        self, arrays: Mapping[str, np.ndarray], uses: int
-    ) -> contextlib.nullcontext[Mapping[str, np.ndarray]]:
-        """In-process: the arrays themselves."""
-        return contextlib.nullcontext(arrays)
-
-
-class Floor:
-    """What ``--floor-worker`` runs: the service's pipeline code over :class:`LocalOnnxClient`."""
-
-    def __init__(self, model_dir: Path, repository: Path) -> None:
-        import torch
-
-        from export.contract import specs
-        from export.models.source import ModelSource
-        from server.pipeline.model import DiffusionModel
-        from server.pipeline.safety import SafetyChecker
-        from server.settings import Settings
-
-        torch.set_num_threads(
-            Settings(model_id=str(model_dir)).torch_threads
-        )  # as the service's scheduler math runs
-        source = ModelSource(model_dir)
-        names = [specs.UNET, specs.VAE_DECODER, *source.text_encoders]
-        if (repository / specs.SAFETY_CHECKER).is_dir():
-            names.append(specs.SAFETY_CHECKER)
-        self.client = LocalOnnxClient(repository, names)
-        self.model = DiffusionModel(source)
-        from server.pipeline.generate import TextToImagePipeline
-
-        self.pipeline = TextToImagePipeline(self.model, self.client)
-        self.safety = (
-            SafetyChecker.from_folders(
-                self.client,
-                model_dir / "feature_extractor",
-                repository / specs.SAFETY_CHECKER / "feature_extractor",
-            )
-            if specs.SAFETY_CHECKER in names
-            else None
-        )
-        self.unet_inputs: dict[str, np.ndarray] | None = None
-
-    async def generate(self, body: dict[str, Any]) -> dict[str, float]:
-        """One request as the service runs it after admission: pipeline, safety check, PNG."""
-        from server.pipeline.images import png_data_url
-        from server.pipeline.request import GenerationRequest
-
-        stages: dict[str, float] = {"unet_step": 0.0}
-        steps = 0
-
-        def observe(stage: str, seconds: float, rows: int) -> None:
-            nonlocal steps
-            stages[stage] = stages.get(stage, 0.0) + seconds
-            steps += stage == "unet_step"
-
-        request = GenerationRequest(
-            prompt=body["prompt"],
-            negative_prompt="",
-            height=body["height"],
-            width=body["width"],
-            guidance_scale=body["guidance_scale"],
-            num_inference_steps=body["num_inference_steps"],
-            num_images=1,
-            seed=body["seed"],
-        )
-        started = time.perf_counter()
-        result = await self.pipeline(request, None, observe)
-        if self.safety is not None and body.get("safety_check", True):
-            t0 = time.perf_counter()
-            await self.safety.check(result.images)
-            stages["safety_check"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        await asyncio.to_thread(lambda: [png_data_url(image) for image in result.images])
-        stages["png_encode"] = time.perf_counter() - t0
-        stages["latency"] = time.perf_counter() - started
-        stages["step"] = stages["unet_step"] / max(steps, 1)
-        return stages
-
-    async def record_unet_inputs(self, body: dict[str, Any]) -> None:
-        """The inputs of one UNet call of a real generation at this body's size and guidance."""
-        from export.contract import specs
-
-        self.client.calls[specs.UNET] = []
-        await self.generate({**body, "num_inference_steps": 2})
-        self.unet_inputs = self.client.calls.pop(specs.UNET)[-1]
-
-    def graph(self, rows: int, calls: int) -> list[float]:
-        """Seconds per call of the UNet graph alone on ``rows`` rows (the recorded rows, tiled)."""
-        from export.contract import specs
-
-        assert self.unet_inputs is not None
-        base = len(next(iter(self.unet_inputs.values())))
-        reps = -(-rows // base)
-        feeds = {k: np.concatenate([v] * reps)[:rows] for k, v in self.unet_inputs.items()}
-        session = self.client.sessions[specs.UNET]
-        session.run(None, feeds)  # warm: first run at a new shape allocates
-        seconds = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            session.run(None, feeds)
-            seconds.append(time.perf_counter() - t0)
-        return seconds
-
-
-def floor_worker(model_dir: Path, repository: Path) -> int:
-    """JSON lines on stdin -> JSON lines on stdout; the parent keeps this process for a whole run."""
-    floor = Floor(model_dir, repository)
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        command = json.loads(line)
-        op = command["op"]
-        if op == "record":
-            asyncio.run(floor.record_unet_inputs(command["body"]))
-            answer: dict[str, Any] = {"ok": True}
-        elif op == "e2e":
-            answer = {"requests": [asyncio.run(floor.generate(b)) for b in command["bodies"]]}
-        elif op == "graph":
-            answer = {"seconds": floor.graph(int(command["rows"]), int(command["calls"]))}
-        else:
-            answer = {"error": f"unknown op {op!r}"}
-        print(json.dumps(answer), flush=True)
-    return 0
-
-
-class FloorProcess:
-    """The parent's handle on a ``--floor-worker`` subprocess."""
-
-    def __init__(self, prepared: Prepared) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.overhead",
-                "--floor-worker",
-                str(prepared.model_dir),
-                str(prepared.repository),
-            ],
-            cwd=REPO_ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self._read()
-
-    def ask(self, **command: Any) -> dict[str, Any]:
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-        return self._read()
-
-    def _read(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the floor worker exited with {self.process.wait()}")
-        answer: dict[str, Any] = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(answer["error"])
-        return answer
-
-    def close(self) -> None:
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,48 +235,30 @@ def measure_cold_start(prepared: Prepared, work: Path, repeats: int) -> ColdStar
 
 
 def _time_to_ok(prepared: Prepared, state: Path) -> float:
-    port = free_port()
     env = {
-        **os.environ,
         "MODEL_ID": str(prepared.model_dir.resolve()),
         "MODEL_REPOSITORY": str(prepared.repository.resolve()),
         "STATE_DIR": str(state.resolve()),
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
     }
-    env.pop("TRITON_URL", None)
-    log = state.with_suffix(".log")
+    service = ServiceProcess(
+        env,
+        state.with_suffix(".log"),
+        unset=("TRITON_URL",),
+        ready_timeout_s=COLD_START_TIMEOUT_S,
+        poll_s=0.05,
+    )
     state.mkdir(parents=True, exist_ok=True)
-    url = f"http://127.0.0.1:{port}/health"
-    with log.open("wb") as out:
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server"], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-        try:
-            while time.perf_counter() - started < COLD_START_TIMEOUT_S:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the service exited with {process.returncode}; see {log}")
-                with contextlib.suppress(httpx.TransportError, ValueError, KeyError):
-                    if httpx.get(url, timeout=1).json()["status"] in ("OK", "IDLE"):
-                        return time.perf_counter() - started
-                time.sleep(0.05)
-            raise TimeoutError(f"no /health OK within {COLD_START_TIMEOUT_S:g} s; see {log}")
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    started = time.perf_counter()
+    service.start()
+    try:
+        service.wait_ready()
+        return time.perf_counter() - started
+    finally:
+        service.stop()
 
 
 # --------------------------------------------------------------------------------------------
 # Report
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f}"
 
 
 def _median(values: list[float]) -> float:
@@ -530,7 +287,7 @@ def report(results: list[SizeResult], cold: ColdStart | None) -> str:
             graph = _median([f.graph_s.get(max(2, round(rows)), float("nan")) for f in r.floor])
             if concurrency == 1:  # one request's step against the floor's, pair by pair
                 step = _median([p.service_step_s for p in r.pairs])
-                floor_step = _ms(_median([p.floor_step_s for p in r.pairs]))
+                floor_step = ms(_median([p.floor_step_s for p in r.pairs]))
                 step_ratio = _median([p.service_step_s / p.floor_step_s for p in r.pairs])
                 overhead = _median([p.service_step_s - p.floor_step_s for p in r.pairs])
                 p50 = _median([p.service_latency_s for p in r.pairs])
@@ -542,10 +299,10 @@ def report(results: list[SizeResult], cold: ColdStart | None) -> str:
                 step_ratio, overhead = step / graph, step - graph
                 p50 = _median([_median(s.latencies) for s in levels])
             lines.append(
-                f"| {r.size} | {r.steps} | {concurrency} | {_ms(step)} "
-                f"| {_ms(_median([s.triton_queue_s for s in levels]))} "
-                f"| {_ms(_median([s.triton_compute_s for s in levels]))} | {rows:.2f} | {_ms(graph)} "
-                f"| {floor_step} | {step_ratio:.2f} | {_ms(overhead)} "
+                f"| {r.size} | {r.steps} | {concurrency} | {ms(step)} "
+                f"| {ms(_median([s.triton_queue_s for s in levels]))} "
+                f"| {ms(_median([s.triton_compute_s for s in levels]))} | {rows:.2f} | {ms(graph)} "
+                f"| {floor_step} | {step_ratio:.2f} | {ms(overhead)} "
                 f"| {_median([s.images_per_s for s in levels]):.2f} | {p50:.3f} | {floor_p50} | {p50_ratio} |"
             )
     if cold is not None:
@@ -556,13 +313,6 @@ def report(results: list[SizeResult], cold: ColdStart | None) -> str:
             f"{', '.join(f'{s:.2f}' for s in cold.ready_s)} s (median {_median(cold.ready_s):.2f} s).",
         ]
     return "\n".join(lines)
-
-
-def _levels(text: str) -> list[int]:
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of positive integers")
-    return values
 
 
 def _prepare(size: str, work: Path) -> Prepared:
@@ -588,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Serving overhead per UNet step and cold start, against the same graphs in-process.",
     )
     parser.add_argument("--sizes", default="tiny,mid", help="comma-separated of tiny, mid (default both)")
-    parser.add_argument("--concurrency", type=_levels, default=[1, 4], help="levels (default 1,4)")
+    parser.add_argument("--concurrency", type=positive_ints, default=[1, 4], help="levels (default 1,4)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--requests", type=int, default=4, help="requests per round and level, per client")
     parser.add_argument("--cold-starts", type=int, default=2, help="cold starts of the tiny service")

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from bench.load import BaselineResult, LevelResult
+    from bench.common import LevelResult
+    from bench.load import BaselineResult
     from bench.overhead import SizeResult
 
 PLOT_DIR: Final = Path(__file__).resolve().parent
@@ -29,7 +30,7 @@ def load_charts(
     levels: Sequence[LevelResult], baselines: Sequence[BaselineResult], stages: Sequence[str], out: Path
 ) -> list[Path]:
     """Latency percentiles and images/s against concurrency, and the per-stage split, per size."""
-    from bench.load import percentile
+    from bench.common import percentile
 
     plt = _pyplot()
     out.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,8 @@ from typing import Any, Final
 import httpx
 
 from bench import log_to_stderr, machine
-from bench.load import PROMPT, REPO_ROOT, Body, Prepared, Size, running_stack, scrape_service, stage_deltas
+from bench.common import PROMPT, Body, Prepared, Size, running_stack, scrape_service, stage_deltas
+from export.fixtures.service import REPO_ROOT
 
 logger = logging.getLogger("bench.realscale")
 

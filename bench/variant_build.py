@@ -249,10 +249,11 @@ class HttpService:
     """The service on uvicorn (in this process, a thread) with its bundled Triton on the repository."""
 
     def __init__(self, prepared: Prepared, work: Path, lora_preload: bool = False) -> None:
+        from export.fixtures.service import LOOPBACK, free_port
         from server.settings import Settings
 
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        port = free_port()
+        self.url = f"http://{LOOPBACK}:{port}"
         self.settings = Settings(
             model_id=str(prepared.model_dir),
             model_repository=prepared.repository,
@@ -260,37 +261,28 @@ class HttpService:
             lora_dir=work / "loras",
             lora_hub=False,
             lora_preload=lora_preload,
-            host="127.0.0.1",
+            host=LOOPBACK,
             port=port,
             startup_timeout_s=900.0,
             request_timeout_s=900.0,
         )
+        self.stack = contextlib.ExitStack()
 
     def __enter__(self) -> HttpService:
-        import threading
-
-        import httpx
-        import uvicorn
-
+        from export.fixtures.service import serving_in_thread, wait_for_health
         from server.app import create_app
 
         self.app = create_app(self.settings)
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=5).json()["status"] in ("OK", "IDLE"):
-                    return self
-            time.sleep(0.5)
-        raise TimeoutError("the service did not become ready")
+        with self.stack:
+            self.stack.enter_context(
+                serving_in_thread(self.app, self.settings.port, lifespan="auto", join_timeout_s=120)
+            )
+            wait_for_health(self.url, "OK", timeout_s=900, poll_s=0.5)
+            self.stack = self.stack.pop_all()
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=120)
+        self.stack.close()
 
     def request(self, loras: dict[str, float]) -> float:
         import httpx
@@ -313,14 +305,6 @@ HTTP_BODY: Final = {
     "seed": 1,
     "safety_check": False,
 }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def measure(

@@ -10,5 +10,6 @@
 - :mod:`export.triton_models`: what runs inside Triton's python backend, importable outside it; the
   ``model.py`` of each python-backend target is a thin binding over it. Imports contract and models.
 - :mod:`export.fixtures`: tiny models and LoRA files built in code for tests and benchmarks
-  (``t2i-tiny``). Imports contract and models.
+  (``t2i-tiny``), and the harness both start the service with (:mod:`export.fixtures.service`,
+  which imports nothing of this project). Imports contract and models.
 """

@@ -3,44 +3,28 @@
 Everything heavy is session-scoped and built once: a tiny SD and a tiny SDXL model folder, exported
 to one repository each, each served by its own bundled tritonserver.  Services (the Litestar app on
 uvicorn, over real HTTP on a free loopback port) are cheap and made per settings.
+
+Fixtures only: what test modules import is in :mod:`tests.support` (and the harness,
+:mod:`export.fixtures.service`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
-from litestar import Litestar
 
 from export.fixtures.tiny import build_tiny_model
 from export.fixtures.tiny_lora import build_tiny_lora
 from export.toolchain.options import RepositoryOptions
 from export.toolchain.repository import export_repository
-from server.app import create_app
 from server.engines import repository_models
 from server.settings import Settings
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
-
-FAMILIES = ("sd", "sdxl")
-# /health of a service that serves: OK while it generates, IDLE while nothing runs or waits.
-SERVING = ("OK", "IDLE")
-DEFAULT_TARGET = "python-onnx"
-LORA_CASES = [("sd", "diffusers"), ("sd", "kohya"), ("sdxl", "diffusers"), ("sdxl", "kohya")]
-
-# For tests that only need the bundled tritonserver; the project always installs it.
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("pytriton") is None,
-    reason="nvidia-pytriton (the bundled tritonserver) is not installed",
-)
+from tests.support.lora import LORA_CASES
+from tests.support.service import DEFAULT_TARGET, running_service
 
 
 @pytest.fixture(scope="session")
@@ -108,51 +92,6 @@ def triton(work_dir: Path, repository: Callable[..., Path]) -> Iterator[Callable
     yield get
     for server in servers.values():
         server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class RunningService:
-    url: str
-    app: Litestar
-
-
-@contextlib.contextmanager
-def running_service(
-    settings: Settings, wait_for: str | None = "OK", timeout_s: float = 120
-) -> Iterator[RunningService]:
-    """Run ``create_app(settings)`` on uvicorn in a thread until it reports ``wait_for``; always stop it."""
-    port = free_port()
-    settings = settings.with_overrides(host="127.0.0.1", port=port)
-    app = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        status = None
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                status = httpx.get(f"{url}/health", timeout=5).json()["status"]
-                if wait_for is None or status == wait_for or (wait_for == "OK" and status in SERVING):
-                    break
-                if status == "ERROR" and wait_for == "OK":
-                    raise RuntimeError(f"service at {url} failed to start")
-            time.sleep(0.1)
-        else:
-            raise TimeoutError(f"service at {url} did not reach {wait_for} (last status {status})")
-        yield RunningService(url, app)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
 @pytest.fixture(scope="session")

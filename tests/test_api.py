@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,141 +12,18 @@ from typing import Any
 import httpx
 import pytest
 
-from server.loras import MAX_LORA_ID_BYTES
+from export.fixtures.service import SERVING, ServiceProcess
 from server.triton.launcher import BundledTriton
-from tests.conftest import SERVING, free_port
-from tests.test_operations import health, wait_until
-
-SMALL = {"height": 64, "width": 64, "num_inference_steps": 2}
-JSON = "application/json"
-DEEP = 100_000
-# The length bound fields had before the reference's (none: MAX_BODY_BYTES bounds them all).
-OLD_FIELD_CHARS = 8192
-OVER_BODY_LIMIT = "Request body is larger than this service's limit of 1048576 bytes (MAX_BODY_BYTES)."
-
-
-@dataclass(frozen=True)
-class Hostile:
-    """A body a hostile client sends, the status it must get, and the message it must get if known."""
-
-    name: str
-    body: bytes
-    status: int
-    msg: str | None = None
-    content_type: str = JSON
-
-
-def _body(**fields: Any) -> bytes:
-    return json.dumps({**SMALL, **fields}).encode()
-
-
-def _raw(text: str) -> bytes:
-    return text.encode()
-
-
-def _loras(loras: str, status: int = 400, msg: str | None = None, name: str = "") -> Hostile:
-    return Hostile(name or f"loras={loras[:20]!r}", _body(prompt="x", loras=loras), status, msg)
-
-
-STRENGTHS = "All strengths must be numbers greater than or equal to 0.0."
-DIGITS_400, DIGITS_5000 = "9" * 400, "9" * 5000
-
-# Issue 7 item 4 (each was a 500 with a traceback), item 5 (sizes), and what else a hostile client
-# sends: wrong types, huge numbers, non-finite numbers, nulls, duplicate keys, non-object JSON, an
-# empty body, other content types.  None of them may reach the pipeline.
-HOSTILE: list[Hostile] = [
-    _loras('{"a": ' + DIGITS_400 + "}", msg=STRENGTHS, name="loras weight of 400 digits"),
-    _loras('{"a": -' + DIGITS_400 + "}", msg=STRENGTHS, name="loras weight of -400 digits"),
-    _loras('{"a": ' + DIGITS_5000 + "}", name="loras weight of 5000 digits"),
-    _loras('{"a": 1e999}', name="loras weight 1e999"),
-    _loras('{"a": NaN}', name="loras weight NaN"),
-    _loras("[" * (OLD_FIELD_CHARS - 1), name="loras of unclosed brackets"),
-    _loras("[" * 4000 + "]" * 4000, name="loras of deeply nested arrays"),
-    _loras('{"a": ' + "[" * 4000 + "]" * 4000 + "}", name="loras weight deeply nested"),
-    _loras("[" * DEEP, name="loras of 100000 brackets"),
-    _loras(json.dumps({"x" * 300: 1}), name="LoRA id of 300 characters"),
-    _loras(json.dumps({"é" * (MAX_LORA_ID_BYTES // 2 + 1): 1}), name="LoRA id over the byte bound"),
-    _loras('{"~nosuchuser/x": 1}', msg="LoRa repository '~nosuchuser/x' not found", name="LoRA id ~user"),
-    _loras(json.dumps({"a\x00b": 1}), name="LoRA id with a NUL"),
-    _loras(json.dumps({"a\nb": 1}), name="LoRA id with a newline"),
-    _loras('{"a": "1"}', msg=STRENGTHS, name="loras weight as a string"),
-    _loras('{"a": null}', msg=STRENGTHS, name="loras weight null"),
-    _loras('{"a": [1]}', msg=STRENGTHS, name="loras weight a list"),
-    _loras('"a"', name="loras a JSON string"),
-    _loras("{" + "x" * (OLD_FIELD_CHARS - 1), name="loras of 8 KB junk"),
-    _loras("x" * 1_000_000, name="loras of 1 MB"),
-    Hostile("prompt with invalid UTF-8", b'{"prompt": "a \xff\xfe cat"}', 422),
-    Hostile("prompt with a lone surrogate", b'{"prompt": "\\ud800"}', 422),
-    Hostile("body nested 100000 deep", _raw('{"prompt": "x", "a": ' + "[" * DEEP + "]" * DEEP + "}"), 422),
-    Hostile("body of 100000 brackets", _raw("[" * DEEP), 422),
-    Hostile("body of 100000 objects", _raw('{"a": ' * DEEP), 422),
-    Hostile("prompt of 5 MB", _body(prompt="cat " * 1_250_000), 400, OVER_BODY_LIMIT),
-    Hostile(
-        "negative prompt of 5 MB", _body(prompt="x", negative_prompt="cat " * 1_250_000), 400, OVER_BODY_LIMIT
-    ),
-    Hostile("model_id of 100000 characters", _body(prompt="x", model_id="m" * 100_000), 400),
-    Hostile("seed of 5000 digits", _raw('{"prompt": "x", "seed": ' + DIGITS_5000 + "}"), 422),
-    Hostile("seed of 400 digits", _raw('{"prompt": "x", "seed": ' + DIGITS_400 + "}"), 400),
-    Hostile("negative seed", _body(prompt="x", seed=-(2**63)), 400),
-    Hostile("height of 400 digits", _raw('{"prompt": "x", "width": 64, "height": ' + DIGITS_400 + "}"), 400),
-    Hostile("width of 30 digits", _body(prompt="x", width=10**30), 400),
-    Hostile("steps of 30 digits", _body(prompt="x", num_inference_steps=10**30), 400),
-    Hostile("images of 30 digits", _body(prompt="x", num_images_per_prompt=10**30), 400),
-    Hostile("negative images", _body(prompt="x", num_images_per_prompt=-1), 400),
-    Hostile("guidance NaN", _raw('{"prompt": "x", "guidance_scale": NaN}'), 422),
-    Hostile("guidance Infinity", _raw('{"prompt": "x", "guidance_scale": Infinity}'), 422),
-    Hostile("guidance 1e999", _raw('{"prompt": "x", "guidance_scale": 1e999}'), 422),
-    Hostile("guidance -1e999", _raw('{"prompt": "x", "guidance_scale": -1e999}'), 422),
-    *(
-        Hostile(f"guidance {v!r}", _body(prompt="x", guidance_scale=v), 400)
-        for v in ("nan", "inf", "-Infinity")
-    ),
-    Hostile("negative seed as a string", _body(prompt="x", seed="-5"), 400),
-    Hostile("float height", _body(prompt="x", height=64.5), 422),
-    Hostile("float steps", _body(prompt="x", num_inference_steps=2.5), 422),
-    Hostile("float seed", _body(prompt="x", seed=1.5), 422),
-    Hostile("bool steps", _body(prompt="x", num_inference_steps=True), 422),
-    Hostile("null prompt", _body(prompt=None), 422),
-    Hostile("null height", _body(prompt="x", height=None), 422),
-    Hostile("null loras", _body(prompt="x", loras=None), 422),
-    Hostile("null safety_check", _body(prompt="x", safety_check=None), 422),
-    Hostile("null seed (an integer without a default in the reference)", _body(prompt="x", seed=None), 422),
-    Hostile(
-        "duplicate keys, last empty",
-        _raw('{"prompt": "x", "prompt": "", "height": 64}'),
-        400,
-        "Prompt must be provided.",
-    ),
-    Hostile("duplicate keys, last wrong type", _raw('{"prompt": "x", "prompt": 1}'), 422),
-    *(
-        Hostile(f"JSON {raw}", _raw(raw), 422)
-        for raw in ("null", "1", '"prompt"', "true", "[]", '[{"prompt": "x"}]')
-    ),
-    Hostile("empty body", b"", 422),
-    Hostile("whitespace body", b"  \n ", 422),
-    Hostile("truncated JSON", b'{"prompt": "x"', 422),
-    Hostile("trailing garbage", b'{"prompt": "x"} x', 422),
-    Hostile("form body", b"prompt=x&height=64", 422, content_type="application/x-www-form-urlencoded"),
-    Hostile("binary body", bytes(range(256)), 422, content_type="application/octet-stream"),
-    Hostile("XML body", b"<prompt>x</prompt>", 422, content_type="application/xml"),
-]
-# Wrong types in every field.
-for _field, _wrong in (
-    ("prompt", [5, ["x"], {"a": 1}, True]),
-    ("model_id", [5, ["x"]]),
-    ("loras", [{"a": 1}, ["a"], 1]),
-    ("height", ["tall", [64], {"a": 1}]),
-    ("width", ["wide", [64]]),
-    ("guidance_scale", ["lots", [7.5]]),
-    ("negative_prompt", [5, ["x"]]),
-    ("safety_check", ["maybe", [True]]),
-    ("seed", ["one", [1]]),
-    ("num_inference_steps", ["two", [2]]),
-    ("num_images_per_prompt", ["one", [1]]),
-):
-    HOSTILE += [
-        Hostile(f"{_field}={_value!r}", _body(**{"prompt": "x", _field: _value}), 422) for _value in _wrong
-    ]
+from tests.support.hostile import (
+    HOSTILE,
+    OLD_FIELD_CHARS,
+    OVER_BODY_LIMIT,
+    SMALL,
+    Hostile,
+    assert_error_body,
+    hostile_loras,
+    json_body,
+)
 
 
 def post(
@@ -158,24 +31,6 @@ def post(
 ) -> httpx.Response:
     kwargs: dict[str, Any] = {"content": body} if isinstance(body, str | bytes) else {"json": body}
     return httpx.post(f"{url}{path}", headers=headers, timeout=120, **kwargs)
-
-
-def assert_error_body(response: httpx.Response) -> str:
-    """The reference's error body for the response's status; its (first) message.  422 is FastAPI's
-    ``HTTPValidationError`` (``loc`` from "body", ``msg``, ``type``), the rest ``{"detail": {"msg"}}``."""
-    content_type = response.headers["content-type"]  # schemathesis' responses hold a list per header
-    assert "".join(content_type).startswith("application/json"), response.headers
-    detail = response.json()["detail"]
-    assert "Traceback" not in response.text
-    if response.status_code == 422:
-        assert isinstance(detail, list) and detail, detail
-        for problem in detail:
-            assert set(problem) == {"loc", "msg", "type"}, problem
-            assert problem["loc"][0] == "body" and all(isinstance(x, str | int) for x in problem["loc"])
-            assert isinstance(problem["msg"], str) and problem["msg"] and isinstance(problem["type"], str)
-        return str(detail[0]["msg"])
-    assert set(detail) == {"msg"} and isinstance(detail["msg"], str) and detail["msg"], detail
-    return str(detail["msg"])
 
 
 def assert_error(response: httpx.Response, status: int, msg: str | None = None) -> None:
@@ -373,30 +228,11 @@ def served(
     triton: Callable[[str], BundledTriton],
 ) -> Iterator[ServedProcess]:
     """``python -m server`` as operators run it, with default limits: its log and its memory are its own."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    env = {"MODEL_ID": str(tiny_model("sd")), "TRITON_URL": triton("sd").http_url}
     log_path = tmp_path_factory.mktemp("served") / "service.log"
-    env = {
-        **os.environ,
-        "MODEL_ID": str(tiny_model("sd")),
-        "TRITON_URL": triton("sd").http_url,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-    }
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            wait_until(lambda: health(url) in SERVING, 120, "the service to start")
-            yield ServedProcess(url, process.pid, log_path)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with ServiceProcess(env, log_path, stop_timeout_s=30) as service:
+        assert service.pid is not None
+        yield ServedProcess(service.url, service.pid, log_path)
 
 
 def send(url: str, hostile: Hostile) -> httpx.Response:
@@ -420,7 +256,7 @@ def test_hostile_body_is_4xx_with_detail_and_no_traceback(served: ServedProcess,
 
 def test_long_loras_is_echoed_shortened_in_the_contract_message(served: ServedProcess) -> None:
     loras = "{" + "x" * 5000
-    msg = send(served.url, _loras(loras)).json()["detail"]["msg"]
+    msg = send(served.url, hostile_loras(loras)).json()["detail"]["msg"]
     assert msg.startswith("Unable to parse '{xxx") and msg.endswith("...' as JSON."), msg
     assert len(msg) < 200
 
@@ -519,7 +355,7 @@ def test_memory_stays_near_baseline_after_huge_and_max_size_prompts(served: Serv
     assert post(url, {"prompt": words, "negative_prompt": words, **SMALL}).status_code == 200
     baseline = served.rss_mb()
     for i in range(5):
-        assert send(url, Hostile("5 MB", _body(prompt=f"cat{i} " * 1_000_000), 400)).status_code == 400
+        assert send(url, Hostile("5 MB", json_body(prompt=f"cat{i} " * 1_000_000), 400)).status_code == 400
         assert (
             post(url, {"prompt": _unbroken_prompt(i), "negative_prompt": words, **SMALL}).status_code == 200
         )

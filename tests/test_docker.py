@@ -27,6 +27,7 @@ from server.container import (
     healthcheck_url,
 )
 from server.settings import ENV_NAMES, Settings
+from tests.support.dockerfile import instructions
 
 ROOT = Path(__file__).resolve().parents[1]
 # Environment the image sets that is not the service's: pip's and Python's, the Hub cache.
@@ -38,24 +39,6 @@ NOT_SETTINGS = {
     "HF_HOME",
     "CUDA_DEVICE_ORDER",
 }
-
-
-def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
-    result: list[tuple[str, str]] = []
-    current = ""
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
-        stripped = line.strip()
-        if not current and (not stripped or stripped.startswith("#")):
-            continue
-        if stripped.startswith("#"):
-            continue
-        current += " " + stripped.removesuffix("\\").strip()
-        if not stripped.endswith("\\"):
-            keyword, _, args = current.strip().partition(" ")
-            result.append((keyword.upper(), args.strip()))
-            current = ""
-    return result
 
 
 def one(keyword: str) -> str:

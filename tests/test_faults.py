@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 
 from bench.worker_memory import memory_mb
+from export.fixtures.service import SERVING, ServiceProcess, free_port, health, wait_until
 from server.errors import InferenceFailed, ModelUnavailable, ServiceUnavailable, TritonUnavailable
 from server.settings import Settings
 from server.triton.client import TritonClient
@@ -33,8 +33,8 @@ from server.triton.launcher import (
     stub_model,
     stub_processes,
 )
-from tests.conftest import SERVING, free_port, running_service
-from tests.test_operations import health, wait_until
+from tests.support.service import running_service
+from tests.support.triton import unet_inputs
 
 SMALL = {"height": 64, "width": 64, "num_inference_steps": 2}
 SHM = Path("/dev/shm")
@@ -219,23 +219,20 @@ def test_killed_service_leaves_nothing_running_and_starts_again(
 ) -> None:
     """~60 s: `kill -9` of t2i-serve takes its Triton and stubs along; the next start serves."""
     state_dir = tmp_path / "state"
-    port = free_port()
     env = {
-        **os.environ,
         "MODEL_ID": str(tiny_model("sd")),
         "MODEL_REPOSITORY": str(repository("sd")),
         "STATE_DIR": str(state_dir),
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
     }
-    env.pop("TRITON_URL", None)
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
 
     def start(log_name: str) -> subprocess.Popen[bytes]:
-        with (tmp_path / log_name).open("wb") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "server"], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
+        """``python -m server`` on ``port`` without TRITON_URL: it starts its own bundled Triton."""
+        service = ServiceProcess(env, tmp_path / log_name, unset=("TRITON_URL",), port=port)
+        process = service.start().process
+        assert process is not None
+        return process
 
     def ports_free(*ports: int) -> bool:
         import socket
@@ -274,15 +271,6 @@ def test_killed_service_leaves_nothing_running_and_starts_again(
 
 
 # -- worker memory and the per-batch pixel cap --------------------------------------------------------
-
-
-def unet_inputs(rows: int, side: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "sample": rng.standard_normal((rows, 4, side, side), dtype=np.float32),
-        "timestep": np.full(rows, 500.0, dtype=np.float32),
-        "encoder_hidden_states": rng.standard_normal((rows, 77, 32), dtype=np.float32),
-    }
 
 
 def page_faults(pid: int) -> int:

@@ -3,7 +3,7 @@
 
 The fuzzed service runs with small limits (pixels, steps, images) so the valid cases stay cheap; the
 invalid ones are the point.  Cases come from schemathesis' positive and negative strategies, and the
-positive run starts with every hostile body of ``tests.test_api.HOSTILE`` as an explicit example.
+positive run starts with every hostile body of ``tests.support.hostile.HOSTILE`` as an explicit example.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import schemathesis
 from hypothesis import HealthCheck, example, given, settings
 
 from server.settings import Settings
-from tests.conftest import running_service
-from tests.test_api import HOSTILE, assert_error_body
-from tests.test_operations import metric
+from tests.support.hostile import HOSTILE, assert_error_body
+from tests.support.service import metric, running_service
 
 FUZZ_LIMITS = {"max_pixels": 128 * 128, "max_steps": 2, "max_images": 2}
 CASES_PER_MODE = 300  # positive + negative: 600 cases in all

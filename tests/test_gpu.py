@@ -39,7 +39,7 @@ from export.toolchain.repository import export_repository
 from export.toolchain.tensorrt import TIMING_CACHE_FILE, EngineRunner, current_host
 from export.toolchain.tensorrt_plan import PLAN_FILE, EngineOptions
 from server.settings import Settings
-from tests.conftest import running_service
+from tests.support.service import running_service
 
 
 def _skip_reason() -> str | None:

@@ -22,7 +22,7 @@ from server.settings import Settings
 from server.triton.client import INTERNAL, classify
 from server.triton.launcher import TritonLaunchConfig, TritonStartError, build_command, system_tritonserver
 from server.triton.oom import is_out_of_memory
-from tests.conftest import needs_triton, running_service
+from tests.support.service import needs_triton, running_service
 
 # Verbatim shapes of what the libraries write (see server/triton/oom.py for the sources).
 OOM_MESSAGES = [

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from export.toolchain import image_check
-from tests.test_docker import instructions
+from tests.support.dockerfile import instructions
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"

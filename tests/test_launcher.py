@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from export.fixtures.service import wait_until
 from server.triton.launcher import (
     BundledTriton,
     TritonLaunchConfig,
@@ -36,8 +37,7 @@ from server.triton.launcher import (
     tritonserver_binary,
     tritonserver_env,
 )
-from tests.conftest import needs_triton
-from tests.test_operations import wait_until
+from tests.support.service import needs_triton
 
 CONFIG_PBTXT = """\
 name: "{name}"

@@ -23,10 +23,10 @@ import pytest
 from livepeer_ai import Livepeer
 from livepeer_ai.models import components, errors
 
+from export.fixtures.service import free_port, wait_until
 from server.settings import Settings
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
-from tests.conftest import free_port, running_service
-from tests.test_operations import metric, wait_until
+from tests.support.service import metric, running_service
 
 # What go-livepeer's Worker.TextToImage and the SDK handle: any other status crashes a remote AI worker.
 LIVEPEER_STATUSES = {200, 400, 401, 422, 500}

@@ -8,32 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from export.models.lora import LoraIncompatible, load_base_state, load_lora, merge_deltas
+from tests.support.lora import diffusers_lora, transformer_pipeline
 
 State = dict[str, torch.Tensor]
 
-DIFFUSERS_MODULES = {
-    "sd3": (
-        "transformer_blocks.0.attn.to_q",
-        "transformer_blocks.0.attn.to_v",
-        "transformer_blocks.0.attn.add_k_proj",
-        "transformer_blocks.1.attn.to_out.0",
-        "transformer_blocks.1.ff.net.2",
-    ),
-    "flux": (
-        "transformer_blocks.0.attn.to_q",
-        "transformer_blocks.0.attn.add_v_proj",
-        "transformer_blocks.0.ff.net.0.proj",
-        "single_transformer_blocks.0.attn.to_k",
-        "single_transformer_blocks.1.proj_out",
-    ),
-}
 # sd-scripts' names; diffusers itself cannot split single blocks' linear1 of a non-12B model.
 KOHYA_LAYERS = {
     "double_blocks_0_img_attn_qkv": (96, 32),
@@ -44,26 +28,6 @@ KOHYA_LAYERS = {
     "single_blocks_1_linear2": (32, 160),
     "single_blocks_0_modulation_lin": (96, 32),
 }
-
-
-def _pipeline(family: str, model_dir: Path) -> Any:
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-    cls = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
-    return cls.from_pretrained(model_dir)
-
-
-def _diffusers_lora(path: Path, family: str, model_dir: Path, seed: int) -> Path:
-    state = _pipeline(family, model_dir).transformer.state_dict()
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for module in DIFFUSERS_MODULES[family]:
-        out, fan_in = state[f"{module}.weight"].shape
-        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(4, fan_in, generator=gen) * 0.1
-        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(out, 4, generator=gen) * 0.1
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-    return path
 
 
 def _kohya_flux_lora(path: Path, seed: int, layers: dict[str, tuple[int, int]] = KOHYA_LAYERS) -> Path:
@@ -79,7 +43,7 @@ def _kohya_flux_lora(path: Path, seed: int, layers: dict[str, tuple[int, int]] =
 
 
 def _fused(family: str, model_dir: Path, files: list[Path], weights: list[float]) -> tuple[State, State]:
-    pipe = _pipeline(family, model_dir)
+    pipe = transformer_pipeline(family, model_dir)
     base = {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()}
     for i, path in enumerate(files):
         pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
@@ -101,7 +65,7 @@ def test_diffusers_layout_merge_equals_fuse_lora(
     family: str, tmp_path: Path, tiny_model: Callable[[str], Path]
 ) -> None:
     model_dir = tiny_model(family)
-    files = [_diffusers_lora(tmp_path / f"l{s}" / "lora.safetensors", family, model_dir, s) for s in (1, 2)]
+    files = [diffusers_lora(tmp_path / f"l{s}" / "lora.safetensors", family, model_dir, s) for s in (1, 2)]
     base, fused = _fused(family, model_dir, files, [0.7, 1.3])
     loras = [(load_lora(f), w) for f, w in zip(files, [0.7, 1.3], strict=True)]
     assert all(lora.components == ("transformer",) for lora, _ in loras)
@@ -125,7 +89,7 @@ def test_kohya_flux_single_block_linear1_is_split_into_qkv_and_mlp(
     tmp_path: Path, tiny_model: Callable[[str], Path]
 ) -> None:
     """linear1 fuses q, k, v and the MLP input (FLUX's 3 x inner + 4 x inner rows)."""
-    base = _pipeline("flux", tiny_model("flux")).transformer.state_dict()
+    base = transformer_pipeline("flux", tiny_model("flux")).transformer.state_dict()
     path = _kohya_flux_lora(tmp_path / "k.safetensors", seed=4, layers={"single_blocks_0_linear1": (224, 32)})
     lora = load_lora(path)
     merged = merge_deltas(base, [(lora, 1.0)], "transformer")

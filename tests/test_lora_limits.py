@@ -16,12 +16,12 @@ import httpx
 import numpy as np
 import pytest
 
+from export.fixtures.service import SERVING
 from server.settings import Settings
 from server.triton.launcher import BundledTriton
-from tests.conftest import SERVING, running_service
-from tests.test_lora_service import BODY, _reference_pipeline, post
-from tests.test_operations import metric
-from tests.test_parity import assert_close, decode
+from tests.support.images import assert_close, decode
+from tests.support.lora import BODY, post, reference_pipeline
+from tests.support.service import metric, running_service
 
 
 def _settings(
@@ -217,7 +217,7 @@ def test_many_distinct_lora_sets_stay_within_the_disk_and_resident_bounds(
             assert variants.cache.used_bytes <= cache_gb * 2**30
             assert len(variants.loaded()) <= 2
             if i in (0, 9):
-                reference = _reference_pipeline(
+                reference = reference_pipeline(
                     str(tiny_model("sd")), ((str(a_dir), loras["sd-diffusers-c"]), (str(b_dir), 0.5))
                 )
                 import torch

@@ -4,30 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
 
 from server.settings import Settings
 from server.triton.launcher import BundledTriton
-from tests.conftest import LORA_CASES, running_service
-from tests.test_operations import metric
-from tests.test_parity import assert_close, decode, generate
+from tests.support.images import assert_close, decode, generate
+from tests.support.lora import BODY, LORA_CASES, post, reference
+from tests.support.service import metric, running_service
 
-# guidance explicit: diffusers' SDXL pipeline defaults to 5.0 where the API defaults to 7.5
-BODY = {
-    "prompt": "a photo of a cat",
-    "height": 64,
-    "width": 96,
-    "num_inference_steps": 6,
-    "guidance_scale": 7.5,
-}
 CASES = LORA_CASES
 
 
@@ -39,34 +28,6 @@ def lora_service(
         return service(family, model_repository=repository(family), lora_dir=lora_dir, lora_hub=False)
 
     return get
-
-
-@cache
-def _reference_pipeline(model_dir: str, loras: tuple[tuple[str, float], ...]) -> Any:
-    import diffusers
-
-    cls = (
-        diffusers.StableDiffusionXLPipeline
-        if model_dir.endswith("sdxl")
-        else diffusers.StableDiffusionPipeline
-    )
-    kwargs = {} if cls is diffusers.StableDiffusionXLPipeline else {"safety_checker": None}
-    pipe = cls.from_pretrained(model_dir, **kwargs)
-    for i, (path, _) in enumerate(loras):
-        pipe.load_lora_weights(path, adapter_name=f"lora{i}")
-    pipe.set_adapters([f"lora{i}" for i in range(len(loras))], adapter_weights=[w for _, w in loras])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def reference(model_dir: Path, loras: dict[str, float], seed: int) -> np.ndarray:
-    pipe = _reference_pipeline(str(model_dir), tuple(loras.items()))
-    out = pipe(**BODY, generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
-    return np.asarray((out * 255).round().astype(np.uint8))
-
-
-def post(url: str, loras: str, **body: Any) -> httpx.Response:
-    return httpx.post(f"{url}/text-to-image", json={**BODY, "loras": loras, **body}, timeout=300)
 
 
 @pytest.mark.parametrize(("family", "fmt"), CASES)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -18,36 +17,15 @@ from typing import Any
 import httpx
 import pytest
 
+from export.fixtures.service import SERVING, ServiceProcess, free_port, health, wait_until
 from server.errors import OutOfMemory
 from server.pipeline.rules import MODEL_RULES, apply_rule, rule_for
 from server.settings import Settings
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
-from tests.conftest import SERVING, free_port, running_service
-from tests.test_parity import assert_close, decode, generate, reference_image
+from tests.support.images import assert_close, decode, generate, reference_image
+from tests.support.service import metric, running_service
 
 SMALL = {"height": 64, "width": 64, "num_inference_steps": 2}
-
-
-def metric(url: str, name: str, labels: str = "") -> float:
-    """The value of one sample on ``/metrics`` (0 when absent)."""
-    text = httpx.get(f"{url}/metrics").text
-    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def health(url: str) -> str:
-    try:
-        return str(httpx.get(f"{url}/health", timeout=2).json()["status"])
-    except httpx.TransportError:
-        return "DOWN"
 
 
 # -- runner endpoints -------------------------------------------------------------------------------
@@ -392,19 +370,12 @@ def test_bundled_triton_killed_mid_request_fails_that_request_and_comes_back(
 def test_sigterm_finishes_requests_in_flight_then_exits(
     tmp_path: Path, tiny_model: Callable[[str], Path], triton: Callable[[str], BundledTriton]
 ) -> None:
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODEL_ID": str(tiny_model("sd")),
-        "TRITON_URL": triton("sd").http_url,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-    }
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "service.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server"], env=env, stdout=log, stderr=subprocess.STDOUT
+    service = ServiceProcess(
+        {"MODEL_ID": str(tiny_model("sd")), "TRITON_URL": triton("sd").http_url}, tmp_path / "service.log"
     )
+    url = service.url
+    process = service.start().process
+    assert process is not None
 
     def refuses_connections() -> bool:
         try:
@@ -434,7 +405,6 @@ def test_sigterm_finishes_requests_in_flight_then_exits(
         if process.poll() is None:
             process.kill()
             process.wait()
-        log.close()
 
 
 def test_model_that_cannot_be_fetched_is_error_and_500(tmp_path: Path) -> None:

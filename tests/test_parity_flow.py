@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_parity import TOLERANCE, assert_close, decode, generate
+from tests.support.images import TOLERANCE, assert_close, decode, generate
 
 pytestmark = pytest.mark.slow
 
@@ -193,10 +193,10 @@ def test_one_lora_matches_diffusers(
     diffusers' ``load_lora_weights`` + ``set_adapters`` at the same strength; the base stays the base."""
     import diffusers
 
-    from tests.test_lora_flow import _diffusers_lora
+    from tests.support.lora import diffusers_lora
 
     lora_dir = tmp_path / "loras"
-    lora = _diffusers_lora(lora_dir / f"{family}-lora.safetensors", family, tiny_model(family), seed=3)
+    lora = diffusers_lora(lora_dir / f"{family}-lora.safetensors", family, tiny_model(family), seed=3)
     url = service(family, model_repository=repository(family), lora_dir=lora_dir, lora_hub=False)
     body = {"prompt": "a photo of a cat", "height": 64, "width": 96, "num_inference_steps": STEPS}
     guidance = 7.0 if family == "sd3" else 3.5

@@ -38,7 +38,7 @@ from export.toolchain.onnx_export import check_onnx, export_onnx
 from export.toolchain.repository import export_repository
 from server.pipeline.safety import SafetyChecker
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
-from tests.conftest import needs_triton
+from tests.support.service import needs_triton
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ from export.models.safety import build_tiny_safety_checker
 from export.toolchain.repository import export_repository
 from server.settings import Settings
 from server.triton.launcher import BundledTriton, TritonLaunchConfig
-from tests.conftest import RunningService, running_service
-from tests.test_operations import metric
-from tests.test_parity import assert_close, decode, generate
+from tests.support.images import assert_close, decode, generate
+from tests.support.service import RunningService, metric, running_service
 
 SEEDS = tuple(range(8))
 BODY = {"prompt": "a photo", "height": 64, "width": 64, "num_inference_steps": 2}

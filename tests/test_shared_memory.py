@@ -24,9 +24,8 @@ from server.triton import client as client_module
 from server.triton.client import TritonClient, inference_body
 from server.triton.launcher import BundledTriton
 from server.triton.shared import SHM_DIR, STEM, Region, SharedArray, remove_stale_regions
-from tests.conftest import needs_triton
-from tests.test_faults import unet_inputs
-from tests.test_triton_client import FakeTriton, answer, read_request
+from tests.support.service import needs_triton
+from tests.support.triton import FakeTriton, answer, read_request, unet_inputs
 
 
 def own_regions() -> list[Path]:

@@ -28,7 +28,7 @@ from export.triton_models.torch_model import CudaGraphs, TorchModel, TorchOption
 from export.triton_models.torch_source import MODULE_FILE, base_state, cuda_dtype_for, load_component
 from export.triton_models.torch_variants import VariantError, VariantWeights
 from server.triton.launcher import BundledTriton
-from tests.conftest import needs_triton
+from tests.support.service import needs_triton
 
 TORCH = "python-torch"
 
@@ -436,8 +436,8 @@ def test_service_serves_lora_variants_on_the_torch_target_like_diffusers(
 ) -> None:
     """The service builds the variant from the torch model's own safetensors (no ONNX here), sends
     ``lora_variant``, and the image equals diffusers' LoRA pipeline; the base stays the base."""
-    from tests.test_lora_service import BODY, reference
-    from tests.test_parity import assert_close, decode, generate
+    from tests.support.images import assert_close, decode, generate
+    from tests.support.lora import BODY, reference
 
     url = service("sd", TORCH, lora_dir=lora_dir, lora_hub=False)
     (image,) = generate(url, **BODY, loras=json.dumps({"sd-diffusers-a": 0.8}), seed=21)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 
 import numpy as np
 import pytest
@@ -20,22 +19,7 @@ from server.errors import (
 )
 from server.settings import Settings, SettingsError, triton_address
 from server.triton.client import TritonClient
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def read_request(reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode()
-    lines = head.split("\r\n")
-    headers = {
-        k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)
-    }
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return lines[0], headers, body
-
-
-def answer(status: int, body: bytes, headers: str = "") -> bytes:
-    return f"HTTP/1.1 {status} X\r\n{headers}Content-Length: {len(body)}\r\n\r\n".encode() + body
+from tests.support.triton import FakeTriton, answer, read_request
 
 
 def infer_answer(arrays: dict[str, np.ndarray]) -> tuple[bytes, str]:
@@ -59,37 +43,6 @@ def infer_answer(arrays: dict[str, np.ndarray]) -> tuple[bytes, str]:
 def bytes_answer() -> tuple[bytes, str]:
     header = b'{"outputs":[{"name":"y","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":4}}]}'
     return header + b"1234", f"Inference-Header-Content-Length: {len(header)}\r\n"
-
-
-class FakeTriton:
-    """A loopback server that runs ``handler`` per connection and counts connections."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.connections = 0
-        self.open = 0
-        self.most_open = 0
-
-    async def __aenter__(self) -> FakeTriton:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.connections += 1
-            self.open += 1
-            self.most_open = max(self.most_open, self.open)
-            try:
-                await self.handler(reader, writer)
-            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-                pass  # the client went away, or the test ended
-            finally:
-                self.open -= 1
-                writer.close()
-
-        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        self.url = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
-        await self.server.wait_closed()
 
 
 def test_inference_sends_binary_tensors_and_reads_them_back_over_one_connection() -> None:
