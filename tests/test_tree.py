@@ -1,5 +1,5 @@
 """The tree keeps the shape docs/ARCHITECTURE.md describes: what each layer may import, module sizes,
-and that every file the code and the docs cite exists."""
+and that every file the code and the docs cite exists (the tests' own layout: tests/test_layout.py)."""
 
 from __future__ import annotations
 
@@ -120,20 +120,6 @@ def test_server_modules_import_down_the_layers() -> None:
                 parts = name.split(".")
                 if parts[0] == "server" and len(parts) > 1 and parts[1] != own and parts[1] not in allowed:
                     wrong.append(f"{path.relative_to(ROOT)} imports {name}")
-    assert not wrong, "\n".join(wrong)
-
-
-def test_no_test_module_imports_another() -> None:
-    wrong = []
-    for path in _tracked("tests/*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            wrong += [f"{path.name} imports {n}" for n in names if re.match(r"tests\.test_\w+$", n)]
     assert not wrong, "\n".join(wrong)
 
 
