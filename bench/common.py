@@ -22,15 +22,16 @@ from typing import Any, Final
 import httpx
 import numpy as np
 
+from export.contract import specs
 from export.fixtures.service import ServiceProcess
+from server.pipeline.request import Stage as PipelineStage
 
 logger = logging.getLogger("bench")
 
 PROMPT: Final = "a photo of a cat sitting on a windowsill"
-# Stage names as the service exports them (server.metrics.STAGES), kept here so that ``python -m
-# bench`` does not import the service.
-STAGES: Final = ("text_encoder", "unet_step", "vae", "safety_check", "png_encode")
-TRITON_MODELS: Final = ("text_encoder", "unet", "vae_decoder", "safety_checker")
+# The stage names of the service's /metrics, and the Triton models whose statistics are read.
+STAGES: Final = tuple(str(stage) for stage in PipelineStage)
+TRITON_MODELS: Final = (specs.TEXT_ENCODER, specs.UNET, specs.VAE_DECODER, specs.SAFETY_CHECKER)
 HTTP_TIMEOUT_S: Final = 600.0
 STARTUP_TIMEOUT_S: Final = 600.0
 
