@@ -69,3 +69,11 @@ def gpu_devices(*, stats: bool) -> dict[int, dict[str, Any]]:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def gpu_memory_used() -> int | None:
+    """GPU memory in use on every GPU together (NVML: total - free); None without GPUs."""
+    devices = gpu_devices(stats=False)
+    if not devices:
+        return None
+    return sum(int(d["memory_total"]) - int(d["memory_free"]) for d in devices.values())

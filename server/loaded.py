@@ -9,8 +9,8 @@ Two stages, each an immutable object the supervisor (``server/supervisor.py``) h
   restarted Triton) or the safety checker does.
 
 The heavy serving code (torch, diffusers) is imported by :func:`load_model` in a worker thread, never
-at module level, so the service listens at once.  One model today; several models (issue 24) make
-each of these one entry of a registry keyed by model id.
+at module level, so the service listens at once.  Several models (``MODEL_IDS``) make
+each of these part of one entry of the registry (``server/registry.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from export.contract import specs
@@ -30,16 +31,16 @@ from server.engines import (
     require_exported,
     running_hosts,
 )
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from server.pipeline.request import GenerationRequest
 from server.pipeline.rules import rule_for
-from server.settings import Settings
+from server.settings import ServedModel, Settings
 
 if TYPE_CHECKING:  # loaded by load_model, beside Triton's start
-    from server.pipeline.generate import TextToImagePipeline
+    from server.pipeline.generate import InferenceClient, TextToImagePipeline
     from server.pipeline.model import DiffusionModel
     from server.pipeline.safety import SafetyChecker
-    from server.triton.client import TritonClient
+    from server.triton.scoped import ModelClient
     from server.variants import VariantManager
     from server.variants.residency import ModelControl
 
@@ -77,20 +78,24 @@ def lora_models(source: ModelSource) -> list[str]:
     return [m for m in (source.denoiser, *source.text_encoders) if m in ONNX_PREFIXES]
 
 
-def open_repository(settings: Settings) -> tuple[ModelSource, RepositoryEngines]:
+def open_repository(settings: Settings, served: ServedModel) -> tuple[ModelSource, RepositoryEngines]:
     """The model's folder (configs only) and the repository's engines, checked against this host."""
-    path = resolve_model(settings.model_id, weights=False, cache_dir=settings.model_dir)
-    repository = settings.model_repository.resolve()
+    path = resolve_model(served.model_id, weights=False, cache_dir=settings.model_dir)
+    repository = served.repository.resolve()
     running = running_hosts()
     if not settings.triton_url:
-        require_exported(repository, settings.model_id, gpu=bool(running))
+        require_exported(repository, served.model_id, gpu=bool(running))
     engines = read_repository(repository)
-    check_engine_host(engines, running, repository, settings.model_id)
+    check_engine_host(engines, running, repository, served.model_id)
     return ModelSource(path), engines
 
 
 def load_model(
-    settings: Settings, source: ModelSource, client: Callable[[], ModelControl], metrics: Metrics
+    settings: Settings,
+    served: ServedModel,
+    source: ModelSource,
+    client: Callable[[], ModelControl],
+    metrics: ModelMetrics,
 ) -> tuple[DiffusionModel, VariantManager]:
     """The model's tokenizers and scheduler, and its LoRA variants (a worker thread).  The serving
     code is imported here, not at module level: torch and diffusers take seconds."""
@@ -101,25 +106,31 @@ def load_model(
     from server.variants.setup import variant_manager
 
     torch.set_num_threads(settings.torch_threads)  # a setting of the process, not the thread
-    model = DiffusionModel(source, settings.scheduler, rule_for(settings.model_id), settings.model_repository)
-    variants = variant_manager(settings, source.text_encoders, client, metrics, source.denoiser)
+    model = DiffusionModel(source, settings.scheduler, rule_for(served.model_id), served.repository)
+    variants = variant_manager(
+        settings, served.repository, source.text_encoders, client, metrics, source.denoiser
+    )
     return model, variants
 
 
 async def serving_pipeline(
-    settings: Settings, description: ModelDescription, client: TritonClient
+    description: ModelDescription, client: InferenceClient, warmup: bool
 ) -> TextToImagePipeline:
-    """The model's pipeline over ``client``, warmed up when ``WARMUP`` is on."""
+    """The model's pipeline over ``client``, warmed up with one small generation when ``warmup``."""
     from server.pipeline.flow import pipeline_for  # loaded by load_model
 
     pipeline = pipeline_for(description.model, client)
-    if settings.warmup:
+    if warmup:
         await pipeline(warmup_request(description))
     return pipeline
 
 
 async def find_safety_checker(
-    settings: Settings, source: ModelSource, client: TritonClient, kept: SafetyChecker | None
+    settings: Settings,
+    repository: Path,
+    source: ModelSource,
+    client: ModelClient,
+    kept: SafetyChecker | None,
 ) -> SafetyChecker | None:
     """The checker when enabled and Triton serves one; ``kept`` while it uses the same client."""
     if settings.safety_checker == "off" or not await client.model_ready(specs.SAFETY_CHECKER):
@@ -130,7 +141,7 @@ async def find_safety_checker(
 
     folders = (
         source.path / "feature_extractor",
-        settings.model_repository / specs.SAFETY_CHECKER / "feature_extractor",
+        repository / specs.SAFETY_CHECKER / "feature_extractor",
     )
     return await asyncio.to_thread(SafetyChecker.from_folders, client, *folders)
 

@@ -8,6 +8,7 @@ request runs on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
@@ -32,18 +33,22 @@ from server.supervisor import Health, Supervisor
 
 if TYPE_CHECKING:
     from server.loaded import LoadedModel, ModelDescription
+    from server.registry import ServedEntry
 
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**64 - 1
+# What a request has once admitted: its generation, its LoRA set and the model it runs on.
+Prepared = tuple[GenerationRequest, dict[str, float], "LoadedModel"]
 
 
 class TextToImageService:
     def __init__(self, settings: Settings, supervisor: Supervisor, metrics: Metrics) -> None:
         self.settings = settings
         self.supervisor = supervisor
+        self.registry = supervisor.registry
         self.metrics = metrics
-        self.rule = rule_for(settings.model_id)
+        # MAX_IN_FLIGHT and MAX_QUEUE bound every model's requests together.
         self.admission = Admission(settings.max_in_flight, settings.max_queue, metrics)
 
     def health(self) -> Health:
@@ -58,28 +63,45 @@ class TextToImageService:
         if not params.prompt.strip():
             raise BadRequest("Prompt must be provided.")
 
+    def model_for(self, model_id: str) -> ServedEntry:
+        """The served model a request names (empty: the first); an unknown one is a 400."""
+        return self.registry.entry(model_id)
+
     async def generate(
-        self, params: TextToImageParams, client_gone: Callable[[], bool] = lambda: False
+        self,
+        params: TextToImageParams,
+        client_gone: Callable[[], bool] = lambda: False,
+        entry: ServedEntry | None = None,
     ) -> ImageResponse:
         """Check the request, take a place in the bounded queue, wait there for the service (while it
-        loads) and for a slot, run it; the deadline covers all the waiting too."""
-        description = self.supervisor.description
+        loads), for the model (loaded when it is not resident) and for a slot, run it; the deadline
+        covers all the waiting too.  ``entry``: the model, already chosen by the request's path."""
+        entry = entry or self.model_for(params.model_id)
+        description = entry.description
         # with the model known the rules answer at once; while it loads, once it is known
-        checked = self._request(params, description) if description is not None else None
+        checked = self._request(params, entry, description) if description is not None else None
         waiting_for = "the service was still loading the model"
+        metrics = entry.metrics
 
-        async def prepare() -> tuple[GenerationRequest, dict[str, float], LoadedModel]:
+        async def prepare(
+            stack: contextlib.AsyncExitStack,
+        ) -> Prepared:
             nonlocal waiting_for
-            request, loras = checked or self._request(params, await self.supervisor.wait_description())
-            loaded = await self.supervisor.ready_model()
+            request, loras = checked or self._request(
+                params, entry, await self.supervisor.wait_description(entry)
+            )
+            await stack.enter_async_context(self.registry.hold(entry))  # never unloaded from here on
+            if not entry.resident and self.supervisor.status is Health.OK:
+                waiting_for = f"model '{entry.model_id}' was still loading into Triton"
+            loaded = await self.supervisor.ready_model(entry)
             waiting_for = "it was waiting for a free slot"
             return request, loras, loaded
 
         timeout_s = self.settings.request_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                # admission first: a full service refuses before resolving or building anything
-                async with self.admission.slot(prepare) as (request, loras, loaded):  # noqa: SIM117 - loras from the first
+            # admission first: a full service refuses before resolving or building anything
+            async with contextlib.AsyncExitStack() as stack, asyncio.timeout(timeout_s):  # noqa: SIM117
+                async with self.admission.slot(lambda: prepare(stack)) as (request, loras, loaded):
                     async with loaded.variants.use(loras) as models:
                         waiting_for = "it was generating"
                         request = replace(
@@ -88,32 +110,37 @@ class TextToImageService:
                             text_encoders=models.text_encoders,
                             model_parameters=models.parameters,
                         )
-                        return await self._run(request, params.safety_check, client_gone)
+                        return await self._run(entry, request, params.safety_check, client_gone)
         except TimeoutError:
-            self.metrics.cancelled.labels("deadline").inc()
+            metrics.cancelled("deadline").inc()
             raise ServiceUnavailable(
                 f"The request did not finish within {timeout_s:g} s (REQUEST_TIMEOUT_S): {waiting_for}; "
                 "try again shortly.",
-                reason="loading" if waiting_for.endswith("loading the model") else "deadline",
+                reason="deadline" if waiting_for.startswith("it was") else "loading",
             ) from None
 
     async def _run(
-        self, request: GenerationRequest, safety_check: bool, client_gone: Callable[[], bool]
+        self,
+        entry: ServedEntry,
+        request: GenerationRequest,
+        safety_check: bool,
+        client_gone: Callable[[], bool],
     ) -> ImageResponse:
         # Refused now, as at admission, when Triton went away while the variant was made ready.
-        loaded = await self.supervisor.ready_model()
-        self.metrics.generations.inc()
+        loaded = await self.supervisor.ready_model(entry)
+        metrics = entry.metrics
+        metrics.generations.inc()
 
         async def between_steps(step: int) -> None:
             if client_gone():
-                self.metrics.cancelled.labels("client_gone").inc()
+                metrics.cancelled("client_gone").inc()
                 raise ClientGone(f"client went away before step {step}")
 
         def observe(stage: str, seconds: float, rows: int) -> None:
-            self.metrics.stage_latency.labels(stage).observe(seconds)
+            metrics.stage(stage).observe(seconds)
             if stage == Stage.UNET_STEP:
-                self.metrics.unet_steps.inc()
-                self.metrics.unet_rows.observe(rows)
+                metrics.unet_steps.inc()
+                metrics.unet_rows.observe(rows)
 
         started = time.perf_counter()
         try:
@@ -130,30 +157,32 @@ class TextToImageService:
         start = time.perf_counter()
         urls = await asyncio.to_thread(lambda: [png_data_url(image) for image in result.images])
         observe(Stage.PNG_ENCODE, time.perf_counter() - start, len(urls))
-        self.metrics.images.inc(len(urls))
+        metrics.images.inc(len(urls))
         logger.info(
-            "generated %d image(s) %dx%d, %d steps, guidance %g in %.2f s",
+            "generated %d image(s) %dx%d, %d steps, guidance %g in %.2f s (%s)",
             len(urls),
             request.width,
             request.height,
             request.num_inference_steps,
             request.guidance_scale,
             time.perf_counter() - started,
+            entry.model_id,
         )
         media = [Media(url=u, seed=s, nsfw=n) for u, s, n in zip(urls, result.seeds, nsfw, strict=True)]
         return ImageResponse(images=media)
 
     def _request(
-        self, params: TextToImageParams, description: ModelDescription
+        self, params: TextToImageParams, entry: ServedEntry, description: ModelDescription
     ) -> tuple[GenerationRequest, dict[str, float]]:
-        """Apply the API's rules; every violation is a 400 with a message naming the field.
+        """Apply the API's rules (``entry``'s: its size rules, engines and distilled-model rule); every
+        violation is a 400 with a message naming the field.
 
         Returns the generation and the parsed LoRA set (both checked before any generation)."""
         s = self.settings
         self.require_prompt(params)
-        if params.model_id and params.model_id != s.model_id:
+        if params.model_id and params.model_id != entry.model_id:
             raise BadRequest(
-                f"Model '{brief(params.model_id)}' is not served here; this service serves '{s.model_id}'."
+                f"Model '{brief(params.model_id)}' is not served here; this path serves '{entry.model_id}'."
             )
         model, engines = description.model, description.engines
         vae_scale, size_multiple, max_side = model.vae_scale_factor, model.size_multiple, model.max_side
@@ -186,7 +215,9 @@ class TextToImageService:
         seed = secrets.randbelow(2**32) if params.seed is msgspec.UNSET else params.seed
         if not 0 <= seed <= MAX_SEED - (n - 1):
             raise BadRequest(f"seed must be between 0 and {MAX_SEED - (n - 1)}, got {seed}.")
-        guidance_scale, steps = apply_rule(self.rule, params.guidance_scale, params.num_inference_steps)
+        guidance_scale, steps = apply_rule(
+            rule_for(entry.model_id), params.guidance_scale, params.num_inference_steps
+        )
         if steps > s.max_steps:
             raise BadRequest(f"num_inference_steps must be at most {s.max_steps}, got {steps}.")
         rows = n * (2 if guidance_scale > 1 and model.guidance_allowed else 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import typing
 from collections.abc import Mapping
@@ -43,6 +44,7 @@ def triton_address(url: str) -> tuple[str, int]:
 
 
 NOTES = "docs/settings.md"  # the longer notes some descriptions point to
+MODELS_NOTES = "docs/models.md"
 AT_LEAST_1 = Meta(ge=1)
 
 
@@ -52,11 +54,34 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     model_id: Annotated[
         str,
         Meta(
-            min_length=1,
             description="Hub id or local diffusers folder; distilled ids (`lightning`, `turbo`) switch on "
-            "the model rules (`server/pipeline/rules.py`)",
+            "the model rules (`server/pipeline/rules.py`); required unless MODEL_IDS is set",
         ),
     ] = ""
+    model_ids: Annotated[
+        str,
+        Meta(
+            description="several models behind one service, instead of MODEL_ID: comma-separated "
+            "`id=repository` (`id` alone: the repository MODEL_REPOSITORY/<id's last path part>); a "
+            f"request's `model_id` picks one, empty the first ({MODELS_NOTES})"
+        ),
+    ] = ""
+    pinned_model_ids: Annotated[
+        str,
+        Meta(
+            description="models loaded at start and never unloaded, comma-separated ids; empty: the first "
+            "model; `none`: none (each model loads at its first request)"
+        ),
+    ] = ""
+    model_memory_gb: Annotated[
+        float,
+        Meta(
+            ge=0,
+            description="memory the resident models may hold together (GPU memory on a GPU, else the "
+            "bundled Triton's resident memory), each measured once it loads, LoRA variants included; "
+            "the least recently used idle model is unloaded to make room; 0: no bound",
+        ),
+    ] = 0.0
     model_dir: Annotated[Path, Meta(description="Hugging Face cache for Hub ids")] = Path("/models")
     model_repository: Annotated[Path, Meta(description="Triton repository the bundled Triton serves")] = Path(
         "model_repository/default"
@@ -253,6 +278,45 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             field.check(getattr(self, field.name))
         if self.triton_url:
             triton_address(self.triton_url)
+        self.served_models()  # raises on a bad MODEL_ID / MODEL_IDS / PINNED_MODEL_IDS
+
+    def served_models(self) -> tuple[ServedModel, ...]:
+        """The models this service serves, the default (first) first: MODEL_ID alone, or MODEL_IDS."""
+        if bool(self.model_id) == bool(self.model_ids.strip()):
+            raise SettingsError(
+                "set MODEL_ID (one model) or MODEL_IDS (several), not both"
+                if self.model_id
+                else "MODEL_ID is required: Hub id or local diffusers folder (or MODEL_IDS: several models)"
+            )
+        if self.model_id:
+            return (ServedModel(self.model_id, self.model_repository, "", pinned=True),)
+        entries = [e.strip() for e in self.model_ids.split(",") if e.strip()]
+        parsed = [e.partition("=") for e in entries]
+        pins = {p.strip() for p in self.pinned_model_ids.split(",") if p.strip()}
+        ids = [model_id.strip() for model_id, _, _ in parsed]
+        if not pins:
+            pins = {ids[0]}
+        elif pins == {"none"}:
+            pins = set()
+        unknown = sorted(pins - set(ids))
+        if unknown:
+            raise SettingsError(f"PINNED_MODEL_IDS names models not in MODEL_IDS: {', '.join(unknown)}")
+        models: list[ServedModel] = []
+        for model_id, _, repository in parsed:
+            model_id, repository = model_id.strip(), repository.strip()
+            if not model_id:
+                raise SettingsError(f"MODEL_IDS has an entry without a model id: {self.model_ids!r}")
+            path = (
+                Path(repository)
+                if repository
+                else self.model_repository / model_id.rstrip("/").split("/")[-1]
+            )
+            models.append(ServedModel(model_id, path, _alias(path, len(models)), model_id in pins))
+        for what, values in (("model id", ids), ("repository", [str(m.repository) for m in models])):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise SettingsError(f"MODEL_IDS names the same {what} twice: {', '.join(twice)}")
+        return tuple(models)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -264,6 +328,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return msgspec.structs.replace(self, **{k: _field(k).convert(v) for k, v in overrides.items()})
+
+
+class ServedModel(NamedTuple):
+    """One model of MODEL_ID / MODEL_IDS: its id, its exported repository, and the prefix of its Triton
+    model names in the one Triton that serves them all (empty for MODEL_ID alone: the bare names)."""
+
+    model_id: str
+    repository: Path
+    alias: str
+    pinned: bool
+
+
+def _alias(repository: Path, index: int) -> str:
+    """A Triton-safe prefix from the repository's folder name (``sdxl-turbo``), unique by its index.
+    No ``__`` (LoRA variants' names use it) and no ``.`` (the prefix's own separator)."""
+    name = re.sub(r"[^A-Za-z0-9-]+", "-", repository.resolve().name).strip("-")[:40] or "model"
+    return f"m{index}-{name}"
 
 
 # Boolean words beyond msgspec's own (true/false, 1/0, any case).

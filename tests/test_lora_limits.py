@@ -168,7 +168,7 @@ def test_a_full_service_refuses_before_building_anything(
         max_lora_variants=2,
     )
     with running_service(settings) as running:
-        variants = running.app.state.supervisor.loaded.variants
+        variants = running.app.state.supervisor.registry.default.variants
         files_before = set((repository("sd") / "unet" / "variants").glob("*"))
 
         async def scenario() -> tuple[httpx.Response, list[httpx.Response]]:
@@ -209,7 +209,7 @@ def test_many_distinct_lora_sets_stay_within_the_disk_and_resident_bounds(
     )
     a_dir, b_dir = lora_dir / "sd-diffusers-c", lora_dir / "sd-diffusers-d"
     with running_service(settings) as running:
-        variants = running.app.state.supervisor.loaded.variants
+        variants = running.app.state.supervisor.registry.default.variants
         for i in range(10):
             loras = {"sd-diffusers-c": round(0.3 + 0.07 * i, 3), "sd-diffusers-d": 0.5}
             response = post(running.url, json.dumps(loras), seed=11)

@@ -110,7 +110,7 @@ def test_lru_bound_keeps_the_most_recently_used_variants(
         running_service(settings) as running,
         grpcclient.InferenceServerClient(server.grpc_url) as triton_client,
     ):
-        variants = running.app.state.supervisor.loaded.variants
+        variants = running.app.state.supervisor.registry.default.variants
         models_before = _models(triton_client)
         first_image = post(running.url, _json({"sd-diffusers-d": 1.0}), seed=3).json()["images"][0]["url"]
         (first,) = variants.loaded()

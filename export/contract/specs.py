@@ -20,6 +20,8 @@ import numpy as np
 # form (a hex digest of the sorted LoRA set; also the variant's file name, so nothing else may pass).
 VARIANT_PARAMETER = "lora_variant"
 VARIANT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+# tensorrt: variant K of model M is the Triton model M__K.
+VARIANT_SEPARATOR = "__"
 # The folder of a model directory that holds its variants' override files.
 VARIANTS_DIR = "variants"
 # The folder of a python-torch model's version directory that holds the diffusers module's weights.

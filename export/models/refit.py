@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from export.contract.specs import VARIANT_KEY, VARIANTS_DIR
+from export.contract.specs import VARIANT_KEY, VARIANT_SEPARATOR, VARIANTS_DIR
 
 if TYPE_CHECKING:
     import torch
@@ -178,7 +178,7 @@ def variant_model_name(model: str, key: str) -> str:
     """The Triton model that serves variant ``key`` of ``model`` on the tensorrt target."""
     if not VARIANT_KEY.match(key):
         raise ValueError(f"variant key {key!r} is not 16-64 lowercase hex digits")
-    return f"{model}__{key}"
+    return f"{model}{VARIANT_SEPARATOR}{key}"
 
 
 class _OnnxWeights(Mapping[str, np.ndarray]):
@@ -243,7 +243,7 @@ def refit_variant(repository: Path, model: str, key: str) -> Path:
     try:
         refit_engine(base_plan, staging / "1" / "model.plan", weights, _OnnxWeights(base_onnx))
         config = text_format.Parse((base_dir / "config.pbtxt").read_text(), mc.ModelConfig())
-        config.name = name
+        config.ClearField("name")  # Triton names it after its folder (linked under another name with MODEL_IDS)
         (staging / "config.pbtxt").write_text(text_format.MessageToString(config))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)

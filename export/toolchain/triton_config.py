@@ -21,7 +21,9 @@ def model_config(spec: ModelSpec, options: RepositoryOptions, profiles: int = 1)
     """The Triton config of one model: batched I/O from the spec and the dynamic batcher on.
 
     ``profiles`` is the number of optimisation profiles of a tensorrt engine."""
-    config = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
+    # No ``name``: Triton names the model after its folder, so the service can serve several models'
+    # repositories from one folder of links under prefixed names (server/triton/scoped.py).
+    config = mc.ModelConfig(max_batch_size=spec.max_batch_size)
     if options.target == "python-onnx":
         config.backend = "python"
         config.parameters["onnx_file"].string_value = "model.onnx"

@@ -36,7 +36,7 @@ from server.errors import (
     Unauthorized,
     UnprocessableBody,
 )
-from server.metrics import Metrics
+from server.metrics import MODEL_STATE_KEY, Metrics
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def service_error(request: Request, exc: ServiceError) -> Response[HTTPError] | 
         headers = {"WWW-Authenticate": "Bearer"}
     elif isinstance(exc, ServiceUnavailable):
         metrics: Metrics = request.app.state.metrics
-        metrics.refused.labels(exc.reason).inc()
+        metrics.refused.labels(str(request.scope.get("state", {}).get(MODEL_STATE_KEY, "")), exc.reason).inc()
         if status == HTTP_503_SERVICE_UNAVAILABLE:
             headers = {"Retry-After": RETRY_AFTER_S}
     if status >= HTTP_500_INTERNAL_SERVER_ERROR:

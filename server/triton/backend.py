@@ -11,10 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.request
 from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from server import hardware
 from server.errors import ServiceError, ServiceUnavailable, TritonUnavailable
-from server.settings import Settings
+from server.settings import Settings, triton_address
 from server.triton.client import TritonClient
 from server.triton.launcher import BundledTriton, TritonLaunchConfig, system_tritonserver
 
@@ -33,6 +38,28 @@ def tritonserver_environment(
     }
 
 
+TRITON_METRICS_PORT = 8002  # Triton's default, where a remote Triton serves its metrics
+_METRICS_TIMEOUT_S = 5.0
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def gpu_memory_metric(url: str) -> int | None:
+    """The sum of ``nv_gpu_memory_used_bytes`` on Triton's metrics page ``url`` (None: none there)."""
+    try:
+        with _NO_PROXY.open(url, timeout=_METRICS_TIMEOUT_S) as response:
+            text = response.read().decode()
+    except (OSError, ValueError) as e:
+        logger.info("no GPU memory metric from %s: %s", url, e)
+        return None
+    samples = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "nv_gpu_memory_used_bytes"
+        for sample in family.samples
+    ]
+    return int(sum(samples)) if samples else None
+
+
 class TritonBackend:
     """The Triton server the service calls: remote (``TRITON_URL``) or bundled (started here)."""
 
@@ -40,6 +67,7 @@ class TritonBackend:
         self.settings = settings
         self.client: TritonClient | None = None
         self.triton: BundledTriton | None = None
+        self._no_gpu_metric: TritonClient | None = None  # the client whose server has no GPU metric
 
     @property
     def url(self) -> str:
@@ -58,10 +86,17 @@ class TritonBackend:
             return self.client is not None
         return self.triton is not None and self.triton.is_running()
 
-    async def connect(self, environment: Mapping[str, str], load_models: Sequence[str]) -> None:
-        """Have a client, unless :attr:`connected` already; start the bundled Triton (with
-        ``environment``, loading ``load_models``) when none runs, or again when it exited.  A server
-        started here holds only the base models."""
+    async def connect(
+        self,
+        environment: Mapping[str, str],
+        load_models: Sequence[str],
+        repository: Path | None = None,
+        load_all: bool = True,
+    ) -> None:
+        """Have a client, unless :attr:`connected` already; start the bundled Triton (serving
+        ``repository``, MODEL_REPOSITORY by default, with ``environment``, loading ``load_models``:
+        everything when empty and ``load_all``) when none runs, or again when it exited.  A server
+        started here holds only those models."""
         if self.connected:
             return
         if self.settings.triton_url:
@@ -73,14 +108,16 @@ class TritonBackend:
         if self.client is not None:
             await self.client.close()
             self.client = None
-        repository = self.settings.model_repository.resolve()
         config = TritonLaunchConfig(
-            model_repository=repository,
+            model_repository=(repository or self.settings.model_repository).resolve(),
             state_dir=self.settings.state_dir.resolve(),
             startup_timeout_s=self.settings.startup_timeout_s,
             # Explicit control: the base models load at start; LoRA variants load and unload on demand.
             explicit_model_control=True,
             load_models=tuple(load_models),
+            load_all=load_all,
+            # Triton's GPU memory metric measures each model's load (server/registry.py).
+            metrics=bool(hardware.gpu_devices(stats=False)),
             binary=system_tritonserver(self.settings.tritonserver),
             environment=dict(environment),
         )
@@ -135,6 +172,28 @@ class TritonBackend:
         missing = [n for n in names if not await client.model_ready(n)]
         if missing:
             raise ServiceUnavailable(f"Triton at {client.url} has not loaded: {', '.join(missing)}")
+
+    async def stub_memory(self, models: Collection[str]) -> int | None:
+        """Resident memory of the bundled Triton's python-backend stubs serving ``models`` (where a
+        python-backend model holds its weights); None for a remote Triton."""
+        if self.triton is None:
+            return None
+        return await asyncio.to_thread(self.triton.stub_memory, models)
+
+    async def gpu_memory_used(self) -> int | None:
+        """GPU memory in use on Triton's GPUs, from Triton's own metric (``nv_gpu_memory_used_bytes``,
+        summed over its GPUs); None where Triton reports none (no GPU, or its metrics off: then not
+        asked again until the next server)."""
+        url = self.triton.metrics_url if self.triton is not None else None
+        if url is None and self.settings.triton_url:
+            host, _ = triton_address(self.settings.triton_url)
+            url = f"http://{host}:{TRITON_METRICS_PORT}/metrics"
+        if url is None or self.client is None or self._no_gpu_metric is self.client:
+            return None
+        used = await asyncio.to_thread(gpu_memory_metric, url)
+        if used is None:
+            self._no_gpu_metric = self.client
+        return used
 
     async def remove_orphaned_regions(self) -> None:
         """The shared-memory regions of the bundled Triton's stubs that were killed."""

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from export.contract import specs
-from export.contract.specs import FINGERPRINT_FILE, VARIANT_PARAMETER
+from export.contract.specs import FINGERPRINT_FILE, VARIANT_PARAMETER, VARIANT_SEPARATOR
 from export.models.heap import return_free_memory
 from export.models.lora import LoraError
 from export.models.variant_build import BaseIndex, LoraInput, plan_variant, write_variant
 from server.errors import BadRequest, InferenceFailed, OutOfMemory
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from server.variants.cache import DiskCache, VariantRecord, download_entry, variant_entry
 from server.variants.sources import LoraSources, ResolvedLora, download_name, shown
 
@@ -111,7 +111,7 @@ class ModelPerVariant:
 
     def models(self, base: VariantModels, record: VariantRecord) -> VariantModels:
         def name(model: str) -> str:
-            return f"{model}__{record.key}" if model in record.files else model
+            return f"{model}{VARIANT_SEPARATOR}{record.key}" if model in record.files else model
 
         self._files[record.key] = record.files
         return VariantModels(name(base.denoiser), tuple(name(t) for t in base.text_encoders), record.key)
@@ -119,7 +119,7 @@ class ModelPerVariant:
     async def load(self, models: VariantModels) -> None:
         client = self._client()
         for name in models.names:
-            base, _, key = name.partition("__")
+            base, _, key = name.partition(VARIANT_SEPARATOR)
             if key:
                 await self._prepare(base, key, self._files[key][base])
                 await client.load_model(name)
@@ -127,7 +127,7 @@ class ModelPerVariant:
     async def unload(self, models: VariantModels) -> None:
         client = self._client()
         for name in models.names:
-            if "__" in name:
+            if VARIANT_SEPARATOR in name:
                 await client.unload_model(name)
         self._files.pop(models.key, None)
 
@@ -146,7 +146,7 @@ class VariantManager:
         sources: LoraSources,
         cache: DiskCache,
         serving: Serving,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         max_resident: int,
         build_concurrency: int,
         denoiser: str = specs.UNET,

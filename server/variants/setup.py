@@ -10,7 +10,7 @@ from pathlib import Path
 from export.contract import specs
 from export.models.refit import TensorRTUnavailable, refit_variant
 from server.errors import InferenceFailed
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from server.settings import Settings
 from server.variants.cache import DOWNLOADS_DIR, LORA_DIR, DiskCache
 from server.variants.residency import ModelControl, ModelPerVariant, ParameterServing, Serving, VariantManager
@@ -19,13 +19,14 @@ from server.variants.sources import HubPolicy, LoraSources
 
 def variant_manager(
     settings: Settings,
+    repository: Path,
     text_encoders: tuple[str, ...],
     client: Callable[[], ModelControl],
-    metrics: Metrics,
+    metrics: ModelMetrics,
     denoiser: str = specs.UNET,
 ) -> VariantManager:
     """Reads the disk cache (bringing it within LORA_CACHE_GB): call it off the event loop."""
-    repository = settings.model_repository.resolve()
+    repository = repository.resolve()
     folders = [settings.lora_dir] if settings.lora_dir is not None else []
     folders += [Path(p) for p in settings.lora_extra_dirs.split(os.pathsep) if p]
     hub = HubPolicy(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from litestar import Litestar
+from prometheus_client.parser import text_string_to_metric_families
 
 from export.fixtures.service import LOOPBACK, free_port, serving_in_thread, wait_for_health
 from server.app import create_app
@@ -45,7 +46,13 @@ def running_service(
 
 
 def metric(url: str, name: str, labels: str = "") -> float:
-    """The value of one sample on ``/metrics`` (0 when absent)."""
-    text = httpx.get(f"{url}/metrics").text
-    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    """The sum of the samples ``name`` on ``/metrics`` whose labels include ``labels`` (written as in
+    the exposition: ``'{stage="safety_check"}'``; other labels, such as ``model``, are summed over);
+    0 when there is none."""
+    wanted = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and wanted.items() <= sample.labels.items():
+                total += sample.value
+    return total

@@ -48,7 +48,8 @@ class TritonLaunchConfig:
     """How to launch the bundled ``tritonserver``.
 
     ``explicit_model_control`` passes ``--model-control-mode=explicit`` and one ``--load-model=NAME``
-    per name in ``load_models`` (``--load-model=*`` when it is empty).  ``metrics`` opens the
+    per name in ``load_models`` (``--load-model=*`` when it is empty and ``load_all``: without it,
+    nothing loads at start).  ``metrics`` opens the
     metrics endpoint on a free port.  ``extra_args`` are appended to the command line as given.
     """
 
@@ -57,6 +58,7 @@ class TritonLaunchConfig:
     log_path: Path | None = None
     explicit_model_control: bool = False
     load_models: tuple[str, ...] = ()
+    load_all: bool = True
     metrics: bool = False
     startup_timeout_s: float = 120.0
     stop_timeout_s: float = 15.0
@@ -264,7 +266,7 @@ def build_command(
         cmd += ["--allow-metrics", "false"]
     if config.explicit_model_control:
         cmd.append("--model-control-mode=explicit")
-        names = config.load_models or ("*",)
+        names = config.load_models or (("*",) if config.load_all else ())
         cmd += [f"--load-model={name}" for name in names]
     elif config.load_models:
         raise ValueError("load_models is only used with explicit_model_control=True")

@@ -24,10 +24,13 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
+
+import psutil
 
 from server.triton.launcher import processes
 from server.triton.launcher.binary import (
@@ -179,6 +182,15 @@ class BundledTriton:
             model = stub_model(args)
             counts[model] = counts.get(model, 0) + 1
         return counts
+
+    def stub_memory(self, models: Collection[str]) -> int:
+        """Resident memory (RSS, bytes) of the python-backend stubs that serve ``models``."""
+        total = 0
+        for pid, args in self._own_stubs().items():
+            if stub_model(args) in models:
+                with contextlib.suppress(psutil.Error):
+                    total += psutil.Process(pid).memory_info().rss
+        return total
 
     def _own_stubs(self) -> dict[int, list[str]]:
         """The python-backend stubs this server started, by pid (found by parent, whatever backend
