@@ -1,11 +1,11 @@
-"""``python -m bench [variant_build|load|overhead|transport|worker_memory] [args]``: one benchmark;
+"""``python -m bench [variant_build|load|overhead|transport|worker_memory|models] [args]``: one benchmark;
 without a name, all in turn."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import load, overhead, transport, variant_build, worker_memory
+from bench import load, models, overhead, transport, variant_build, worker_memory
 
 BENCHMARKS = {
     "variant_build": variant_build.main,
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "overhead": overhead.main,
     "transport": transport.main,
     "worker_memory": worker_memory.main,
+    "models": models.main,
 }
 
 

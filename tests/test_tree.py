@@ -38,8 +38,9 @@ SERVER_ALLOWED: dict[str, frozenset[str]] = {
     "container": _BASE,
     "variants": _BASE,
     "loaded": frozenset({"engines", "metrics", "pipeline", "settings", "triton", "variants"}),
-    "supervisor": _BASE | {"engines", "loaded", "pipeline", "triton", "variants"},
-    "service": _BASE | {"admission", "api", "loaded", "loras", "pipeline", "supervisor"},
+    "registry": _BASE | {"engines", "loaded", "pipeline", "triton", "variants"},
+    "supervisor": _BASE | {"engines", "hardware", "loaded", "pipeline", "registry", "triton", "variants"},
+    "service": _BASE | {"admission", "api", "loaded", "loras", "pipeline", "registry", "supervisor"},
     "api": _BASE | {"hardware", "service"},
 }
 MAX_LINES = 500
