@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import typing
 from collections.abc import Mapping
@@ -24,9 +23,7 @@ import msgspec
 import msgspec.inspect as mi
 from msgspec import Meta
 
-
-class SettingsError(ValueError):
-    pass
+from server.served import ServedModel, SettingsError, served_models
 
 
 def triton_address(url: str) -> tuple[str, int]:
@@ -282,41 +279,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def served_models(self) -> tuple[ServedModel, ...]:
         """The models this service serves, the default (first) first: MODEL_ID alone, or MODEL_IDS."""
-        if bool(self.model_id) == bool(self.model_ids.strip()):
-            raise SettingsError(
-                "set MODEL_ID (one model) or MODEL_IDS (several), not both"
-                if self.model_id
-                else "MODEL_ID is required: Hub id or local diffusers folder (or MODEL_IDS: several models)"
-            )
-        if self.model_id:
-            return (ServedModel(self.model_id, self.model_repository, "", pinned=True),)
-        entries = [e.strip() for e in self.model_ids.split(",") if e.strip()]
-        parsed = [e.partition("=") for e in entries]
-        pins = {p.strip() for p in self.pinned_model_ids.split(",") if p.strip()}
-        ids = [model_id.strip() for model_id, _, _ in parsed]
-        if not pins:
-            pins = {ids[0]}
-        elif pins == {"none"}:
-            pins = set()
-        unknown = sorted(pins - set(ids))
-        if unknown:
-            raise SettingsError(f"PINNED_MODEL_IDS names models not in MODEL_IDS: {', '.join(unknown)}")
-        models: list[ServedModel] = []
-        for model_id, _, repository in parsed:
-            model_id, repository = model_id.strip(), repository.strip()
-            if not model_id:
-                raise SettingsError(f"MODEL_IDS has an entry without a model id: {self.model_ids!r}")
-            path = (
-                Path(repository)
-                if repository
-                else self.model_repository / model_id.rstrip("/").split("/")[-1]
-            )
-            models.append(ServedModel(model_id, path, _alias(path, len(models)), model_id in pins))
-        for what, values in (("model id", ids), ("repository", [str(m.repository) for m in models])):
-            twice = sorted({v for v in values if values.count(v) > 1})
-            if twice:
-                raise SettingsError(f"MODEL_IDS names the same {what} twice: {', '.join(twice)}")
-        return tuple(models)
+        return served_models(self.model_id, self.model_ids, self.pinned_model_ids, self.model_repository)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -328,23 +291,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return msgspec.structs.replace(self, **{k: _field(k).convert(v) for k, v in overrides.items()})
-
-
-class ServedModel(NamedTuple):
-    """One model of MODEL_ID / MODEL_IDS: its id, its exported repository, and the prefix of its Triton
-    model names in the one Triton that serves them all (empty for MODEL_ID alone: the bare names)."""
-
-    model_id: str
-    repository: Path
-    alias: str
-    pinned: bool
-
-
-def _alias(repository: Path, index: int) -> str:
-    """A Triton-safe prefix from the repository's folder name (``sdxl-turbo``), unique by its index.
-    No ``__`` (LoRA variants' names use it) and no ``.`` (the prefix's own separator)."""
-    name = re.sub(r"[^A-Za-z0-9-]+", "-", repository.resolve().name).strip("-")[:40] or "model"
-    return f"m{index}-{name}"
 
 
 # Boolean words beyond msgspec's own (true/false, 1/0, any case).

@@ -231,7 +231,7 @@ def _manager(
         LoraSources((lora_dir,), HUB_OFF, repo / "dl"),
         cache,
         serving,  # type: ignore[arg-type]
-        Metrics(),
+        Metrics().model("m"),
         max_resident,
         1,
     )

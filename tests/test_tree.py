@@ -27,7 +27,8 @@ PROJECT = ("export", "server", "bench", "tests", "model_repository")
 _BASE = frozenset({"errors", "metrics", "settings"})
 SERVER_ALLOWED: dict[str, frozenset[str]] = {
     "errors": frozenset(),
-    "settings": frozenset(),
+    "served": frozenset(),
+    "settings": frozenset({"served"}),
     "hardware": frozenset(),
     "engines": frozenset(),
     "pipeline": frozenset({"errors"}),

@@ -243,7 +243,7 @@ def refit_variant(repository: Path, model: str, key: str) -> Path:
     try:
         refit_engine(base_plan, staging / "1" / "model.plan", weights, _OnnxWeights(base_onnx))
         config = text_format.Parse((base_dir / "config.pbtxt").read_text(), mc.ModelConfig())
-        config.ClearField("name")  # Triton names it after its folder (linked under another name with MODEL_IDS)
+        config.ClearField("name")  # Triton names it after its folder (linked under a prefix with MODEL_IDS)
         (staging / "config.pbtxt").write_text(text_format.MessageToString(config))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
