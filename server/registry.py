@@ -74,6 +74,7 @@ class ServedEntry:
         self.in_use = 0
         self.last_used = 0.0
         self.memory = 0  # bytes, measured at its load; its variants' loads added (GPU)
+        self.measured = 0  # what it held when last resident: its need at its next load
         self.suspects: set[str] = set()  # base models a request found not serving
         self._file_bytes: int | None = None
 
@@ -127,6 +128,8 @@ class ServedEntry:
 
     def set_resident(self, resident: bool, memory: int = 0) -> None:
         self.resident = resident
+        if not resident:
+            self.measured = max(self.measured, self.held_bytes())
         self.memory = memory if resident else 0
         if not resident:
             self.loaded = None
@@ -134,6 +137,10 @@ class ServedEntry:
                 self.client.variant_bytes.clear()
         self.metrics.resident.set(int(resident))
         self.metrics.memory.set(self.memory)
+
+    def need(self) -> int:
+        """What it is taken to need at its next load: what it held when last resident, else its files."""
+        return self.measured or self.file_bytes()
 
     def held_bytes(self) -> int:
         extra = sum(self.client.variant_bytes.values()) if self.client is not None else 0
@@ -214,7 +221,7 @@ class Registry:
         if not self.budget:
             return
         pinned = [e for e in self.entries.values() if e.pinned]
-        sizes = {e.model_id: (e.held_bytes() if e.resident else e.file_bytes()) for e in pinned}
+        sizes = {e.model_id: (e.held_bytes() if e.resident else e.need()) for e in pinned}
         if sum(sizes.values()) > self.budget:
             listed = ", ".join(f"{m} ({b / GB:.2f} GB)" for m, b in sizes.items())
             raise PinnedOverBudget(
@@ -248,6 +255,15 @@ class Registry:
 
     def _used(self, besides: ServedEntry) -> int:
         return sum(e.held_bytes() for e in self.entries.values() if e.resident and e is not besides)
+
+    def _need(self, entry: ServedEntry) -> int:
+        """What a load of ``entry`` is taken to need: what it held when last resident; never measured,
+        its files but at least the most any model was measured at (the files say nothing of a
+        python-backend stub's own memory, nor of a TensorRT engine's activations)."""
+        if entry.measured:
+            return entry.measured
+        measured = [max(e.measured, e.held_bytes()) for e in self.entries.values()]
+        return max([entry.file_bytes(), *measured])
 
     def _victim(self, besides: ServedEntry) -> ServedEntry | None:
         """The least recently used resident model that is idle and not pinned."""
@@ -291,11 +307,9 @@ class Registry:
             return
         for other in self.resident():
             await self.refresh_memory(other)
-        pinned = sum(
-            e.held_bytes() if e.resident else e.file_bytes() for e in self.entries.values() if e.pinned
-        )
+        pinned = sum(e.held_bytes() if e.resident else e.need() for e in self.entries.values() if e.pinned)
         while True:
-            need = entry.held_bytes() if entry.resident else entry.memory or entry.file_bytes()
+            need = entry.held_bytes() if entry.resident else self._need(entry)
             if need + (0 if entry.pinned else pinned) > self.budget:
                 raise InferenceFailed(
                     f"model '{entry.model_id}' needs {need / GB:.2f} GB, more than MODEL_MEMORY_GB="
