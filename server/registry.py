@@ -236,6 +236,10 @@ class Registry:
             if entry.variants is not None:
                 entry.variants.forget_loaded()
 
+    def exclusive(self) -> asyncio.Condition:
+        """Held, no model loads or unloads (the supervisor's health check holds it)."""
+        return self._room
+
     def forget_variants(self) -> None:
         """Triton may have lost the LoRA variants' models (it stopped answering)."""
         for entry in self.entries.values():

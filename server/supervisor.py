@@ -239,23 +239,27 @@ class Supervisor:
         """Raise unless Triton and every resident model answer; (re)start the bundled Triton, reload a
         base model that stopped serving, load the pinned models, and warm up as needed."""
         await self._connect()
-        resident = self.registry.resident()
-        suspects: set[str] = set()
-        for entry in resident:
-            suspects |= entry.suspects
-            entry.suspects = set()
-        try:
-            broken = await self.backend.check_health(
-                [n for e in resident for n in e.triton_names()], suspects
-            )
-        except TritonUnavailable:
+        # Between the registry's loads and unloads: a model being loaded or unloaded is not broken.
+        async with self.registry.exclusive():
+            resident = self.registry.resident()
+            suspects: set[str] = set()
             for entry in resident:
-                entry.suspects |= suspects & set(entry.triton_names())
-            self.registry.forget_variants()  # when it answers again it may be a new server
-            raise
-        if broken:
-            self._fail(f"Triton at {self.backend.url} does not serve {', '.join(broken)}; loading it again")
-            await self.backend.reload(broken)
+                suspects |= entry.suspects
+                entry.suspects = set()
+            try:
+                broken = await self.backend.check_health(
+                    [n for e in resident for n in e.triton_names()], suspects
+                )
+            except TritonUnavailable:
+                for entry in resident:
+                    entry.suspects |= suspects & set(entry.triton_names())
+                self.registry.forget_variants()  # when it answers again it may be a new server
+                raise
+            if broken:
+                self._fail(
+                    f"Triton at {self.backend.url} does not serve {', '.join(broken)}; loading it again"
+                )
+                await self.backend.reload(broken)
         await self.backend.remove_orphaned_regions()  # of stubs that were killed
         for entry in self.registry.resident():
             client = entry.client_for(self.backend)
