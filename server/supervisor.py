@@ -260,14 +260,14 @@ class Supervisor:
                     f"Triton at {self.backend.url} does not serve {', '.join(broken)}; loading it again"
                 )
                 await self.backend.reload(broken)
-        await self.backend.remove_orphaned_regions()  # of stubs that were killed
-        for entry in self.registry.resident():
-            client = entry.client_for(self.backend)
-            if entry.loaded is None:
-                await self.registry.serve(entry, client, warmup=self.settings.warmup)
-                self._notify()  # requests waiting for the model
-            else:
-                await self.registry.update_safety_checker(entry, client)
+            await self.backend.remove_orphaned_regions()  # of stubs that were killed
+            for entry in self.registry.resident():
+                client = entry.client_for(self.backend)
+                if entry.loaded is None:
+                    await self.registry.serve(entry, client, warmup=self.settings.warmup)
+                    self._notify()  # requests waiting for the model
+                else:
+                    await self.registry.update_safety_checker(entry, client)
         await self.registry.load_pinned()
         self.registry.check_pinned_budget()
 
