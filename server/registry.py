@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from export.contract.specs import VARIANT_SEPARATOR
+from export.contract.specs import VARIANT_SEPARATOR, VARIANTS_DIR
 from server.engines import repository_models
 from server.errors import BadRequest, InferenceFailed, ServiceError, ServiceUnavailable, brief
 from server.loaded import LoadedModel, ModelDescription, base_models, find_safety_checker, serving_pipeline
@@ -77,6 +77,7 @@ class ServedEntry:
         self.measured = 0  # what it held when last resident: its need at its next load
         self.suspects: set[str] = set()  # base models a request found not serving
         self._file_bytes: int | None = None
+        self._loaded_parts: list[str] | None = None
 
     @property
     def model_id(self) -> str:
@@ -99,8 +100,10 @@ class ServedEntry:
 
     def loaded_parts(self) -> list[str]:
         """What a load brings in: the repository manifest's models (the safety checker too), else
-        the base models."""
-        return list(repository_models(self.served.repository.resolve())) or self.parts()
+        the base models (the manifest read once: the unload waits ask it every 50 ms)."""
+        if self._loaded_parts is None:
+            self._loaded_parts = list(repository_models(self.served.repository.resolve())) or self.parts()
+        return self._loaded_parts
 
     def file_bytes(self) -> int:
         """The size of its Triton models' files: what it is taken to need before its first load
@@ -114,7 +117,7 @@ class ServedEntry:
         for part in self.loaded_parts():
             folder = self.served.repository / part
             for path in folder.rglob("*"):
-                if path.is_file() and "variants" not in path.relative_to(folder).parts[:1]:
+                if path.is_file() and VARIANTS_DIR not in path.relative_to(folder).parts[:1]:
                     total += path.stat().st_size
         return total
 
@@ -127,14 +130,13 @@ class ServedEntry:
         return self.client
 
     def set_resident(self, resident: bool, memory: int = 0) -> None:
-        self.resident = resident
         if not resident:
             self.measured = max(self.measured, self.held_bytes())
-        self.memory = memory if resident else 0
-        if not resident:
             self.loaded = None
             if self.client is not None:
                 self.client.variant_bytes.clear()
+        self.resident = resident
+        self.memory = memory if resident else 0
         self.metrics.resident.set(int(resident))
         self.metrics.memory.set(self.memory)
 
